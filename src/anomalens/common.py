@@ -1,0 +1,123 @@
+"""Building blocks shared by the detectors: preprocessing, patch features, anomaly-map smoothing.
+
+Patch features follow PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection",
+CVPR 2022, Sec. 3.1): each layer's feature map is averaged over a local ``p x p`` neighbourhood
+(``p = 3``) to give every patch some context, the coarser maps are bilinearly upsampled to the finest
+grid, and the layers are concatenated along channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone
+
+
+def to_tensor_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """Resize ``uint8`` RGB images ``(H_i, W_i, 3)`` to ``size x size`` and stack them.
+
+    Returns ``float32`` ``(B, 3, size, size)`` in [0, 1]. Resizing is bilinear with antialiasing
+    (the same operation the exported ONNX graph performs).
+    """
+    out = []
+    for img in images:
+        arr = img if img.flags.writeable and img.flags.c_contiguous else np.array(img, copy=True)
+        t = torch.from_numpy(arr).permute(2, 0, 1)[None].float().div_(255.0)
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(t)
+    return torch.cat(out, 0).clamp_(0.0, 1.0)
+
+
+class PatchFeatureExtractor(nn.Module):
+    """Backbone + locally aggregated, multi-layer patch features.
+
+    Input: ``float32`` ``(B, 3, S, S)`` in [0, 1]. Output: ``float32`` ``(B, D, h, w)`` where ``h = w =
+    S / min(stride)`` and ``D`` is the sum of the chosen layers' channels (e.g. 40 + 112 = 152 for
+    EfficientNet-Lite0 blocks 4 + 10).
+
+    Args:
+        backbone: a :class:`~anomalens.backbones.Backbone`.
+        patch_size: side of the local averaging window (PatchCore's ``p``; 1 disables aggregation).
+        border_pad: pixels of reflected image added on every side before the backbone (a multiple of
+            the coarsest stride, 16) and cropped off the feature maps again. Without it, patches at
+            the image border see the CNN's zero padding and cut-off structures; on objects whose
+            position varies (MVTec AD transistor: the board shifts) these border patches were the
+            top-scoring patches of normal images. 0 disables it.
+    """
+
+    def __init__(self, backbone: Backbone, patch_size: int = 3, border_pad: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.patch_size = int(patch_size)
+        self.border_pad = int(border_pad)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(sum(self.backbone.channels))
+
+    def grid_size(self, image_size: int) -> int:
+        """Side ``h`` of the patch grid for an ``image_size`` input (pixels)."""
+        s = min(self.backbone.strides)
+        return int(math.ceil(image_size / s))
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        pad = self.border_pad
+        x = self.backbone.normalize(x01)
+        if pad:
+            x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        feats = self.backbone(x)
+        if self.patch_size > 1:
+            p = self.patch_size
+            feats = [F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=False) for f in feats]
+        if pad:
+            feats = [f[..., pad // s : f.shape[-2] - pad // s, pad // s : f.shape[-1] - pad // s] for f, s in zip(feats, self.backbone.strides)]
+        h, w = feats[int(np.argmin(self.backbone.strides))].shape[-2:]
+        feats = [f if f.shape[-2:] == (h, w) else F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False) for f in feats]
+        return torch.cat(feats, 1)
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian, ``float32``, length ``2 * ceil(4 sigma) + 1``."""
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class AnomalyMapHead(nn.Module):
+    """Patch-score grid ``(B, h, w)`` -> smoothed anomaly map ``(B, S, S)``, ``float32``.
+
+    Bilinear upsampling to the model input size ``S`` followed by a separable Gaussian blur with
+    ``sigma`` pixels (PatchCore uses sigma = 4) with reflect padding. ``sigma = 0`` disables the blur.
+    """
+
+    def __init__(self, image_size: int, sigma: float = 4.0):
+        super().__init__()
+        self.image_size = int(image_size)
+        self.sigma = float(sigma)
+        k = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.register_buffer("kernel", k, persistent=False)
+
+    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        m = F.interpolate(patch_scores[:, None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        if self.sigma > 0:
+            r = self.kernel.numel() // 2
+            m = F.pad(m, (r, r, 0, 0), mode="reflect")
+            m = F.conv2d(m, self.kernel.view(1, 1, 1, -1))
+            m = F.pad(m, (0, 0, r, r), mode="reflect")
+            m = F.conv2d(m, self.kernel.view(1, 1, -1, 1))
+        return m[:, 0]
+
+
+def resize_map(anomaly_map: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
+    """Resize one ``(S, S)`` map to the original image size ``(H, W)``; ``float32`` numpy."""
+    if tuple(anomaly_map.shape[-2:]) != tuple(hw):
+        anomaly_map = F.interpolate(anomaly_map[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+    return anomaly_map.contiguous().numpy().astype(np.float32, copy=False)

@@ -1,0 +1,155 @@
+"""Datasets: the MVTec AD folder layout, plain folders of images, and lists of files.
+
+MVTec AD layout (Bergmann et al., CVPR 2019)::
+
+    CATEGORY/train/good/*.png
+    CATEGORY/test/good/*.png
+    CATEGORY/test/<defect>/*.png
+    CATEGORY/ground_truth/<defect>/<stem>_mask.png
+
+VisA converted to this layout works the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import DatasetError
+from .io import is_image_file
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One test image with its ground truth.
+
+    Attributes:
+        path: the image file.
+        gt_label: 0 for a normal ("good") image, 1 for a defective one.
+        defect_type: the defect folder name (``"good"`` for normal images).
+        mask_path: the ground-truth mask file, or None for normal images (all-zero mask).
+    """
+
+    path: Path
+    gt_label: int
+    defect_type: str
+    mask_path: Path | None = None
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Sorted image files in ``folder`` (by extension, see :data:`anomalens.io.IMAGE_EXTENSIONS`).
+
+    Raises:
+        DatasetError: the folder does not exist, is not a folder, or holds no image file.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DatasetError(f"folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder")
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in it if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    if not files:
+        raise DatasetError(
+            f"folder {folder} contains no image files (looked for {', '.join(sorted({'.png', '.jpg', '.bmp', '.tif', '.webp'}))})"
+        )
+    return files
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand a mix of image files and folders into a list of image paths (folders searched recursively).
+
+    Files are kept even when their extension is unknown, so that a bad file is reported, not skipped.
+
+    Raises:
+        DatasetError: an input does not exist, or a folder holds no image file.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(list_images(p, recursive=True))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise DatasetError(f"input {p} does not exist")
+    return out
+
+
+def is_mvtec_category(root: str | os.PathLike) -> bool:
+    """True when ``root`` looks like an MVTec AD category (has ``train/good``)."""
+    return (Path(root) / "train" / "good").is_dir()
+
+
+@dataclass
+class MVTecCategory:
+    """One category in the MVTec AD layout.
+
+    Args:
+        root: the category folder (holding ``train``, ``test``, ``ground_truth``).
+
+    Raises:
+        DatasetError: ``train/good`` is missing or empty, or a defective test image has no mask.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if not is_mvtec_category(self.root):
+            raise DatasetError(
+                f"{self.root} is not an MVTec AD category folder: expected {self.root / 'train' / 'good'}"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def train_paths(self) -> list[Path]:
+        """The normal training images, ``train/good/*``, sorted."""
+        return list_images(self.root / "train" / "good")
+
+    def test_samples(self) -> list[Sample]:
+        """Every test image with label, defect type and mask path; sorted by defect type then name.
+
+        Raises:
+            DatasetError: no ``test`` folder, or a defective image without its ``*_mask.png``.
+        """
+        test_root = self.root / "test"
+        if not test_root.is_dir():
+            raise DatasetError(f"{self.root} has no test folder ({test_root})")
+        samples: list[Sample] = []
+        for defect_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
+            defect = defect_dir.name
+            for img in list_images(defect_dir):
+                if defect == "good":
+                    samples.append(Sample(img, 0, defect, None))
+                    continue
+                mask = self.root / "ground_truth" / defect / f"{img.stem}_mask.png"
+                if not mask.exists():
+                    alt = self.root / "ground_truth" / defect / f"{img.stem}.png"
+                    if not alt.exists():
+                        raise DatasetError(f"defective test image {img} has no mask (expected {mask})")
+                    mask = alt
+                samples.append(Sample(img, 1, defect, mask))
+        if not samples:
+            raise DatasetError(f"{test_root} contains no test images")
+        return samples
+
+
+def training_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Normal training images from an MVTec category (``train/good``), a folder, or a list of files/folders.
+
+    Raises:
+        DatasetError: nothing found.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        if is_mvtec_category(data):
+            return MVTecCategory(Path(data)).train_paths()
+        data = [data]
+    paths = expand_inputs(data)
+    if not paths:
+        raise DatasetError("no training images given")
+    return paths

@@ -1,0 +1,26 @@
+"""Detectors: every one follows the :class:`~anomalens.detectors.base.Detector` contract."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Detector, load_detector
+from .padim import PaDiM
+from .patchcore import PatchCore
+
+DETECTORS: dict[str, type[Detector]] = {"patchcore": PatchCore, "padim": PaDiM}
+
+
+def create_detector(name: str, **params) -> Detector:
+    """A new, unfitted detector called ``name`` ("patchcore" or "padim") with ``params``.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones) or invalid parameters.
+    """
+    try:
+        cls = DETECTORS[name]
+    except KeyError:
+        raise ConfigError(f"unknown detector {name!r}; known detectors: {', '.join(sorted(DETECTORS))}") from None
+    return cls(**params)
+
+
+__all__ = ["DETECTORS", "Detector", "PaDiM", "PatchCore", "create_detector", "load_detector"]

@@ -1,0 +1,139 @@
+"""PaDiM: Defard, Setkov, Loesch, Audigier, "PaDiM: a Patch Distribution Modeling Framework for
+Anomaly Detection and Localization", ICPR 2021 (arXiv:2011.08785).
+
+Fit: at every position ``(y, x)`` of the patch grid, a multivariate Gaussian ``N(mu_yx, Sigma_yx)``
+of the normal images' features, on a random subset of ``n_features`` channels (the paper's random
+dimensionality reduction), with ``Sigma + eps I`` regularisation (eps = 0.01).
+Predict: the patch score is the Mahalanobis distance ``sqrt((f - mu)^T Sigma^-1 (f - mu))``; the map
+is upsampled and smoothed (sigma 4); the image score is the map's maximum patch score.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .base import Detector, Progress
+
+
+def _precision(s1: torch.Tensor, s2: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(P, d)`` and inverse covariance ``(P, d, d)`` from per-position sums ``s1 (P, d)``, ``s2 (P, d, d)``."""
+    mean = s1 / n
+    cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / max(1, n - 1)
+    cov = cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype)
+    return mean, torch.linalg.inv(cov)
+
+
+class PaDiM(Detector):
+    """PaDiM anomaly detector (per-position Gaussian, Mahalanobis distance).
+
+    Args:
+        n_features: channels kept by random selection (paper: 100 for ResNet-18); capped at the
+            feature dimension.
+        eps: covariance regularisation added to the diagonal.
+        cv_folds: folds of the cross-fitting that yields out-of-sample calibration scores.
+        seed: seeds the channel selection.
+        **kwargs: see :class:`~anomalens.detectors.base.Detector`.
+
+    Tensors: ``mean`` ``float32`` ``(h*w, d)``, ``precision`` ``float32`` ``(h*w, d, d)`` (64 MB at a
+    40 x 40 grid and d = 100), ``channels`` ``int64`` ``(d,)``.
+
+    Raises:
+        ConfigError: invalid option values.
+    """
+
+    name = "padim"
+
+    def __init__(self, *, n_features: int = 100, eps: float = 0.01, cv_folds: int = 5, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if n_features < 1:
+            raise ConfigError(f"n_features must be >= 1, got {n_features}")
+        if cv_folds < 2:
+            raise ConfigError(f"cv_folds must be >= 2, got {cv_folds}")
+        self.n_features = int(n_features)
+        self.eps = float(eps)
+        self.cv_folds = int(cv_folds)
+        self.seed = int(seed)
+        self.channels: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.precision: torch.Tensor | None = None
+        self.grid: tuple[int, int] | None = None
+
+    def get_params(self) -> dict:
+        p = super().get_params()
+        p.update(n_features=self.n_features, eps=self.eps, cv_folds=self.cv_folds, seed=self.seed)
+        return p
+
+    def _select(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, D, h, w)`` -> ``(N, h*w, d)`` float64 on the selected channels."""
+        assert self.channels is not None
+        f = features.index_select(1, self.channels)
+        return f.flatten(2).transpose(1, 2).double()
+
+    def _fit_features(self, features: torch.Tensor, progress: Progress) -> None:
+        n, dim, h, w = features.shape
+        d = min(self.n_features, dim)
+        g = torch.Generator().manual_seed(self.seed)
+        self.channels = torch.sort(torch.randperm(dim, generator=g)[:d]).values
+        self.grid = (h, w)
+        x = self._select(features)
+        s1, s2 = x.sum(0), torch.einsum("npi,npj->pij", x, x)
+        mean, prec = _precision(s1, s2, n, self.eps)
+        self.mean, self.precision = mean.float(), prec.float()
+        self._sums = (s1, s2, n)
+
+    @staticmethod
+    def _mahalanobis(x: torch.Tensor, mean: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
+        """``x (B, P, d)`` -> distances ``(B, P)``."""
+        diff = x - mean[None]
+        m = torch.einsum("bpi,pij,bpj->bp", diff, prec, diff)
+        return m.clamp_(min=0).sqrt_()
+
+    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.mean is not None and self.precision is not None and self.grid is not None
+        b, _, h, w = features.shape
+        if (h, w) != self.grid:
+            raise ConfigError(f"feature grid {h}x{w} differs from the fitted {self.grid}")
+        x = self._select(features).float()
+        dist = self._mahalanobis(x, self.mean, self.precision).view(b, h, w)
+        return dist.flatten(1).max(1).values, dist
+
+    def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
+        """K-fold cross-fitting: each image scored by the Gaussians fitted without its fold."""
+        n, _, h, w = features.shape
+        x = self._select(features)
+        s1, s2, _ = self._sums
+        if n < 3:  # too few images to leave any out: score in-sample (optimistic; noted in calibration)
+            dist = self._mahalanobis(x.float(), self.mean, self.precision).view(n, h, w)
+            return dist.flatten(1).max(1).values, dist
+        folds = torch.tensor_split(torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)), min(self.cv_folds, n))
+        scores = torch.empty(n)
+        grids = torch.empty(n, h, w)
+        for k, fold in enumerate(folds):
+            xf = x[fold]
+            m, p = _precision(s1 - xf.sum(0), s2 - torch.einsum("npi,npj->pij", xf, xf), n - len(fold), self.eps)
+            dist = self._mahalanobis(xf.float(), m.float(), p.float()).view(len(fold), h, w)
+            grids[fold] = dist
+            scores[fold] = dist.flatten(1).max(1).values
+            progress("calibration", k + 1, len(folds))
+        del self._sums
+        return scores, grids
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        assert self.mean is not None and self.precision is not None and self.channels is not None and self.grid is not None
+        return {"mean": self.mean, "precision": self.precision, "channels": self.channels, "grid": torch.tensor(self.grid)}
+
+    def _expected_shapes(self, config: dict) -> dict[str, list[int]]:
+        g = self.extractor.grid_size(self.image_size)
+        d = min(self.n_features, self.extractor.feature_dim)
+        return {"mean": [g * g, d], "precision": [g * g, d, d], "channels": [d], "grid": [2]}
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.mean = tensors["mean"].float()
+        self.precision = tensors["precision"].float()
+        self.channels = tensors["channels"].long()
+        self.grid = tuple(int(v) for v in tensors["grid"].tolist())  # type: ignore[assignment]
+        if int(self.channels.max()) >= self.extractor.feature_dim or int(self.channels.min()) < 0:
+            from ..errors import ModelFileError
+
+            raise ModelFileError("PaDiM channel indices are out of range for the backbone")

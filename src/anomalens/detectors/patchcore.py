@@ -1,0 +1,176 @@
+"""PatchCore: Roth, Pemula, Zepeda, Schölkopf, Brox, Gehler, "Towards Total Recall in Industrial
+Anomaly Detection", CVPR 2022 (arXiv:2106.08265).
+
+Fit: locally aware patch features of the normal images (:class:`~anomalens.common.PatchFeatureExtractor`)
+form a memory bank, subsampled by greedy k-center coreset (:mod:`anomalens.sampler`).
+Predict: every test patch's score is the L2 distance to its nearest memory-bank feature; the anomaly
+map is the score grid upsampled to the image and Gaussian-smoothed (sigma 4); the image score is the
+maximum patch score, or optionally the paper's re-weighted maximum (Eq. 7), which discounts a patch
+whose nearest bank feature lies in a dense region of the bank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..knn import BACKENDS, NearestNeighbours, pairwise_sq_dists
+from ..sampler import greedy_coreset
+from .base import Detector, Progress
+
+IMAGE_SCORES = ("max", "reweighted")
+
+
+class PatchCore(Detector):
+    """PatchCore anomaly detector (memory bank + coreset + nearest neighbour).
+
+    Args:
+        coreset_ratio: fraction of all training patches kept in the memory bank, in (0, 1].
+        projection_dim: random-projection dimension used only to *select* the coreset (paper: 128).
+        knn_backend: ``"torch"`` (chunked matmul) or ``"faiss"`` (``IndexFlatL2``): same results.
+        image_score: ``"max"`` (max patch distance) or ``"reweighted"`` (paper Eq. 7).
+        num_neighbours: support-set size ``b`` of the re-weighting (paper: 9).
+        **kwargs: see :class:`~anomalens.detectors.base.Detector` (backbone, layers, image_size, ...).
+
+    Tensors: the memory bank is ``float32`` ``(M, D)``; ``bank_index`` ``int64`` ``(M,)`` gives each
+    bank feature's origin as ``image * h * w + y * w + x`` in the training set.
+
+    Raises:
+        ConfigError: invalid option values.
+    """
+
+    name = "patchcore"
+
+    def __init__(
+        self,
+        *,
+        coreset_ratio: float = 0.01,
+        projection_dim: int = 128,
+        knn_backend: str = "torch",
+        image_score: str = "max",
+        num_neighbours: int = 9,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not 0.0 < coreset_ratio <= 1.0:
+            raise ConfigError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if knn_backend not in BACKENDS:
+            raise ConfigError(f"knn_backend must be one of {BACKENDS}, got {knn_backend!r}")
+        if image_score not in IMAGE_SCORES:
+            raise ConfigError(f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}")
+        if num_neighbours < 1:
+            raise ConfigError(f"num_neighbours must be >= 1, got {num_neighbours}")
+        self.coreset_ratio = float(coreset_ratio)
+        self.projection_dim = int(projection_dim)
+        self.knn_backend = knn_backend
+        self.image_score = image_score
+        self.num_neighbours = int(num_neighbours)
+        self.memory_bank: torch.Tensor | None = None
+        self.bank_index: torch.Tensor | None = None
+        self.bank_support: torch.Tensor | None = None
+        self.grid: tuple[int, int] | None = None
+        self._nn: NearestNeighbours | None = None
+
+    def get_params(self) -> dict:
+        p = super().get_params()
+        p.update(
+            coreset_ratio=self.coreset_ratio,
+            projection_dim=self.projection_dim,
+            knn_backend=self.knn_backend,
+            image_score=self.image_score,
+            num_neighbours=self.num_neighbours,
+        )
+        return p
+
+    # ------------------------------------------------------------------ fit
+    def _fit_features(self, features: torch.Tensor, progress: Progress) -> None:
+        n, d, h, w = features.shape
+        flat = features.permute(0, 2, 3, 1).reshape(-1, d)
+        n_select = max(1, min(flat.shape[0], int(round(self.coreset_ratio * flat.shape[0]))))
+        if n_select < flat.shape[0]:
+            idx = greedy_coreset(
+                flat, n_select, projection_dim=self.projection_dim, progress=lambda a, b: progress("coreset", a, b)
+            )
+        else:
+            idx = torch.arange(flat.shape[0])
+        idx, _ = torch.sort(idx)
+        self.grid = (h, w)
+        self._set_bank(flat[idx].clone(), idx.long())
+
+    def _set_bank(self, bank: torch.Tensor, bank_index: torch.Tensor) -> None:
+        self.memory_bank = bank.contiguous()
+        self.bank_index = bank_index
+        self._nn = NearestNeighbours(self.memory_bank, self.knn_backend)
+        if self.image_score == "reweighted" and (self.bank_support is None or self.bank_support.shape[0] != bank.shape[0]):
+            k = min(self.num_neighbours, bank.shape[0])
+            self.bank_support = NearestNeighbours(self.memory_bank, "torch").search(self.memory_bank, k)[1]
+
+    # ------------------------------------------------------------------ score
+    def _image_scores(self, q: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        grid_scores = dist.view(b, -1)
+        top, arg = grid_scores.max(1)
+        if self.image_score == "max":
+            return top, grid_scores
+        assert self.bank_support is not None and self.memory_bank is not None
+        rows = arg + torch.arange(b) * grid_scores.shape[1]
+        q_star = q[rows]  # (b, D)
+        support = self.bank_support[nn_idx.view(-1)[rows]]  # (b, k), first column is m* itself
+        sup_feats = self.memory_bank[support]  # (b, k, D)
+        d = torch.linalg.vector_norm(sup_feats - q_star[:, None, :], dim=2)
+        weight = 1.0 - torch.softmax(d, dim=1)[:, 0]
+        return weight * top, grid_scores
+
+    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._nn is not None and self.grid is not None
+        b, d, h, w = features.shape
+        if (h, w) != self.grid:
+            raise ConfigError(f"feature grid {h}x{w} differs from the fitted {self.grid}")
+        q = features.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, idx = self._nn.search(q, 1)
+        scores, grid_scores = self._image_scores(q, dist[:, 0], idx[:, 0], b)
+        return scores, grid_scores.view(b, h, w)
+
+    def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leave-one-image-out: each training image scored against the bank minus its own patches."""
+        assert self.memory_bank is not None and self.bank_index is not None
+        n, d, h, w = features.shape
+        owner = self.bank_index // (h * w)
+        bank_sq = (self.memory_bank * self.memory_bank).sum(1)
+        scores, grids = [], []
+        for i in range(n):
+            q = features[i].permute(1, 2, 0).reshape(-1, d)
+            dd = pairwise_sq_dists(q, self.memory_bank, bank_sq)
+            own = owner == i
+            if bool(own.all()):  # a single training image: nothing else to compare with
+                dd = dd.clone()
+            else:
+                dd[:, own] = math.inf
+            v, idx = dd.min(1)
+            s, g = self._image_scores(q, v.sqrt(), idx, 1)
+            scores.append(s)
+            grids.append(g.view(1, h, w))
+            progress("calibration", i + 1, n)
+        return torch.cat(scores), torch.cat(grids)
+
+    # ------------------------------------------------------------------ state
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        assert self.memory_bank is not None and self.bank_index is not None and self.grid is not None
+        t = {"memory_bank": self.memory_bank, "bank_index": self.bank_index, "grid": torch.tensor(self.grid)}
+        if self.bank_support is not None:
+            t["bank_support"] = self.bank_support
+        return t
+
+    def _expected_shapes(self, config: dict) -> dict[str, list[int]]:
+        bank = config["tensors"].get("memory_bank", {}).get("shape", [0, 0])
+        dim = self.extractor.feature_dim
+        g = self.extractor.grid_size(self.image_size)
+        out = {"memory_bank": [bank[0], dim], "bank_index": [bank[0]], "grid": [2]}
+        return out
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.grid = tuple(int(v) for v in tensors["grid"].tolist())  # type: ignore[assignment]
+        self.bank_support = tensors.get("bank_support")
+        self._set_bank(tensors["memory_bank"].float(), tensors["bank_index"].long())

@@ -1,0 +1,72 @@
+"""The result type of every detector, with anomalib's field names."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Prediction:
+    """What a detector says about one image.
+
+    Attributes:
+        image_path: the input file, or None for in-memory images.
+        pred_score: image anomaly score (``float``, higher = more anomalous; in the detector's own
+            units, e.g. a patch-feature L2 distance for PatchCore). NaN when ``error`` is set.
+        pred_label: 1 = anomalous (NG), 0 = normal (OK): ``pred_score > threshold``. None on error.
+        anomaly_map: ``float32`` ``(H, W)`` per-pixel score at the input image's resolution, same units
+            as ``pred_score``. None on error.
+        pred_mask: ``bool`` ``(H, W)``: ``anomaly_map > pixel_threshold``. None on error.
+        p_value: conformal p-value of ``pred_score`` against the normal calibration scores,
+            ``(1 + #{calibration scores >= pred_score}) / (n + 1)``: small means unlike normal images.
+        threshold: the image threshold used for ``pred_label``.
+        gt_label: ground truth, 0 normal / 1 anomalous, when known.
+        gt_mask: ground-truth ``bool`` ``(H, W)`` mask, when known.
+        defect_type: ground-truth defect folder name (``"good"`` for normal), when known.
+        image: the ``uint8`` RGB ``(H, W, 3)`` input, only when asked for (``keep_images=True``).
+        error: why this image could not be scored (unreadable file, ...); None when it was scored.
+    """
+
+    image_path: str | None
+    pred_score: float
+    pred_label: int | None
+    anomaly_map: np.ndarray | None
+    pred_mask: np.ndarray | None
+    p_value: float | None = None
+    threshold: float | None = None
+    gt_label: int | None = None
+    gt_mask: np.ndarray | None = field(default=None, repr=False)
+    defect_type: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the image was scored (no error)."""
+        return self.error is None
+
+    @classmethod
+    def failed(cls, image_path: str | None, error: str, **gt) -> "Prediction":
+        """A prediction for an image that could not be scored."""
+        return cls(image_path=image_path, pred_score=math.nan, pred_label=None, anomaly_map=None, pred_mask=None, error=error, **gt)
+
+    def summary(self) -> dict:
+        """JSON-ready row: path, score, label, p-value, threshold, anomalous area (% of pixels), error."""
+        area = None
+        if self.pred_mask is not None:
+            area = round(100.0 * float(self.pred_mask.mean()), 4)
+        return {
+            "path": self.image_path,
+            "pred_score": None if math.isnan(self.pred_score) else float(self.pred_score),
+            "pred_label": self.pred_label,
+            "decision": None if self.pred_label is None else ("NG" if self.pred_label else "OK"),
+            "p_value": self.p_value,
+            "threshold": self.threshold,
+            "anomalous_area_pct": area,
+            "gt_label": self.gt_label,
+            "defect_type": self.defect_type,
+            "error": self.error,
+        }

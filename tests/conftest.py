@@ -1,0 +1,43 @@
+"""Shared fixtures. Real-data tests read ../shared/data (never copied into the project).
+
+When the data is absent the tests that need it are skipped with the reason; with
+ANOMALENS_REQUIRE_DATA=1 (set in .ci/run) they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ANOMALENS_DATA", ROOT.parent / "shared" / "data"))
+HAZELNUT = DATA / "mvtec_ad" / "hazelnut_reduced"
+TRANSISTOR = DATA / "mvtec_ad" / "transistor"
+
+
+def require(path: Path) -> Path:
+    """Return ``path`` if it exists; otherwise skip (or fail when ANOMALENS_REQUIRE_DATA=1)."""
+    if path.exists():
+        return path
+    msg = f"real data not found at {path} (set ANOMALENS_DATA to the folder holding mvtec_ad/)"
+    if os.environ.get("ANOMALENS_REQUIRE_DATA") == "1":
+        pytest.fail(msg + " and ANOMALENS_REQUIRE_DATA=1")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def hazelnut() -> Path:
+    return require(HAZELNUT)
+
+
+@pytest.fixture(scope="session")
+def fitted_patchcore(hazelnut, tmp_path_factory):
+    """PatchCore (default settings) fitted on hazelnut_reduced/train/good and saved; (detector, model_dir)."""
+    from anomalens import PatchCore
+
+    det = PatchCore(coreset_ratio=0.01).fit(hazelnut)
+    d = tmp_path_factory.mktemp("model") / "patchcore"
+    det.save(d)
+    return det, d

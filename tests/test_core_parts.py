@@ -1,0 +1,93 @@
+"""The fast core against plain references: coreset, nearest neighbours, calibration, backbones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomalens.backbones import BACKBONES, Backbone
+from anomalens.calibration import Calibration, conformal_threshold
+from anomalens.errors import ConfigError
+from anomalens.knn import NearestNeighbours
+from anomalens.sampler import greedy_coreset
+
+
+def plain_greedy(x, n, first):
+    chosen = [first]
+    d = ((x - x[first]) ** 2).sum(1)
+    for _ in range(n - 1):
+        i = int(d.argmax())
+        chosen.append(i)
+        d = torch.minimum(d, ((x - x[i]) ** 2).sum(1))
+    return chosen
+
+
+def coverage(x, idx):
+    return float(torch.cdist(x, x[idx]).min(1).values.max())
+
+
+def test_greedy_coreset_is_exact_greedy_k_center():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 16, generator=g) * torch.rand(3000, 1, generator=g)
+    idx = greedy_coreset(x, 60, projection_dim=0, two_stage=False)
+    assert idx.tolist() == plain_greedy(x, 60, int(idx[0]))
+
+
+def test_two_stage_coreset_covers_nearly_as_well():
+    g = torch.Generator().manual_seed(2)
+    centers = torch.randn(50, 32, generator=g) * 5
+    x = centers[torch.randint(50, (60000,), generator=g)] + torch.randn(60000, 32, generator=g)
+    x[:40] += 40 * torch.randn(40, 32, generator=g)  # rare outlying patches: what the coreset must keep
+    one = greedy_coreset(x, 300, projection_dim=0, two_stage=False)
+    two = greedy_coreset(x, 300, projection_dim=0, two_stage=True)
+    assert len(set(two.tolist())) == 300
+    assert coverage(x, two) <= 1.15 * coverage(x, one)
+    assert coverage(x, two) < 0.8 * coverage(x, torch.randperm(60000, generator=g)[:300])
+
+
+def test_torch_and_faiss_nearest_neighbours_agree():
+    g = torch.Generator().manual_seed(3)
+    bank, q = torch.randn(5000, 64, generator=g), torch.randn(700, 64, generator=g)
+    d_t, i_t = NearestNeighbours(bank, "torch", max_chunk_elems=100_000).search(q, 3)
+    d_f, i_f = NearestNeighbours(bank, "faiss").search(q, 3)
+    ref = torch.cdist(q, bank).topk(3, largest=False)
+    torch.testing.assert_close(d_t, ref.values, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(d_f, ref.values, atol=1e-3, rtol=1e-4)
+    assert (i_t == ref.indices).float().mean() > 0.999 and (i_f == ref.indices).float().mean() > 0.999
+
+
+def test_conformal_threshold_and_p_values():
+    scores = np.arange(1, 200, dtype=float)  # n = 199
+    t, note = conformal_threshold(scores, 0.01)
+    assert t == 198.0 and note == ""  # rank ceil(200 * 0.99) = 198
+    t, note = conformal_threshold(scores[:50], 0.01)
+    assert t == 50.0 and "needs at least 99" in note
+    cal = Calibration.from_scores(scores, scores, 0.05)
+    assert cal.p_value(1000.0) == pytest.approx(1 / 200)
+    assert cal.p_value(0.0) == 1.0
+    # empirical guarantee on exchangeable data: false alarms at most about alpha
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(300):
+        s = rng.standard_normal(300)
+        t, _ = conformal_threshold(s[:200], 0.05)
+        rates.append(np.mean(s[200:] > t))
+    assert np.mean(rates) <= 0.05 + 0.01
+    with pytest.raises(ConfigError, match="at least one"):
+        conformal_threshold(np.array([]), 0.1)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbones_give_the_documented_feature_maps(name):
+    b = Backbone(name, pretrained=False)
+    feats = b(torch.rand(1, 3, 160, 160))
+    assert [f.shape[1] for f in feats] == b.channels
+    assert [160 // f.shape[-1] for f in feats] == b.strides == [8, 16]
+
+
+def test_unknown_backbone_and_layer_are_clear_errors():
+    with pytest.raises(ConfigError, match="known backbones: efficientnet_lite0, efficientnet_lite2, mobilenet_v2"):
+        Backbone("wide_resnet50")
+    with pytest.raises(ConfigError, match="valid layers: stem, blocks.0"):
+        Backbone("efficientnet_lite0", ["layer2"], pretrained=False)
