@@ -57,3 +57,19 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert r.exit_code == 2 and "known backbones" in r.output
     r = runner.invoke(app, ["predict", str(tmp_path / "nomodel"), str(empty), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_padim_python_api_on_real_images(hazelnut, tmp_path):
+    """PaDiM through the Python API: detects the defects, localises them, survives a save/load."""
+    from anomalens import PaDiM, load_detector
+    from anomalens.evaluation import evaluate
+
+    det = PaDiM().fit(hazelnut)
+    assert det.calibration is not None and det.calibration.scores.shape == (50,)
+    res = evaluate(det, hazelnut)
+    assert res.metrics["image_auroc"] >= 0.9, res.metrics
+    assert res.metrics["pixel_auroc"] >= 0.93, res.metrics
+    det.save(tmp_path / "padim")
+    again = load_detector(tmp_path / "padim")
+    imgs = sorted((hazelnut / "test" / "crack").glob("*.png"))
+    assert [p.pred_score for p in again.predict(imgs)] == [p.pred_score for p in det.predict(imgs)]

@@ -12,6 +12,7 @@ from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -48,7 +49,7 @@ def progress_bars() -> Iterator:
 
 
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=True)
+    console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)
     raise typer.Exit(code=2)
 
 

@@ -57,6 +57,7 @@ class PatchFeatureExtractor(nn.Module):
         self.backbone = backbone
         self.patch_size = int(patch_size)
         self.border_pad = int(border_pad)
+        self.micro_batch = 1
 
     @property
     def feature_dim(self) -> int:
@@ -67,12 +68,25 @@ class PatchFeatureExtractor(nn.Module):
         s = min(self.backbone.strides)
         return int(math.ceil(image_size / s))
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def backbone_forward(self, x01: torch.Tensor) -> list[torch.Tensor]:
+        """Normalise, reflect-pad and run the backbone: the raw per-layer maps (padding included).
+
+        The backbone runs on ``micro_batch`` images at a time: on a 2-core CPU one image per call was
+        fastest per image (EfficientNet-Lite0 at 384 px: 56 ms at 1, 134 ms at 16; larger batches
+        thrash the cache).
+        """
         pad = self.border_pad
         x = self.backbone.normalize(x01)
         if pad:
             x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        feats = self.backbone(x)
+        if x.shape[0] <= self.micro_batch:
+            return self.backbone(x)
+        parts = [self.backbone(x[s : s + self.micro_batch]) for s in range(0, x.shape[0], self.micro_batch)]
+        return [torch.cat(level, 0) for level in zip(*parts)]
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        pad = self.border_pad
+        feats = self.backbone_forward(x01)
         if self.patch_size > 1:
             p = self.patch_size
             feats = [F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=False) for f in feats]
