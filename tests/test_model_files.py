@@ -44,37 +44,39 @@ def test_tampered_tensor_file_is_refused(fitted_patchcore, tmp_path):
         load_detector(d)
 
 
-def test_edited_config_is_refused(fitted_patchcore, tmp_path):
-    d = _copy(fitted_patchcore[1], tmp_path)
+def _edit_config(model_dir, tmp_path, edit, reseal):
+    """Copy the model, apply ``edit`` to its config; ``reseal`` recomputes the config checksum
+    (as a newer anomalens, or a careful forger, would write it)."""
+    from anomalens.serialization import _config_digest
+
+    d = _copy(model_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["threshold"] = 0.0
+    edit(cfg)
+    if reseal:
+        cfg["config_sha256"] = _config_digest(cfg)
     (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_edited_config_is_refused(fitted_patchcore, tmp_path):
+    d = _edit_config(fitted_patchcore[1], tmp_path, lambda c: c.update(threshold=0.0), reseal=False)
     with pytest.raises(ModelFileError, match="modified"):
         load_detector(d)
 
 
 def test_other_format_version_is_refused(fitted_patchcore, tmp_path):
-    from anomalens.serialization import _config_digest
-
-    d = _copy(fitted_patchcore[1], tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["format_version"] = 99
-    cfg["config_sha256"] = _config_digest(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = _edit_config(fitted_patchcore[1], tmp_path, lambda c: c.update(format_version=99), reseal=True)
     with pytest.raises(ModelFileError, match="format version 99"):
         load_detector(d)
 
 
 def test_shape_mismatch_with_parameters_is_refused(fitted_patchcore, tmp_path):
     """A config whose parameters no longer match its tensors (e.g. another backbone) is refused."""
-    from anomalens.serialization import _config_digest
 
-    d = _copy(fitted_patchcore[1], tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["params"]["backbone"] = "mobilenet_v2"
-    cfg["params"]["layers"] = ["features.6", "features.13"]
-    cfg["config_sha256"] = _config_digest(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
+    def other_backbone(cfg):
+        cfg["params"].update(backbone="mobilenet_v2", layers=["features.6", "features.13"])
+
+    d = _edit_config(fitted_patchcore[1], tmp_path, other_backbone, reseal=True)
     with pytest.raises(ModelFileError, match="memory_bank"):
         load_detector(d)
 

@@ -165,10 +165,7 @@ class PatchCore(Detector):
 
     def _expected_shapes(self, config: dict) -> dict[str, list[int]]:
         bank = config["tensors"].get("memory_bank", {}).get("shape", [0, 0])
-        dim = self.extractor.feature_dim
-        g = self.extractor.grid_size(self.image_size)
-        out = {"memory_bank": [bank[0], dim], "bank_index": [bank[0]], "grid": [2]}
-        return out
+        return {"memory_bank": [bank[0], self.extractor.feature_dim], "bank_index": [bank[0]], "grid": [2]}
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.grid = tuple(int(v) for v in tensors["grid"].tolist())  # type: ignore[assignment]
