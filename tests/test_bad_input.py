@@ -102,3 +102,13 @@ def test_missing_mask_and_wrong_layout(tmp_path, hazelnut):
         MVTecCategory(root).test_samples()
     with pytest.raises(DatasetError, match="not an MVTec AD category"):
         MVTecCategory(tmp_path)
+
+
+def test_unreadable_training_image_stops_fit_and_names_it(tmp_path, hazelnut):
+    from anomalens import PatchCore
+
+    bad = tmp_path / "000_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = sorted((hazelnut / "train" / "good").glob("*.png"))[:3]
+    with pytest.raises(ImageReadError, match="000_broken.png"):
+        PatchCore(pretrained=False).fit([bad, *good])

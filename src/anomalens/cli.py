@@ -79,6 +79,7 @@ def fit(
     layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. blocks.4,blocks.10 (default: the backbone's)."),
     image_size: int = typer.Option(320, help="Images are resized to this square size in pixels (multiple of 16)."),
     coreset_ratio: float = typer.Option(0.01, help="PatchCore: fraction of training patches kept in the memory bank."),
+    border_pad: int = typer.Option(32, help="Reflected border in pixels added before the backbone (multiple of 16; 0 = off)."),
     false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal images flagged NG (sets the threshold)."),
     batch_size: int = typer.Option(8, help="Images per backbone forward pass."),
 ) -> None:
@@ -87,7 +88,9 @@ def fit(
     from .detectors import create_detector
 
     try:
-        params = dict(backbone=backbone, image_size=image_size, false_alarm_rate=false_alarm_rate, batch_size=batch_size)
+        params = dict(
+            backbone=backbone, image_size=image_size, border_pad=border_pad, false_alarm_rate=false_alarm_rate, batch_size=batch_size
+        )
         if layers:
             params["layers"] = [x.strip() for x in layers.split(",") if x.strip()]
         if model == "patchcore":

@@ -30,7 +30,7 @@ class PatchCore(Detector):
     Args:
         coreset_ratio: fraction of all training patches kept in the memory bank, in (0, 1].
         projection_dim: random-projection dimension used only to *select* the coreset (paper: 128).
-        knn_backend: ``"torch"`` (chunked matmul) or ``"faiss"`` (``IndexFlatL2``): same results.
+        knn_backend: ``"faiss"`` (``IndexFlatL2``, faster here) or ``"torch"`` (chunked matmul): same results.
         image_score: ``"max"`` (max patch distance) or ``"reweighted"`` (paper Eq. 7).
         num_neighbours: support-set size ``b`` of the re-weighting (paper: 9).
         **kwargs: see :class:`~anomalens.detectors.base.Detector` (backbone, layers, image_size, ...).
@@ -49,7 +49,7 @@ class PatchCore(Detector):
         *,
         coreset_ratio: float = 0.01,
         projection_dim: int = 128,
-        knn_backend: str = "torch",
+        knn_backend: str = "faiss",
         image_score: str = "max",
         num_neighbours: int = 9,
         **kwargs,
