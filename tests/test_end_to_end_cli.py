@@ -22,10 +22,14 @@ def test_fit_predict_evaluate_cli(hazelnut, tmp_path):
     # predict: one row per image, overlays written, defective images mostly flagged
     test_imgs = sorted((hazelnut / "test").rglob("*.png"))
     res = tmp_path / "pred"
-    r = runner.invoke(app, ["predict", str(model), str(hazelnut / "test"), "--out", str(res)])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    r = runner.invoke(app, ["predict", str(model), str(hazelnut / "test"), str(broken), "--out", str(res)])
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(open(res / "predictions.csv")))
-    assert len(rows) == len(test_imgs)
+    assert len(rows) == len(test_imgs) + 1
+    assert "broken.png" in rows[-1]["error"] and rows[-1]["pred_score"] == ""  # reported, not fatal
+    rows = rows[:-1]
     assert all(row["error"] == "" for row in rows)
     overlays = sorted((res / "overlays").glob("*.png"))
     assert len(overlays) == len(test_imgs)

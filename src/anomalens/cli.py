@@ -127,11 +127,11 @@ def _overlay_name(i: int, path: str | None) -> str:
     return f"{i:05d}_{p.parent.name}_{p.stem}.png"
 
 
-def _save_overlays(det, preds, out: Path, rows: list[dict]) -> None:
+def _save_overlays(det, preds, out: Path, rows: list[dict], start: int = 0) -> None:
     from .io import read_image
     from .visualize import save_overlay
 
-    for i, (p, row) in enumerate(zip(preds, rows)):
+    for i, (p, row) in enumerate(zip(preds, rows), start):
         row["overlay"] = None
         if not p.ok or p.image_path is None:
             continue
@@ -156,25 +156,39 @@ def predict(
         if false_alarm_rate is not None:
             det.set_false_alarm_rate(false_alarm_rate)
         paths = expand_inputs(images)
+        rows: list[dict] = []
+        # chunks keep memory flat on large folders: maps and images of a chunk are dropped once written
+        chunk = 64
         with progress_bars() as cb:
-            preds = det.predict(paths, keep_images=heatmaps, progress=cb)
-        rows = [p.summary() for p in preds]
-        if heatmaps:
-            _save_overlays(det, preds, out, rows)
+            for s in range(0, len(paths), chunk):
+                part = det.predict(
+                    paths[s : s + chunk], keep_images=heatmaps, progress=lambda st, d, t: cb(st, s + d, len(paths))
+                )
+                part_rows = [p.summary() for p in part]
+                if heatmaps:
+                    _save_overlays(det, part, out, part_rows, start=s)
+                rows.extend(part_rows)
         _write_rows(rows, out)
     except AnomalensError as exc:
         _fail(exc)
-    n_bad = sum(not p.ok for p in preds)
-    n_ng = sum(1 for p in preds if p.pred_label == 1)
-    t = Table(title=f"{len(preds)} images: {n_ng} NG, {len(preds) - n_ng - n_bad} OK, {n_bad} unreadable")
+    n_bad = sum(r["error"] is not None for r in rows)
+    n_ng = sum(1 for r in rows if r["pred_label"] == 1)
+    t = Table(title=f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_bad} OK, {n_bad} unreadable")
     for c in ("path", "score", "decision", "p-value"):
         t.add_column(c)
-    for p in preds[:50]:
-        t.add_row(str(p.image_path), "-" if not p.ok else f"{p.pred_score:.3f}", "ERROR" if not p.ok else ("NG" if p.pred_label else "OK"), "-" if p.p_value is None else f"{p.p_value:.3f}")
+    for r in rows[:50]:
+        t.add_row(
+            str(r["path"]),
+            "-" if r["pred_score"] is None else f"{r['pred_score']:.3f}",
+            r["decision"] or "ERROR",
+            "-" if r["p_value"] is None else f"{r['p_value']:.3f}",
+        )
+    if len(rows) > 50:
+        t.caption = f"first 50 of {len(rows)} rows; all in predictions.csv"
     out_console.print(t)
-    for p in preds:
-        if not p.ok:
-            console.print(f"[yellow]skipped:[/] {p.error}")
+    for r in rows:
+        if r["error"] is not None:
+            console.print("[yellow]skipped:[/]", escape(r["error"]), soft_wrap=True)
     console.print(f"results written to {out}")
 
 

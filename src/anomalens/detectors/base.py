@@ -190,12 +190,6 @@ class Detector(ABC):
         """Patch features of ``uint8`` RGB images: ``float32`` ``(B, D, h, w)``."""
         return self.extractor(to_tensor_batch(images, self.image_size))
 
-    def _read_all(self, images: Iterable[ImageLike], what: str) -> list[np.ndarray]:
-        arrays = [to_rgb_array(img) for img in images]
-        if not arrays:
-            raise DatasetError(f"no {what} images given")
-        return arrays
-
     # ------------------------------------------------------------------ fit
     def fit(self, images: Iterable[ImageLike] | str | os.PathLike, progress: Progress | None = None) -> "Detector":
         """Fit on normal images and calibrate the thresholds on them (out of sample).
@@ -220,7 +214,6 @@ class Detector(ABC):
         images = list(images)
         if not images:
             raise DatasetError("no training images given")
-        torch.manual_seed(0)
         t0 = time.perf_counter()
         feats = []
         n = len(images)
