@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -26,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def _dir_mb(path: Path) -> float:

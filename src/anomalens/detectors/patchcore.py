@@ -12,7 +12,6 @@ whose nearest bank feature lies in a dense region of the bank.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
