@@ -8,7 +8,7 @@ import torch
 
 from anomalens.backbones import BACKBONES, Backbone
 from anomalens.calibration import Calibration, conformal_threshold
-from anomalens.errors import ConfigError
+from anomalens.errors import CalibrationError, ConfigError
 from anomalens.knn import NearestNeighbours
 from anomalens.sampler import greedy_coreset
 
@@ -59,10 +59,12 @@ def test_torch_and_faiss_nearest_neighbours_agree():
 
 def test_conformal_threshold_and_p_values():
     scores = np.arange(1, 200, dtype=float)  # n = 199
-    t, note = conformal_threshold(scores, 0.01)
-    assert t == 198.0 and note == ""  # rank ceil(200 * 0.99) = 198
-    t, note = conformal_threshold(scores[:50], 0.01)
-    assert t == 50.0 and "needs at least 99" in note
+    assert conformal_threshold(scores, 0.01) == 198.0  # rank ceil(200 * 0.99) = 198
+    assert conformal_threshold(scores[:99], 0.01) == 99.0  # 99 images: the largest one
+    with pytest.raises(CalibrationError, match="needs at least 99 normal calibration images, got 50"):
+        conformal_threshold(scores[:50], 0.01)
+    with pytest.raises(CalibrationError, match="needs at least 19 .* got 0"):
+        conformal_threshold(scores[:0], 0.05)
     cal = Calibration.from_scores(scores, scores, 0.05)
     assert cal.p_value(1000.0) == pytest.approx(1 / 200)
     assert cal.p_value(0.0) == 1.0
@@ -71,11 +73,11 @@ def test_conformal_threshold_and_p_values():
     rates = []
     for _ in range(300):
         s = rng.standard_normal(300)
-        t, _ = conformal_threshold(s[:200], 0.05)
+        t = conformal_threshold(s[:200], 0.05)
         rates.append(np.mean(s[200:] > t))
     assert np.mean(rates) <= 0.05 + 0.01
-    with pytest.raises(ConfigError, match="at least one"):
-        conformal_threshold(np.array([]), 0.1)
+    with pytest.raises(ConfigError, match="in \\(0, 1\\)"):
+        conformal_threshold(scores, 1.5)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

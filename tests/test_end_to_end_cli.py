@@ -15,7 +15,7 @@ runner = CliRunner()
 
 def test_fit_predict_evaluate_cli(hazelnut, tmp_path):
     model = tmp_path / "model"
-    r = runner.invoke(app, ["fit", str(hazelnut), "--out", str(model), "--model", "patchcore", "--backbone", "efficientnet_lite0"])
+    r = runner.invoke(app, ["fit", str(hazelnut), "--out", str(model), "--model", "patchcore", "--backbone", "efficientnet_lite0", "--false-alarm-rate", "0.05"])
     assert r.exit_code == 0, r.output
     assert (model / "config.json").exists() and (model / "model.safetensors").exists()
 
@@ -68,7 +68,7 @@ def test_padim_python_api_on_real_images(hazelnut, tmp_path):
     from anomalens import PaDiM, load_detector
     from anomalens.evaluation import evaluate
 
-    det = PaDiM().fit(hazelnut)
+    det = PaDiM(false_alarm_rate=0.05).fit(hazelnut)
     assert det.calibration is not None and det.calibration.scores.shape == (50,)
     res = evaluate(det, hazelnut)
     assert res.metrics["image_auroc"] >= 0.9, res.metrics

@@ -1,19 +1,32 @@
-"""Decision thresholds from normal images only (no defective image needed).
+"""Decision thresholds from normal images only (no defective image needed), and the F1 alternative.
 
-We use split-conformal anomaly detection (Vovk et al., "Algorithmic Learning in a Random World", 2005;
-Bates et al., "Testing for outliers with conformal p-values", Annals of Statistics 2023). Given the
-scores ``s_1..s_n`` of ``n`` normal calibration images that the model did not learn from, a new
-normal image's score is exchangeable with them, so its p-value
-``p = (1 + #{i: s_i >= s}) / (n + 1)`` is super-uniform, and flagging ``p <= alpha`` raises a false
-alarm on at most a fraction ``alpha`` of normal images (in expectation over the calibration draw).
-Flagging ``p <= alpha`` is the same as ``s > t`` with ``t`` the ``ceil((n + 1)(1 - alpha))``-th
-smallest calibration score. With ``n < 1/alpha - 1`` no finite threshold achieves ``alpha``; we then
-use the largest calibration score and say so (``Calibration.note``).
+Conformal thresholds (Vovk et al., "Algorithmic Learning in a Random World", 2005; Bates et al.,
+"Testing for outliers with conformal p-values", Annals of Statistics 2023). Given the scores
+``s_1..s_n`` of ``n`` normal calibration images the model did not learn from, a new normal image's
+score is exchangeable with them, so its p-value ``p = (1 + #{i: s_i >= s}) / (n + 1)`` is
+super-uniform, and flagging ``p <= alpha`` raises a false alarm on at most a fraction ``alpha`` of
+normal images (on average over the draw of the calibration set). Flagging ``p <= alpha`` is the same
+as ``s > t`` with ``t`` the ``ceil((n + 1)(1 - alpha))``-th smallest calibration score; this needs
+``n >= 1/alpha - 1`` images (99 for 1%, 19 for 5%, 9 for 10%); with fewer, no threshold can promise
+``alpha`` and :func:`conformal_threshold` raises :class:`~anomalens.errors.CalibrationError`.
 
-The calibration scores come from the training images themselves, out of sample: PatchCore scores
-each training image against the memory bank without that image's own patches (leave-one-image-out,
-the jackknife; Barber et al., "Predictive inference with the jackknife+", Annals of Statistics
-2021), PaDiM by K-fold cross-fitting. So every normal image serves both the model and calibration.
+Where the calibration scores come from (``Calibration.source``):
+
+* ``"held-out"``: normal images kept out of fitting (``Detector.fit(..., holdout=0.2)`` or
+  ``Detector.calibrate(images)``): split conformal, the guarantee above holds exactly.
+* ``"leave-one-out"`` (PatchCore's default): each training image scored against the memory bank
+  without its own patches (the jackknife; Barber et al., "Predictive inference with the jackknife+",
+  Annals of Statistics 2021). No image is held out. The jackknife's worst-case guarantee is weaker
+  (``2 alpha``), but its scores are those of a model fitted on ``n - 1`` images, a hair more
+  pessimistic than the full model's, and the observed rate on real test images stays at or under
+  ``alpha`` (README, "Thresholds you can trust").
+* ``"cross-fit"`` (PaDiM's default): K-fold cross-fitting, the same idea with K folds.
+
+Pixel threshold: the same rule applied to the maximum of each normal image's anomaly map, so at
+most a fraction ``alpha`` of normal images shows any pixel in ``pred_mask``.
+
+Where labelled defective images exist, :func:`f1_threshold` gives the threshold of best F1 instead;
+it then depends on those images and carries no false-alarm guarantee.
 """
 
 from __future__ import annotations
@@ -23,36 +36,76 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import CalibrationError, ConfigError
+
+SOURCES = ("held-out", "leave-one-out", "cross-fit")
+MODES = ("conformal", "f1")
 
 
-def conformal_threshold(scores: np.ndarray, alpha: float) -> tuple[float, str]:
+def min_calibration_images(alpha: float) -> int:
+    """Fewest normal calibration images that support a false-alarm rate ``alpha``: ``ceil(1/alpha - 1)``."""
+    return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
+
+
+def check_calibration_size(n: int, alpha: float) -> None:
+    """Raise :class:`~anomalens.errors.CalibrationError` when ``n`` normal images cannot calibrate ``alpha``."""
+    need = min_calibration_images(alpha)
+    if n < need:
+        hint = f"; {n} images support false-alarm rates of {1.0 / (n + 1):.4f} or more" if n else ""
+        raise CalibrationError(
+            f"a false-alarm rate of {alpha:g} needs at least {need} normal calibration images, got {n}{hint}"
+        )
+
+
+def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
     """Threshold ``t`` so that a normal score exceeds it with probability at most ``alpha``.
 
     Args:
-        scores: ``(n,)`` calibration scores of normal images, ``n >= 1``.
+        scores: ``(n,)`` calibration scores of normal images.
         alpha: target false-alarm rate in (0, 1).
 
     Returns:
-        ``(t, note)``: ``note`` is empty, or explains that ``n`` was too small for ``alpha``.
+        ``t``, the ``ceil((n + 1)(1 - alpha))``-th smallest score (``pred_label = score > t``).
 
     Raises:
-        ConfigError: empty ``scores`` or ``alpha`` outside (0, 1).
+        ConfigError: ``alpha`` outside (0, 1).
+        CalibrationError: no scores, or fewer than ``1/alpha - 1`` (the message gives the number needed).
     """
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = s.size
-    if n == 0:
-        raise ConfigError("calibration needs at least one normal image score; got none")
     if not 0.0 < alpha < 1.0:
         raise ConfigError(f"false-alarm rate must be in (0, 1), got {alpha}")
-    rank = math.ceil((n + 1) * (1.0 - alpha))
-    if rank > n:
-        need = math.ceil(1.0 / alpha) - 1
-        return float(s[-1]), (
-            f"only {n} normal calibration images: a false-alarm rate of {alpha} needs at least {need}; "
-            f"using the largest calibration score as threshold"
-        )
-    return float(s[rank - 1]), ""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = s.size
+    check_calibration_size(n, alpha)
+    rank = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
+    return float(s[rank - 1])
+
+
+def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Threshold of best F1 on labelled images (1 = defective): ``(t, f1)`` with ``pred_label = score > t``.
+
+    Raises:
+        CalibrationError: the labels lack normal or defective images.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.size == 0 or y.min() == y.max():
+        raise CalibrationError("an F1 threshold needs both normal and defective labelled images")
+    from .metrics import f1_max
+
+    f1, t = f1_max(y, s)
+    # f1_max flags score >= t; we flag score > t, so step just below t
+    below = s[s < t]
+    return (float(below.max()) if below.size else float(np.nextafter(t, -np.inf))), f1
+
+
+def false_alarm_band(n: int, alpha: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Central ``confidence`` band of the false-alarm *fraction* among ``n`` normal images flagged
+    independently with probability ``alpha`` (binomial quantiles / n)."""
+    from scipy.stats import binom
+
+    lo = binom.ppf((1 - confidence) / 2, n, alpha)
+    hi = binom.ppf(1 - (1 - confidence) / 2, n, alpha)
+    return float(lo / n), float(hi / n)
 
 
 @dataclass
@@ -60,13 +113,15 @@ class Calibration:
     """Calibration scores and the thresholds derived from them.
 
     Attributes:
-        scores: ``float64`` ``(n,)`` out-of-sample image scores of the normal training images.
+        scores: ``float64`` ``(n,)`` out-of-sample image scores of normal images (see ``source``).
         map_maxima: ``float64`` ``(n,)`` the maximum of each of their anomaly maps.
         false_alarm_rate: the target ``alpha``.
         threshold: image threshold (``pred_label = pred_score > threshold``).
         pixel_threshold: pixel threshold (``pred_mask = anomaly_map > pixel_threshold``), chosen so that
             at most ``alpha`` of normal images show any anomalous pixel.
-        note: non-empty when ``n`` was too small for ``alpha``.
+        source: ``"held-out"``, ``"leave-one-out"`` or ``"cross-fit"`` (module docstring).
+        mode: ``"conformal"``, or ``"f1"`` when ``threshold`` was set from labelled images.
+        note: how the threshold was set, for people.
     """
 
     scores: np.ndarray
@@ -74,16 +129,41 @@ class Calibration:
     false_alarm_rate: float
     threshold: float
     pixel_threshold: float
+    source: str = "leave-one-out"
+    mode: str = "conformal"
     note: str = ""
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray, map_maxima: np.ndarray, false_alarm_rate: float) -> "Calibration":
-        """Build thresholds from calibration scores (see :func:`conformal_threshold`)."""
+    def from_scores(
+        cls, scores: np.ndarray, map_maxima: np.ndarray, false_alarm_rate: float, source: str = "leave-one-out"
+    ) -> "Calibration":
+        """Conformal thresholds from calibration scores (see :func:`conformal_threshold`).
+
+        Raises:
+            CalibrationError: fewer scores than ``false_alarm_rate`` needs.
+        """
+        if source not in SOURCES:
+            raise ConfigError(f"calibration source must be one of {SOURCES}, got {source!r}")
         scores = np.asarray(scores, dtype=np.float64)
         map_maxima = np.asarray(map_maxima, dtype=np.float64)
-        t, note = conformal_threshold(scores, false_alarm_rate)
-        tp, _ = conformal_threshold(map_maxima, false_alarm_rate)
-        return cls(scores, map_maxima, float(false_alarm_rate), t, tp, note)
+        t = conformal_threshold(scores, false_alarm_rate)
+        tp = conformal_threshold(map_maxima, false_alarm_rate)
+        note = f"conformal at false-alarm rate {false_alarm_rate:g} from {scores.size} {source} normal scores"
+        return cls(scores, map_maxima, float(false_alarm_rate), t, tp, source, "conformal", note)
+
+    def with_f1_threshold(self, labels: np.ndarray, scores: np.ndarray) -> tuple["Calibration", float]:
+        """A copy whose image threshold is the best-F1 one on labelled images, and that F1.
+
+        p-values and the pixel threshold stay conformal.
+
+        Raises:
+            CalibrationError: the labels lack normal or defective images.
+        """
+        t, f1 = f1_threshold(labels, scores)
+        n_bad = int(np.sum(np.asarray(labels) == 1))
+        note = f"best-F1 threshold (F1 {f1:.3f}) on {len(labels)} labelled images ({n_bad} defective); no false-alarm guarantee"
+        cal = Calibration(self.scores, self.map_maxima, self.false_alarm_rate, t, self.pixel_threshold, self.source, "f1", note)
+        return cal, f1
 
     def p_value(self, score: float) -> float:
         """Conformal p-value of ``score``: ``(1 + #{s_i >= score}) / (n + 1)``, in ``(0, 1]``."""

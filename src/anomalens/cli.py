@@ -82,8 +82,11 @@ def fit(
     border_pad: int = typer.Option(32, help="Reflected border in pixels added before the backbone (multiple of 16; 0 = off)."),
     false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal images flagged NG (sets the threshold)."),
     batch_size: int = typer.Option(8, help="Images per backbone forward pass."),
+    holdout: float = typer.Option(
+        0.0, help="Fraction of the normal images held out for split-conformal calibration (0 = calibrate out of sample on all)."
+    ),
 ) -> None:
-    """Fit a detector on normal images and calibrate its threshold on them."""
+    """Fit a detector on normal images and calibrate its threshold on normal images it did not learn from."""
     from .data import training_paths
     from .detectors import create_detector
 
@@ -99,7 +102,7 @@ def fit(
         paths = training_paths(data)
         console.print(f"fitting [bold]{model}[/] on {len(paths)} images ({backbone}, {image_size}px)")
         with progress_bars() as cb:
-            det.fit(paths, progress=cb)
+            det.fit(paths, progress=cb, holdout=holdout)
         det.save(out)
     except AnomalensError as exc:
         _fail(exc)
@@ -107,17 +110,56 @@ def fit(
     console.print(
         f"saved {out}  fit {info['seconds_total']:.1f}s  threshold {det.threshold:.4f}  pixel threshold {det.pixel_threshold:.4f}"
     )
-    if det.calibration and det.calibration.note:
-        console.print(f"[yellow]note:[/] {det.calibration.note}")
+    if det.calibration:
+        console.print(f"threshold: {det.calibration.note}")
+
+
+@app.command()
+def calibrate(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
+    images: List[Path] = typer.Argument(
+        ..., help="Held-out normal images (files/folders); with --f1, an MVTec AD category folder (its labelled test/ split)."
+    ),
+    false_alarm_rate: Optional[float] = typer.Option(None, help="Target fraction of normal images flagged NG (default: the model's)."),
+    f1: bool = typer.Option(False, "--f1", help="Set the best-F1 threshold from labelled normal + defective images instead."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the re-calibrated model here (default: update MODEL_DIR)."),
+) -> None:
+    """Re-calibrate a model's threshold: split conformal on held-out normal images, or best F1 on labelled images."""
+    from .data import MVTecCategory, expand_inputs
+    from .detectors import load_detector
+
+    try:
+        det = load_detector(model_dir)
+        before = det.threshold
+        with progress_bars() as cb:
+            if f1:
+                if len(images) != 1:
+                    raise typer.BadParameter("--f1 takes one MVTec AD category folder")
+                if false_alarm_rate is not None:
+                    det.set_false_alarm_rate(false_alarm_rate)
+                preds = [p for p in det.predict(MVTecCategory(images[0]).test_samples(), progress=cb) if p.ok]
+                det.set_f1_threshold([p.gt_label for p in preds], [p.pred_score for p in preds])
+            else:
+                det.calibrate(expand_inputs(images), false_alarm_rate, progress=cb)
+        det.save(out or model_dir)
+    except AnomalensError as exc:
+        _fail(exc)
+    console.print(f"threshold {before:.4f} -> {det.threshold:.4f}: {det.calibration.note}")
+    console.print(f"saved {out or model_dir}")
+
+
+NESTED = ("regions", "evidence")
 
 
 def _write_rows(rows: list[dict], out: Path) -> None:
+    """predictions.json (with region lists and evidence) and predictions.csv (one flat row per image)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.json").write_text(json.dumps(rows, indent=2))
+    flat = [{k: v for k, v in r.items() if k not in NESTED} for r in rows]
     with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["path"])
+        w = csv.DictWriter(f, fieldnames=list(flat[0].keys()) if flat else ["path"])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(flat)
 
 
 def _overlay_name(i: int, path: str | None) -> str:
@@ -128,15 +170,27 @@ def _overlay_name(i: int, path: str | None) -> str:
 
 
 def _save_overlays(det, preds, out: Path, rows: list[dict], start: int = 0) -> None:
+    """Overlay PNG per image, and the evidence panel (flagged crop | normal crop) per flagged image."""
+    from .errors import ImageReadError
     from .io import read_image
-    from .visualize import save_overlay
+    from .visualize import evidence_panel, save_image, save_overlay
 
     for i, (p, row) in enumerate(zip(preds, rows), start):
         row["overlay"] = None
+        row["evidence_png"] = None
         if not p.ok or p.image_path is None:
             continue
         img = p.image if p.image is not None else read_image(p.image_path)
         row["overlay"] = str(save_overlay(p, img, det.pixel_threshold, out / "overlays" / _overlay_name(i, p.image_path)))
+        if p.evidence is not None:
+            train = None
+            if p.evidence.train_image:
+                try:
+                    train = read_image(p.evidence.train_image)
+                except ImageReadError:
+                    train = None  # moved or deleted since fitting: the panel says so
+            panel = evidence_panel(img, p.evidence, train)
+            row["evidence_png"] = str(save_image(panel, out / "evidence" / _overlay_name(i, p.image_path)))
 
 
 @app.command()
@@ -164,7 +218,7 @@ def predict(
                 part = det.predict(
                     paths[s : s + chunk], keep_images=heatmaps, progress=lambda st, d, t: cb(st, s + d, len(paths))
                 )
-                part_rows = [p.summary() for p in part]
+                part_rows = [p.summary(detail=True) for p in part]
                 if heatmaps:
                     _save_overlays(det, part, out, part_rows, start=s)
                 rows.extend(part_rows)
@@ -213,7 +267,7 @@ def evaluate(
     d["data"] = str(data)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(d, indent=2))
-    _write_rows([p.summary() for p in result.predictions], out)
+    _write_rows([p.summary(detail=True) for p in result.predictions], out)
     out_console.print(metrics_table(d, f"{det.name} / {det.backbone_name} / {det.image_size}px on {Path(data).name} (%)"))
     out_console.print(f"{d['n_images']} images, {d['ms_per_image']} ms/image; metrics written to {out / 'metrics.json'}")
 

@@ -33,5 +33,9 @@ class ConfigError(AnomalensError, ValueError):
     """An option has an invalid value (unknown backbone or layer, bad image size, ...)."""
 
 
+class CalibrationError(ConfigError):
+    """Too few normal calibration images for the requested false-alarm rate (the message says how many)."""
+
+
 class NotFittedError(AnomalensError, RuntimeError):
     """A detector was used before `fit` (or `load`)."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .explain import Evidence, Region
+
 
 @dataclass
 class Prediction:
@@ -23,6 +25,9 @@ class Prediction:
         p_value: conformal p-value of ``pred_score`` against the normal calibration scores,
             ``(1 + #{calibration scores >= pred_score}) / (n + 1)``: small means unlike normal images.
         threshold: the image threshold used for ``pred_label``.
+        regions: connected regions of ``pred_mask``, strongest first (:class:`~anomalens.explain.Region`).
+        evidence: for a flagged image, the nearest normal training patch to its strongest region
+            (:class:`~anomalens.explain.Evidence`; memory-bank detectors only), else None.
         gt_label: ground truth, 0 normal / 1 anomalous, when known.
         gt_mask: ground-truth ``bool`` ``(H, W)`` mask, when known.
         defect_type: ground-truth defect folder name (``"good"`` for normal), when known.
@@ -37,6 +42,8 @@ class Prediction:
     pred_mask: np.ndarray | None
     p_value: float | None = None
     threshold: float | None = None
+    regions: list[Region] = field(default_factory=list)
+    evidence: Evidence | None = None
     gt_label: int | None = None
     gt_mask: np.ndarray | None = field(default=None, repr=False)
     defect_type: str | None = None
@@ -53,12 +60,13 @@ class Prediction:
         """A prediction for an image that could not be scored."""
         return cls(image_path=image_path, pred_score=math.nan, pred_label=None, anomaly_map=None, pred_mask=None, error=error, **gt)
 
-    def summary(self) -> dict:
-        """JSON-ready row: path, score, label, p-value, threshold, anomalous area (% of pixels), error."""
+    def summary(self, detail: bool = False) -> dict:
+        """JSON-ready row: path, score, label, p-value, threshold, anomalous area (% of pixels), region
+        count, error; with ``detail`` also the region list and the evidence."""
         area = None
         if self.pred_mask is not None:
             area = round(100.0 * float(self.pred_mask.mean()), 4)
-        return {
+        row = {
             "path": self.image_path,
             "pred_score": None if math.isnan(self.pred_score) else float(self.pred_score),
             "pred_label": self.pred_label,
@@ -66,7 +74,12 @@ class Prediction:
             "p_value": self.p_value,
             "threshold": self.threshold,
             "anomalous_area_pct": area,
+            "n_regions": None if self.pred_mask is None else len(self.regions),
             "gt_label": self.gt_label,
             "defect_type": self.defect_type,
             "error": self.error,
         }
+        if detail:
+            row["regions"] = [r.to_dict() for r in self.regions]
+            row["evidence"] = None if self.evidence is None else self.evidence.to_dict()
+        return row

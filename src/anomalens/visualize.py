@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .explain import Evidence
 from .prediction import Prediction
 
 
@@ -63,9 +64,51 @@ def save_overlay(pred: Prediction, image: np.ndarray, pixel_threshold: float, pa
     """Write the overlay of one prediction as PNG (side by side with the input); returns the path."""
     assert pred.anomaly_map is not None
     ov = overlay(image, pred.anomaly_map, pixel_threshold=pixel_threshold, mask=pred.pred_mask, caption=caption_for(pred))
-    both = np.concatenate([image, ov], axis=1)
+    return save_image(np.concatenate([image, ov], axis=1), path)
+
+
+def _label_strip(img: np.ndarray, text: str) -> np.ndarray:
+    """``img`` with a black caption strip of ``text`` above it."""
+    strip = np.zeros((22, img.shape[1], 3), np.uint8)
+    cv2.putText(strip, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    return np.concatenate([strip, img], axis=0)
+
+
+def evidence_panel(image: np.ndarray, evidence: Evidence, train_image: np.ndarray | None, side: int = 192) -> np.ndarray:
+    """Side-by-side crops: the flagged patch (left) and its nearest normal training patch (right).
+
+    Args:
+        image: the flagged ``uint8`` RGB image.
+        evidence: from ``Prediction.evidence``.
+        train_image: the training image it points to, or None when unavailable (a grey tile says so).
+        side: output tile size in pixels.
+
+    Returns:
+        ``uint8`` RGB ``(side + 22, 2 * side + 8, 3)``.
+    """
+    x0, y0, x1, y1 = evidence.test_box
+    left = cv2.resize(image[y0:y1, x0:x1], (side, side), interpolation=cv2.INTER_CUBIC)
+    if train_image is not None and evidence.train_box is not None:
+        a0, b0, a1, b1 = evidence.train_box
+        right = cv2.resize(train_image[b0:b1, a0:a1], (side, side), interpolation=cv2.INTER_CUBIC)
+        name = os.path.basename(evidence.train_image or f"train #{evidence.train_index}")
+    else:
+        right = np.full((side, side, 3), 96, np.uint8)
+        name = f"train #{evidence.train_index} (image not available)"
+    gap = np.full((side + 22, 8, 3), 255, np.uint8)
+    return np.concatenate(
+        [_label_strip(left, "flagged"), gap, _label_strip(right, f"normal: {name}"[:40])], axis=1
+    )
+
+
+def save_image(rgb: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a ``uint8`` RGB image as PNG (parent folders created); returns the path.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(both, cv2.COLOR_RGB2BGR)):
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
     return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
@@ -23,11 +24,12 @@ import numpy as np
 import torch
 
 from ..backbones import Backbone, get_spec
-from ..calibration import Calibration
+from ..calibration import Calibration, check_calibration_size
 from ..common import AnomalyMapHead, PatchFeatureExtractor, resize_map, to_tensor_batch
 from ..data import Sample
-from ..errors import AnomalensError, ConfigError, DatasetError, ImageReadError, ModelFileError, NotFittedError
+from ..errors import AnomalensError, CalibrationError, ConfigError, DatasetError, ImageReadError, ModelFileError, NotFittedError
 from ..io import ImageLike, image_name, read_mask, to_rgb_array
+from ..explain import Evidence, Region, find_regions
 from ..prediction import Prediction
 from ..serialization import load_model, read_config, save_model
 
@@ -62,6 +64,8 @@ class Detector(ABC):
     """
 
     name: ClassVar[str] = "detector"
+    #: how :meth:`fit` gets out-of-sample calibration scores without a hold-out (see :mod:`anomalens.calibration`)
+    calibration_source: ClassVar[str] = "leave-one-out"
 
     def __init__(
         self,
@@ -99,6 +103,8 @@ class Detector(ABC):
         self.pretrained = bool(pretrained)
         self.calibration: Calibration | None = None
         self.fit_info: dict[str, Any] = {}
+        #: paths of the fitted training images, in order (None for in-memory images); evidence crops use them
+        self.train_images: list[str | None] = []
         self._extractor: PatchFeatureExtractor | None = None
         self._map_head: AnomalyMapHead | None = None
 
@@ -152,8 +158,23 @@ class Detector(ABC):
         """Re-derive both thresholds for a new target false-alarm rate ``alpha`` (no refit)."""
         self._check_fitted()
         cal = self.calibration
-        self.calibration = Calibration.from_scores(cal.scores, cal.map_maxima, alpha)  # type: ignore[union-attr]
+        self.calibration = Calibration.from_scores(cal.scores, cal.map_maxima, alpha, cal.source)  # type: ignore[union-attr]
         self.false_alarm_rate = float(alpha)
+
+    def set_f1_threshold(self, labels: Sequence[int], scores: Sequence[float]) -> float:
+        """Use the best-F1 image threshold on labelled images (1 = defective) instead of the conformal one.
+
+        p-values and the pixel threshold stay conformal. :meth:`set_false_alarm_rate` goes back.
+
+        Returns:
+            The best F1.
+
+        Raises:
+            CalibrationError: the labels lack normal or defective images.
+        """
+        self._check_fitted()
+        self.calibration, f1 = self.calibration.with_f1_threshold(np.asarray(labels), np.asarray(scores))  # type: ignore[union-attr]
+        return f1
 
     def _check_fitted(self) -> None:
         if self.calibration is None:
@@ -165,8 +186,13 @@ class Detector(ABC):
         """Learn from ``float32`` ``(N, D, h, w)`` patch features of the normal images."""
 
     @abstractmethod
-    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, D, h, w)`` features -> ``(image_scores (B,), patch_scores (B, h, w))``, ``float32``."""
+    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(B, D, h, w)`` features -> ``(image_scores (B,), patch_scores (B, h, w))`` ``float32``, and
+        for memory-bank detectors the ``int64`` ``(B, h, w)`` bank row nearest to each patch (else None)."""
+
+    def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, nearest: torch.Tensor | None) -> Evidence | None:
+        """Nearest normal patch for ``region`` of an image of shape ``hw`` (memory-bank detectors only)."""
+        return None
 
     @abstractmethod
     def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,18 +217,30 @@ class Detector(ABC):
         return self.extractor(to_tensor_batch(images, self.image_size))
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images: Iterable[ImageLike] | str | os.PathLike, progress: Progress | None = None) -> "Detector":
-        """Fit on normal images and calibrate the thresholds on them (out of sample).
+    def fit(
+        self,
+        images: Iterable[ImageLike] | str | os.PathLike,
+        progress: Progress | None = None,
+        *,
+        holdout: float = 0.0,
+        seed: int = 0,
+    ) -> "Detector":
+        """Fit on normal images and calibrate the thresholds on normal images the model did not learn from.
 
         Args:
             images: normal images (paths, PIL images or arrays), or a folder / MVTec category path.
             progress: optional ``progress(stage, done, total)`` callback.
+            holdout: fraction of ``images`` kept out of fitting for split-conformal calibration
+                (exact guarantee). 0 = calibrate on all of them out of sample (``calibration_source``).
+            seed: seed of the hold-out draw.
 
         Returns:
             ``self``.
 
         Raises:
             DatasetError: no images, or an empty folder.
+            CalibrationError: too few (held-out) normal images for ``false_alarm_rate``; raised before
+                any work, saying how many are needed.
             ImageReadError: a training image cannot be read (the message names it; training stops,
                 since a model silently fitted on fewer images than given is worse than an error).
         """
@@ -214,6 +252,20 @@ class Detector(ABC):
         images = list(images)
         if not images:
             raise DatasetError("no training images given")
+        if not 0.0 <= holdout < 1.0:
+            raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+        held: list = []
+        if holdout > 0:
+            n_held = int(round(holdout * len(images)))
+            check_calibration_size(n_held, self.false_alarm_rate)
+            if n_held >= len(images):
+                raise CalibrationError(f"holdout {holdout} of {len(images)} images leaves none to fit on")
+            perm = np.random.default_rng(seed).permutation(len(images))
+            held = [images[i] for i in sorted(perm[:n_held])]
+            images = [images[i] for i in sorted(perm[n_held:])]
+        else:
+            check_calibration_size(len(images), self.false_alarm_rate)
+        self.train_images = [str(Path(x).resolve()) if isinstance(x, (str, os.PathLike)) else None for x in images]
         t0 = time.perf_counter()
         feats = []
         n = len(images)
@@ -227,12 +279,20 @@ class Detector(ABC):
         with torch.inference_mode():
             self._fit_features(features, progress)
             t2 = time.perf_counter()
-            scores, grids = self._out_of_sample_scores(features, progress)
-            maxima = torch.stack([self.map_head(grids[i : i + 1])[0].max() for i in range(grids.shape[0])])
-        self.calibration = Calibration.from_scores(scores.double().numpy(), maxima.double().numpy(), self.false_alarm_rate)
+            if held:
+                scores, maxima = self._calibration_scores(held, progress)
+                source = "held-out"
+            else:
+                oos, grids = self._out_of_sample_scores(features, progress)
+                scores = oos.double().numpy()
+                maxima = torch.stack([self.map_head(grids[i : i + 1])[0].max() for i in range(grids.shape[0])]).double().numpy()
+                source = self.calibration_source
+        self.calibration = Calibration.from_scores(scores, maxima, self.false_alarm_rate, source)
         t3 = time.perf_counter()
         self.fit_info = {
             "n_train_images": n,
+            "n_calibration_images": int(len(scores)),
+            "calibration_source": source,
             "feature_dim": int(features.shape[1]),
             "grid": list(features.shape[-2:]),
             "seconds_features": round(t1 - t0, 3),
@@ -242,20 +302,75 @@ class Detector(ABC):
         }
         return self
 
+    def _calibration_scores(self, images: Sequence[ImageLike], progress: Progress) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores and anomaly-map maxima (``float64`` ``(n,)`` each) of held-out normal images."""
+        scores, maxima = [], []
+        for s in range(0, len(images), self.batch_size):
+            batch = [to_rgb_array(img) for img in images[s : s + self.batch_size]]
+            sc, maps, _, _ = self._score_batch(batch)
+            scores.extend(sc.tolist())
+            maxima.extend(float(m.max()) for m in maps)
+            progress("calibration", min(len(images), s + self.batch_size), len(images))
+        return np.asarray(scores, dtype=np.float64), np.asarray(maxima, dtype=np.float64)
+
+    def calibrate(
+        self, images: Iterable[ImageLike] | str | os.PathLike, false_alarm_rate: float | None = None, progress: Progress | None = None
+    ) -> "Detector":
+        """Re-calibrate a fitted model on held-out normal images (split conformal; exact guarantee).
+
+        Use it when new good images arrive from the line, or to replace the out-of-sample calibration
+        of :meth:`fit` by a strict hold-out. The model itself is unchanged.
+
+        Args:
+            images: normal images the model was *not* fitted on (paths, arrays, or a folder).
+            false_alarm_rate: new target ``alpha``; None keeps the model's.
+
+        Raises:
+            NotFittedError: not fitted.
+            CalibrationError: fewer images than ``1/alpha - 1``, or images the model was fitted on.
+            ImageReadError: an image cannot be read (calibration never silently drops an image).
+        """
+        from ..data import training_paths
+
+        self._check_fitted()
+        alpha = self.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
+        if isinstance(images, (str, os.PathLike)):
+            images = training_paths(images)
+        images = list(images)
+        check_calibration_size(len(images), alpha)
+        fitted = {p for p in self.train_images if p}
+        reused = [x for x in images if isinstance(x, (str, os.PathLike)) and str(Path(x).resolve()) in fitted]
+        if reused:
+            raise CalibrationError(
+                f"{len(reused)} of the {len(images)} calibration images were used to fit the model (e.g. {reused[0]}); "
+                "calibrate on normal images the model has not seen, or the threshold will be too low"
+            )
+        scores, maxima = self._calibration_scores(images, progress or _noop)
+        self.calibration = Calibration.from_scores(scores, maxima, alpha, "held-out")
+        self.false_alarm_rate = alpha
+        return self
+
     # ------------------------------------------------------------------ predict
     @torch.inference_mode()
+    def _score_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor, torch.Tensor | None]:
+        feats = self.extract(images)
+        scores, grids, nearest = self._score_features(feats)
+        maps = self.map_head(grids)
+        return scores, [resize_map(maps[i], img.shape[:2]) for i, img in enumerate(images)], grids, nearest
+
     def score_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray]]:
         """Score ``uint8`` RGB images ``(H_i, W_i, 3)``.
 
         Returns:
             ``(scores, maps)``: ``float32`` ``(B,)`` image scores and one ``float32`` ``(H_i, W_i)``
             anomaly map per image at its own resolution.
+
+        Raises:
+            NotFittedError: not fitted.
         """
         self._check_fitted()
-        feats = self.extract(images)
-        scores, grids = self._score_features(feats)
-        maps = self.map_head(grids)
-        return scores, [resize_map(maps[i], img.shape[:2]) for i, img in enumerate(images)]
+        scores, maps, _, _ = self._score_batch(images)
+        return scores, maps
 
     def predict(
         self,
@@ -288,16 +403,24 @@ class Detector(ABC):
         def flush() -> None:
             if not pending:
                 return
-            scores, maps = self.score_batch([p[1] for p in pending])
-            for (i, img, gt), score, amap in zip(pending, scores.tolist(), maps):
+            scores, maps, grids, nearest = self._score_batch([p[1] for p in pending])
+            for j, ((i, img, gt), score, amap) in enumerate(zip(pending, scores.tolist(), maps)):
+                mask = amap > cal.pixel_threshold
+                label = int(score > cal.threshold)
+                regions = find_regions(amap, mask)
+                evidence = None
+                if label and regions:
+                    evidence = self._evidence(img.shape[:2], regions[0], grids[j], None if nearest is None else nearest[j])
                 out[i] = Prediction(
                     image_path=gt.pop("image_path"),
                     pred_score=float(score),
-                    pred_label=int(score > cal.threshold),
+                    pred_label=label,
                     anomaly_map=amap,
-                    pred_mask=amap > cal.pixel_threshold,
+                    pred_mask=mask,
                     p_value=cal.p_value(float(score)),
                     threshold=cal.threshold,
+                    regions=regions,
+                    evidence=evidence,
                     image=img if keep_images else None,
                     **gt,
                 )
@@ -357,7 +480,8 @@ class Detector(ABC):
             "params": self.get_params(),
             "threshold": cal.threshold,
             "pixel_threshold": cal.pixel_threshold,
-            "calibration_note": cal.note,
+            "calibration": {"source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size)},
+            "train_images": self.train_images,
             "fit_info": self.fit_info,
         }
         save_model(directory, config, tensors)
@@ -377,10 +501,19 @@ class Detector(ABC):
         scores = tensors.pop("calibration.scores").numpy()
         maxima = tensors.pop("calibration.map_maxima").numpy()
         det._load_state_tensors(tensors)
-        det.calibration = Calibration.from_scores(scores, maxima, det.false_alarm_rate)
+        cal_cfg = config.get("calibration") or {}
+        try:
+            det.calibration = Calibration.from_scores(scores, maxima, det.false_alarm_rate, cal_cfg.get("source", det.calibration_source))
+        except AnomalensError as exc:
+            raise ModelFileError(f"model calibration is unusable: {exc}") from None
+        if cal_cfg.get("mode") == "f1":
+            c = det.calibration
+            det.calibration = Calibration(c.scores, c.map_maxima, c.false_alarm_rate, float(config["threshold"]), c.pixel_threshold, c.source, "f1", str(cal_cfg.get("note", "")))
         if not (math.isclose(det.calibration.threshold, config["threshold"]) and math.isclose(det.calibration.pixel_threshold, config["pixel_threshold"])):
             raise ModelFileError("stored thresholds do not match the stored calibration scores")
         det.fit_info = config.get("fit_info", {})
+        train = config.get("train_images") or []
+        det.train_images = [str(x) if isinstance(x, str) else None for x in train] if isinstance(train, list) else []
         return det
 
 

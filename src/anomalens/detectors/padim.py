@@ -43,6 +43,7 @@ class PaDiM(Detector):
     """
 
     name = "padim"
+    calibration_source = "cross-fit"
 
     def __init__(self, *, n_features: int = 100, eps: float = 0.01, cv_folds: int = 5, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -89,14 +90,14 @@ class PaDiM(Detector):
         m = torch.einsum("bpi,pij,bpj->bp", diff, prec, diff)
         return m.clamp_(min=0).sqrt_()
 
-    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         assert self.mean is not None and self.precision is not None and self.grid is not None
         b, _, h, w = features.shape
         if (h, w) != self.grid:
             raise ConfigError(f"feature grid {h}x{w} differs from the fitted {self.grid}")
         x = self._select(features).float()
         dist = self._mahalanobis(x, self.mean, self.precision).view(b, h, w)
-        return dist.flatten(1).max(1).values, dist
+        return dist.flatten(1).max(1).values, dist, None
 
     def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
         """K-fold cross-fitting: each image scored by the Gaussians fitted without its fold."""

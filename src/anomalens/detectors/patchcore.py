@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..errors import ConfigError
+from ..explain import Evidence, Region, crop_box
 from ..knn import BACKENDS, NearestNeighbours, pairwise_sq_dists
 from ..sampler import greedy_coreset
 from .base import Detector, Progress
@@ -122,7 +123,7 @@ class PatchCore(Detector):
         weight = 1.0 - torch.softmax(d, dim=1)[:, 0]
         return weight * top, grid_scores
 
-    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         assert self._nn is not None and self.grid is not None
         b, d, h, w = features.shape
         if (h, w) != self.grid:
@@ -130,7 +131,62 @@ class PatchCore(Detector):
         q = features.permute(0, 2, 3, 1).reshape(-1, d)
         dist, idx = self._nn.search(q, 1)
         scores, grid_scores = self._image_scores(q, dist[:, 0], idx[:, 0], b)
-        return scores, grid_scores.view(b, h, w)
+        return scores, grid_scores.view(b, h, w), idx[:, 0].view(b, h, w)
+
+    def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, nearest: torch.Tensor | None) -> Evidence | None:
+        """The closest (patch, bank patch) pair in the core of ``region``, and matching crops.
+
+        The core is the middle half of the region's box (at least 3 x 3 patches). Of its patches, the
+        one whose nearest bank feature is closest anchors the evidence: for a compact defect that is
+        the defect's surroundings-aware match; for a region outlined by its edges (a foreign object,
+        a pasted part) it is the inside of the object. Both crops have the same size on the model's
+        ``image_size`` grid (1.5 times the region's box, clamped to 6-16 patches of stride
+        ``image_size / grid``); the flagged crop is centred on the region, the training crop on the
+        matched bank patch shifted by the same offset, so the two show the same place.
+        """
+        if nearest is None or self.bank_index is None or self.grid is None:
+            return None
+        gh, gw = self.grid
+        H, W = hw
+        x0, y0, x1, y1 = region.box
+        cx, cy = (x0 + x1) / 2 * gw / W, (y0 + y1) / 2 * gh / H
+        rx, ry = max(1.5, (x1 - x0) / 4 * gw / W), max(1.5, (y1 - y0) / 4 * gh / H)
+        gx0, gx1 = max(0, int(cx - rx)), min(gw, int(math.ceil(cx + rx)))
+        gy0, gy1 = max(0, int(cy - ry)), min(gh, int(math.ceil(cy + ry)))
+        core = patch_scores[gy0:gy1, gx0:gx1]
+        k = int(torch.argmin(core))
+        gy, gx = gy0 + k // core.shape[1], gx0 + k % core.shape[1]
+        row = int(nearest[gy, gx])
+        origin = int(self.bank_index[row])
+        ti, pos = divmod(origin, gh * gw)
+        ty, tx = divmod(pos, gw)
+        stride = self.image_size / gw
+        side = min(max(1.5 * max((x1 - x0) * self.image_size / W, (y1 - y0) * self.image_size / H), 6 * stride), 16 * stride)
+        # both crops centred on the region's centre, the training one shifted by the same offset from its anchor
+        dx, dy = cx - (gx + 0.5), cy - (gy + 0.5)
+
+        def box(ax: float, ay: float, size_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+            sh, sw = size_hw[0] / self.image_size, size_hw[1] / self.image_size
+            return crop_box((ax * stride * sw, ay * stride * sh), (side * sw, side * sh), size_hw)
+
+        path = self.train_images[ti] if ti < len(self.train_images) else None
+        train_box = None
+        if path is not None:
+            try:
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    train_box = box(tx + 0.5 + dx, ty + 0.5 + dy, (im.height, im.width))
+            except OSError:
+                train_box = None
+        return Evidence(
+            test_box=box(cx, cy, (H, W)),
+            train_index=ti,
+            train_image=path,
+            train_box=train_box,
+            train_grid_xy=(tx, ty),
+            distance=float(patch_scores[gy, gx]),
+        )
 
     def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
         """Leave-one-image-out: each training image scored against the bank minus its own patches."""
