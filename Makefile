@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 DATA   ?= ../shared/data
 OUT    ?= runs
 
-.PHONY: install run test benchmark clean
+.PHONY: install browser run test benchmark clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+## Headless Chromium (Debian's package) for the report's rendering test; installed when root, else say how.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: install Debian's chromium (sudo apt-get install chromium) to run the report rendering test"; fi; }
+
 ## The main job: fit PatchCore (default settings) on MVTec AD transistor and evaluate it.
 run: install
 	$(VENV)/bin/anomalens fit $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore
 	$(VENV)/bin/anomalens evaluate $(OUT)/transistor-patchcore $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore-eval
 
 ## The test suite (real-data tests need $(DATA); set ANOMALENS_REQUIRE_DATA=1 to fail instead of skip).
-test: install
+test: install browser
 	ANOMALENS_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 ## Benchmark table (category x detector x backbone); see benchmarks/README.md.

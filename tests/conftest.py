@@ -7,6 +7,8 @@ ANOMALENS_REQUIRE_DATA=1 (set in .ci/run) they fail instead.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,35 @@ def require(path: Path) -> Path:
     pytest.skip(msg)
 
 
+def screenshot(url: str, out: Path, width: int = 1280, height: int = 3000) -> Path:
+    """Render ``url`` in headless Chromium (Debian's ``chromium``) and save a PNG screenshot.
+
+    Skips when Chromium is not installed; fails instead with ANOMALENS_REQUIRE_BROWSER=1 (.ci/run).
+    """
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        msg = "headless Chromium not found (apt-get install chromium)"
+        if os.environ.get("ANOMALENS_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg + " and ANOMALENS_REQUIRE_BROWSER=1")
+        pytest.skip(msg)
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={out.parent / 'chromium-profile'}", f"--window-size={width},{height}",
+        f"--screenshot={out}",
+    ]
+    subprocess.run([exe, *flags, url], check=True, timeout=120, capture_output=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def hazelnut() -> Path:
     return require(HAZELNUT)
+
+
+@pytest.fixture(scope="session")
+def transistor() -> Path:
+    return require(TRANSISTOR)
 
 
 @pytest.fixture(scope="session")

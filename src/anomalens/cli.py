@@ -250,26 +250,68 @@ def predict(
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
     data: Path = typer.Argument(..., help="MVTec AD category folder (test/ and ground_truth/)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Results directory: metrics.json and predictions.csv."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory: metrics.json, predictions.csv/.json (and report.html)."),
+    report: bool = typer.Option(False, "--report", help="Also write report.html: curves, histograms, galleries, defect types."),
+    n_types: Optional[int] = typer.Option(None, help="Number of defect types for the report's clustering (default: chosen by silhouette)."),
 ) -> None:
-    """Evaluate a model against ground truth: image AUROC, pixel AUROC, AUPRO, F1-max, AP."""
+    """Evaluate a model against ground truth: image AUROC, pixel AUROC, AUPRO, F1-max, AP, and the threshold's false-alarm rate."""
     from .detectors import load_detector
     from .evaluation import evaluate as run_evaluation
+    from .evaluation import f1_comparison, threshold_table
 
     try:
         det = load_detector(model_dir)
         with progress_bars() as cb:
             result = run_evaluation(det, str(data), progress=cb)
+        thresholds = threshold_table(det, result.predictions)
+        f1 = f1_comparison(result.predictions)
+        d = result.to_dict()
+        d["model"] = {"dir": str(model_dir), "detector": det.name, **det.get_params(), "threshold": det.threshold}
+        d["calibration"] = {"source": det.calibration.source, "mode": det.calibration.mode, "note": det.calibration.note}
+        d["data"] = str(data)
+        d["thresholds"] = thresholds
+        d["f1_threshold"] = f1
+        if report:
+            from .discovery import agreement, discover_defect_types
+            from .report import render_report, write_report
+
+            defective = [p for p in result.predictions if p.ok and p.gt_label == 1]
+            clusters, agree = None, None
+            if len(defective) >= 3:
+                k_range = (n_types, n_types) if n_types else (2, 8)
+                clusters = discover_defect_types(det, defective, k_range=k_range)
+                agree = agreement([defective[i].defect_type for i, _ in clusters.refs], clusters.labels)
+                d["defect_types"] = {**clusters.to_dict(), **agree}
+            title = f"{det.name} / {det.backbone_name} on {Path(data).name}"
+            html_text = render_report(
+                result, det, title=title, data=str(data), thresholds=thresholds, f1=f1,
+                clusters=clusters, cluster_preds=defective, agreement=agree,
+            )
+            report_path = write_report(out / "report.html", html_text)
     except AnomalensError as exc:
         _fail(exc)
-    d = result.to_dict()
-    d["model"] = {"dir": str(model_dir), "detector": det.name, **det.get_params(), "threshold": det.threshold}
-    d["data"] = str(data)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(d, indent=2))
     _write_rows([p.summary(detail=True) for p in result.predictions], out)
     out_console.print(metrics_table(d, f"{det.name} / {det.backbone_name} / {det.image_size}px on {Path(data).name} (%)"))
+    t = Table(title=f"threshold check on {sum(1 for p in result.predictions if p.gt_label == 0)} good test images")
+    for c in ("target rate", "threshold", "false alarms", "observed %", "95% band %", "within", "detected %"):
+        t.add_column(c, justify="right")
+    for r in thresholds:
+        if "error" in r:
+            t.add_row(f"{r['alpha']:g}", "-", "-", "-", "-", "-", escape(r["error"][:60]))
+            continue
+        t.add_row(
+            f"{r['alpha']:g}", f"{r['threshold']:.3f}", f"{r['false_alarms']}/{r['n_good']}", _fmt(r["observed_far"]),
+            f"{_fmt(r['band'][0])}-{_fmt(r['band'][1])}", "yes" if r["within_band"] else "NO", _fmt(r["detection_rate"]),
+        )
+    out_console.print(t)
+    if "defect_types" in d:
+        dt = d["defect_types"]
+        out_console.print(f"defect types found: {dt['n_clusters']} (NMI {dt['nmi']:.3f}, ARI {dt['ari']:.3f} against the defect folders)")
     out_console.print(f"{d['n_images']} images, {d['ms_per_image']} ms/image; metrics written to {out / 'metrics.json'}")
+    if report:
+        out_console.print(f"report: {report_path}")
 
 
 @app.command()

@@ -10,7 +10,9 @@ from typing import Sequence
 import numpy as np
 
 from . import metrics
+from .calibration import conformal_threshold, f1_threshold, false_alarm_band
 from .data import MVTecCategory, Sample
+from .errors import CalibrationError
 from .detectors.base import Detector, Progress
 from .prediction import Prediction
 
@@ -26,6 +28,7 @@ class EvaluationResult:
         per_defect: the same metrics restricted to ``good`` + one defect type.
         predictions: every prediction (maps included).
         seconds: wall time of prediction, and per image in ms.
+        pro_curve: ``(fpr, pro)`` of all images up to ``fpr`` 0.3, thinned to about 2000 points (for plots).
     """
 
     metrics: dict[str, float]
@@ -34,6 +37,7 @@ class EvaluationResult:
     n_images: int = 0
     n_errors: int = 0
     seconds: float = 0.0
+    pro_curve: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (without maps)."""
@@ -54,8 +58,15 @@ def _safe(fn, *args) -> float:
         return math.nan
 
 
-def compute_metrics(preds: Sequence[Prediction], pixel: bool = True) -> dict[str, float]:
-    """Image and pixel metrics of predictions that carry ground truth (errors are skipped)."""
+def compute_metrics(preds: Sequence[Prediction], pixel: bool = True, pixels: metrics.PixelScores | None = None) -> dict[str, float]:
+    """Image and pixel metrics of predictions that carry ground truth (errors are skipped).
+
+    Args:
+        preds: predictions with ``gt_label`` (and ``gt_mask`` for pixel metrics).
+        pixel: also compute pixel AUROC and AUPRO.
+        pixels: :class:`~anomalens.metrics.PixelScores` built over a superset of ``preds`` (indexed by
+            ``id`` of the prediction in ``pixels_index``), to avoid sorting the pixels again.
+    """
     ok = [p for p in preds if p.ok and p.gt_label is not None]
     labels = [p.gt_label for p in ok]
     scores = [p.pred_score for p in ok]
@@ -65,10 +76,15 @@ def compute_metrics(preds: Sequence[Prediction], pixel: bool = True) -> dict[str
         "image_f1_max": _safe(lambda a, b: metrics.f1_max(a, b)[0], labels, scores),
     }
     if pixel:
-        masks = [p.gt_mask for p in ok if p.gt_mask is not None]
-        maps = [p.anomaly_map for p in ok if p.gt_mask is not None]
-        out["pixel_auroc"] = _safe(metrics.pixel_auroc, masks, maps) if masks else math.nan
-        out["aupro"] = _safe(metrics.aupro, masks, maps) if masks else math.nan
+        with_mask = [p for p in ok if p.gt_mask is not None]
+        if pixels is None and with_mask:
+            pixels = metrics.PixelScores([p.gt_mask for p in with_mask], [p.anomaly_map for p in with_mask])
+            idx = list(range(len(with_mask)))
+        else:
+            where = getattr(pixels, "index_of", {})
+            idx = [where[id(p)] for p in with_mask if id(p) in where]
+        out["pixel_auroc"] = _safe(pixels.auroc, idx) if with_mask else math.nan
+        out["aupro"] = _safe(pixels.aupro, idx) if with_mask else math.nan
     normal = [p for p in ok if p.gt_label == 0]
     bad = [p for p in ok if p.gt_label == 1]
     out["false_alarm_rate"] = float(np.mean([p.pred_label for p in normal])) if normal else math.nan
@@ -97,11 +113,83 @@ def evaluate(
     t0 = time.perf_counter()
     preds = detector.predict(samples, progress=progress)
     seconds = time.perf_counter() - t0
-    overall = compute_metrics(preds)
+    with_mask = [p for p in preds if p.ok and p.gt_label is not None and p.gt_mask is not None]
+    pixels = None
+    if with_mask:
+        # one sort of all pixels serves every subset (see metrics.PixelScores)
+        pixels = metrics.PixelScores([p.gt_mask for p in with_mask], [p.anomaly_map for p in with_mask])
+        pixels.index_of = {id(p): i for i, p in enumerate(with_mask)}  # type: ignore[attr-defined]
+    overall = compute_metrics(preds, pixels=pixels)
     by_defect: dict[str, dict[str, float]] = {}
     if per_defect:
         types = sorted({p.defect_type for p in preds if p.defect_type and p.defect_type != "good"})
         for t in types:
             sub = [p for p in preds if p.defect_type in ("good", t)]
-            by_defect[t] = compute_metrics(sub)
-    return EvaluationResult(overall, by_defect, preds, len(preds), sum(not p.ok for p in preds), seconds)
+            by_defect[t] = compute_metrics(sub, pixels=pixels)
+    pro = None
+    if pixels is not None:
+        try:
+            fpr, pr = pixels.pro_curve()
+            keep = fpr <= 0.3
+            step = max(1, int(keep.sum()) // 2000)  # enough points to draw, not millions
+            pro = (fpr[keep][::step], pr[keep][::step])
+        except ValueError:
+            pro = None
+    return EvaluationResult(overall, by_defect, preds, len(preds), sum(not p.ok for p in preds), seconds, pro)
+
+
+def threshold_table(detector: Detector, preds: Sequence[Prediction], alphas: Sequence[float] = (0.01, 0.05, 0.1)) -> list[dict]:
+    """How the conformal threshold keeps its promise on labelled test images, for several ``alpha``.
+
+    For each target false-alarm rate ``alpha``, the threshold is re-derived from the detector's
+    calibration scores (no refit, no test image involved) and applied to the test scores.
+
+    Returns:
+        One dict per ``alpha``: ``alpha``, ``threshold``, ``n_calibration``, ``n_good``, ``false_alarms``,
+        ``observed_far``, ``band`` (central 95% binomial band of the false-alarm fraction among
+        ``n_good`` images at rate ``alpha``), ``within_band``, ``detection_rate``; or ``error`` when the
+        calibration set is too small for that ``alpha``.
+    """
+    detector._check_fitted()
+    cal = detector.calibration
+    ok = [p for p in preds if p.ok and p.gt_label is not None]
+    good = np.array([p.pred_score for p in ok if p.gt_label == 0])
+    bad = np.array([p.pred_score for p in ok if p.gt_label == 1])
+    rows = []
+    for a in alphas:
+        row: dict = {"alpha": a, "n_calibration": int(cal.scores.size), "n_good": int(good.size)}  # type: ignore[union-attr]
+        try:
+            t = conformal_threshold(cal.scores, a)  # type: ignore[union-attr]
+        except CalibrationError as exc:
+            row["error"] = str(exc)
+            rows.append(row)
+            continue
+        fa = int(np.sum(good > t))
+        lo, hi = false_alarm_band(good.size, a) if good.size else (math.nan, math.nan)
+        far = fa / good.size if good.size else math.nan
+        row.update(
+            threshold=t,
+            false_alarms=fa,
+            observed_far=far,
+            band=[lo, hi],
+            within_band=bool(lo <= far <= hi) if good.size else None,
+            detection_rate=float(np.mean(bad > t)) if bad.size else math.nan,
+        )
+        rows.append(row)
+    return rows
+
+
+def f1_comparison(preds: Sequence[Prediction]) -> dict:
+    """The best-F1 threshold on these labelled predictions (an oracle: chosen on the test set itself)
+    against the model's own threshold: ``{"threshold", "f1", "model_threshold", "model_f1"}``."""
+    ok = [p for p in preds if p.ok and p.gt_label is not None]
+    y = np.array([p.gt_label for p in ok])
+    s = np.array([p.pred_score for p in ok])
+    try:
+        t, f1 = f1_threshold(y, s)
+    except CalibrationError:
+        return {}
+    yhat = np.array([p.pred_label for p in ok])
+    tp = int(np.sum((yhat == 1) & (y == 1)))
+    model_f1 = 2 * tp / max(1, int(np.sum(yhat == 1)) + int(np.sum(y == 1)))
+    return {"threshold": t, "f1": f1, "model_threshold": ok[0].threshold if ok else None, "model_f1": model_f1}

@@ -121,3 +121,15 @@ def crop_box(center_xy: tuple[float, float], size_wh: tuple[float, float], hw: t
     x0 = min(max(0, int(round(center_xy[0] - bw / 2))), w - bw)
     y0 = min(max(0, int(round(center_xy[1] - bh / 2))), h - bh)
     return (x0, y0, x0 + bw, y0 + bh)
+
+
+def peak_region(anomaly_map: np.ndarray, level: float = 0.75) -> Region:
+    """The region around the maximum of ``anomaly_map`` when ``pred_mask`` is empty: the connected
+    component of ``anomaly_map >= median + level * (max - median)`` that holds the maximum."""
+    med, top = float(np.median(anomaly_map)), float(anomaly_map.max())
+    mask = anomaly_map >= med + level * (top - med)
+    py, px = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    for r in find_regions(anomaly_map, labels == labels[py, px]):
+        return r
+    raise AssertionError("the maximum is always in its own component")  # pragma: no cover

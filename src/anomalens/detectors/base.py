@@ -190,6 +190,14 @@ class Detector(ABC):
         """``(B, D, h, w)`` features -> ``(image_scores (B,), patch_scores (B, h, w))`` ``float32``, and
         for memory-bank detectors the ``int64`` ``(B, h, w)`` bank row nearest to each patch (else None)."""
 
+    def _residuals(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, D, h, w)`` features minus the normal features they are compared with (same shape).
+
+        Used to describe what is abnormal in a region (:mod:`anomalens.discovery`). Default: the
+        features themselves (no normal reference).
+        """
+        return features
+
     def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, nearest: torch.Tensor | None) -> Evidence | None:
         """Nearest normal patch for ``region`` of an image of shape ``hw`` (memory-bank detectors only)."""
         return None

@@ -99,6 +99,15 @@ class PaDiM(Detector):
         dist = self._mahalanobis(x, self.mean, self.precision).view(b, h, w)
         return dist.flatten(1).max(1).values, dist, None
 
+    def _residuals(self, features: torch.Tensor) -> torch.Tensor:
+        """Features minus the Gaussian mean of their position, on the selected channels (others 0)."""
+        assert self.mean is not None and self.channels is not None
+        b, _, h, w = features.shape
+        out = torch.zeros_like(features)
+        diff = self._select(features).float() - self.mean[None]  # (B, h*w, d)
+        out[:, self.channels] = diff.transpose(1, 2).reshape(b, -1, h, w)
+        return out
+
     def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
         """K-fold cross-fitting: each image scored by the Gaussians fitted without its fold."""
         n, _, h, w = features.shape

@@ -133,6 +133,14 @@ class PatchCore(Detector):
         scores, grid_scores = self._image_scores(q, dist[:, 0], idx[:, 0], b)
         return scores, grid_scores.view(b, h, w), idx[:, 0].view(b, h, w)
 
+    def _residuals(self, features: torch.Tensor) -> torch.Tensor:
+        """Each patch feature minus its nearest memory-bank feature, ``(B, D, h, w)``."""
+        assert self._nn is not None and self.memory_bank is not None
+        b, d, h, w = features.shape
+        q = features.permute(0, 2, 3, 1).reshape(-1, d)
+        _, idx = self._nn.search(q, 1)
+        return (q - self.memory_bank[idx[:, 0]]).view(b, h, w, d).permute(0, 3, 1, 2)
+
     def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, nearest: torch.Tensor | None) -> Evidence | None:
         """The closest (patch, bank patch) pair in the core of ``region``, and matching crops.
 

@@ -1,0 +1,127 @@
+"""Decisions users can trust: conformal thresholds, explanations, defect types (real images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from anomalens.cli import app
+from anomalens.errors import CalibrationError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def transistor_run(transistor):
+    """PatchCore with the defaults fitted on transistor's 213 good images, and its test predictions."""
+    from anomalens import PatchCore
+    from anomalens.evaluation import evaluate
+
+    det = PatchCore().fit(transistor)
+    return det, evaluate(det, transistor)
+
+
+def test_false_alarm_rate_within_binomial_band_on_transistor(transistor_run):
+    """The threshold comes from normal training images only; on the 60 good test images the observed
+    false-alarm fraction lies in the 95% binomial band of each requested rate."""
+    from anomalens.evaluation import threshold_table
+
+    det, res = transistor_run
+    assert det.calibration.source == "leave-one-out" and det.calibration.scores.shape == (213,)
+    rows = threshold_table(det, res.predictions, alphas=(0.01, 0.05, 0.1))
+    for r in rows:
+        assert r["n_good"] == 60
+        assert r["within_band"], r
+    # a stricter rate never gives a lower threshold, and detection follows
+    assert rows[0]["threshold"] >= rows[1]["threshold"] >= rows[2]["threshold"]
+    assert rows[2]["detection_rate"] >= 0.8, rows
+
+
+def test_defect_types_discovered_on_transistor(transistor_run):
+    """Clustering the defective images' regions recovers the four defect folders (NMI goal 0.6)."""
+    from anomalens.discovery import agreement, discover_defect_types
+
+    det, res = transistor_run
+    defective = [p for p in res.predictions if p.gt_label == 1]
+    clusters = discover_defect_types(det, defective)
+    assert len(clusters.refs) == 40  # one region per defective image, flagged or not
+    assert 2 <= clusters.n_clusters <= 8
+    score = agreement([defective[i].defect_type for i, _ in clusters.refs], clusters.labels)
+    assert score["nmi"] >= 0.55, score
+
+
+def test_too_few_calibration_images_is_a_clear_error(hazelnut, tmp_path):
+    from anomalens import PatchCore
+
+    with pytest.raises(CalibrationError, match="needs at least 99 normal calibration images, got 50"):
+        PatchCore().fit(hazelnut)  # raised before any feature is extracted
+    with pytest.raises(CalibrationError, match="needs at least 19 .* got 10"):
+        PatchCore(false_alarm_rate=0.05).fit(hazelnut, holdout=0.2)
+    r = runner.invoke(app, ["fit", str(hazelnut), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "needs at least 99 normal calibration images" in r.output
+
+
+def test_held_out_calibration(hazelnut, fitted_patchcore, tmp_path):
+    """Split conformal: hold out 40% at fit time, or re-calibrate a fitted model on new normal images."""
+    from anomalens import PatchCore, load_detector
+
+    det = PatchCore(false_alarm_rate=0.05).fit(hazelnut, holdout=0.4)
+    assert det.calibration.source == "held-out" and det.calibration.scores.shape == (20,)
+    assert det.fit_info["n_train_images"] == 30
+    det.save(tmp_path / "m")
+    again = load_detector(tmp_path / "m")
+    assert again.calibration.source == "held-out" and again.threshold == det.threshold
+
+    base, model_dir = fitted_patchcore
+    train = sorted((hazelnut / "train" / "good").glob("*.png"))
+    with pytest.raises(CalibrationError, match="50 of the 50 calibration images were used to fit the model"):
+        base.calibrate(train)
+    good_test = sorted((hazelnut / "test" / "good").glob("*.png"))
+    with pytest.raises(CalibrationError, match="needs at least 19 normal calibration images, got 2"):
+        base.calibrate(good_test)
+    r = runner.invoke(app, ["calibrate", str(model_dir), str(hazelnut / "test" / "good"), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "got 2" in r.output
+
+    # best-F1 threshold from labelled images, kept through save/load
+    r = runner.invoke(app, ["calibrate", str(model_dir), str(hazelnut), "--f1", "--out", str(tmp_path / "f1")])
+    assert r.exit_code == 0, r.output
+    f1 = load_detector(tmp_path / "f1")
+    assert f1.calibration.mode == "f1" and "best-F1" in f1.calibration.note
+    preds = f1.predict(sorted((hazelnut / "test").rglob("*.png")))
+    labels = [int("/good/" not in p.image_path) for p in preds]
+    assert [p.pred_label for p in preds] == labels  # hazelnut_reduced's test set is separable
+
+
+def test_evidence_points_to_the_training_image_a_patch_came_from(hazelnut, fitted_patchcore):
+    """Copy an 80 px patch of a training image (around one of its memory-bank patches) into a good
+    test image elsewhere: the image is flagged, and the evidence names that training image and the
+    same place in it."""
+    from anomalens.io import read_image
+
+    det, _ = fitted_patchcore
+    train = sorted((hazelnut / "train" / "good").glob("*.png"))
+    goods = [read_image(p) for p in sorted((hazelnut / "test" / "good").glob("*.png"))]
+    gh, gw = det.grid
+    rng = np.random.default_rng(0)
+    half, hits, trials = 40, 0, 8
+    for t in range(trials):
+        origin = int(det.bank_index[rng.integers(det.bank_index.numel())])
+        ti, pos = divmod(origin, gh * gw)
+        ty, tx = divmod(pos, gw)
+        src = read_image(train[ti])
+        size = src.shape[0]
+        cx, cy = int((tx + 0.5) * size / gw), int((ty + 0.5) * size / gh)
+        x0, y0 = min(max(0, cx - half), size - 2 * half), min(max(0, cy - half), size - 2 * half)
+        px, py = size - 2 * half - x0, size - 2 * half - y0  # the mirrored position: out of place
+        img = goods[t % len(goods)].copy()
+        img[py : py + 2 * half, px : px + 2 * half] = src[y0 : y0 + 2 * half, x0 : x0 + 2 * half]
+        pred = det.predict([img])[0]
+        ev = pred.evidence
+        assert pred.pred_label == 1 and ev is not None
+        assert ev.train_image == str(train[ev.train_index].resolve())
+        # the same training image, and the two crops sit at the same offset inside the pasted patch
+        tcx, tcy = (ev.test_box[0] + ev.test_box[2]) / 2 - px, (ev.test_box[1] + ev.test_box[3]) / 2 - py
+        scx, scy = (ev.train_box[0] + ev.train_box[2]) / 2 - x0, (ev.train_box[1] + ev.train_box[3]) / 2 - y0
+        hits += ev.train_index == ti and abs(tcx - scx) <= 16 and abs(tcy - scy) <= 16
+    assert hits >= trials - 2, f"evidence found the source image and place in {hits} of {trials} cases"
