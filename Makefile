@@ -29,7 +29,7 @@ browser:
 ## The main job: fit PatchCore (default settings) on MVTec AD transistor and evaluate it.
 run: install
 	$(VENV)/bin/anomalens fit $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore
-	$(VENV)/bin/anomalens evaluate $(OUT)/transistor-patchcore $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore-eval
+	$(VENV)/bin/anomalens evaluate $(OUT)/transistor-patchcore $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore-eval --report
 
 ## The test suite (real-data tests need $(DATA); set ANOMALENS_REQUIRE_DATA=1 to fail instead of skip).
 test: install browser

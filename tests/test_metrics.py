@@ -86,3 +86,25 @@ def test_image_metrics():
         metrics.image_auroc([0, 0], [0.1, 0.2])
     mask = np.array([[0, 1], [0, 0]], bool)
     assert metrics.pixel_auroc([mask], [np.array([[0.1, 0.9], [0.2, 0.3]])]) == 1.0
+
+
+def test_pixel_scores_subsets_match_scikit_learn_with_ties():
+    """One sort serves every subset: pixel AUROC per subset equals scikit-learn's, ties included."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    masks, maps = [], []
+    for i in range(6):
+        m = np.zeros((20, 24), bool)
+        if i % 2:
+            m[3 + i : 9 + i, 5:12] = True
+        masks.append(m)
+        maps.append(np.round(rng.random((20, 24)) + 0.6 * m, 1))  # rounding makes many ties
+    ps = metrics.PixelScores(masks, maps)
+    for subset in ([0, 1], [1, 2, 3], [0, 1, 2, 3, 4, 5], [5, 0]):
+        y = np.concatenate([masks[i].ravel() for i in subset])
+        s = np.concatenate([maps[i].ravel() for i in subset])
+        assert ps.auroc(subset) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert ps.aupro(subset) == pytest.approx(slow_aupro([masks[i] for i in subset], [maps[i] for i in subset]), abs=1e-9)
+    with pytest.raises(ValueError, match="both normal"):
+        ps.auroc([0, 2])  # no anomalous pixel

@@ -125,3 +125,24 @@ def test_evidence_points_to_the_training_image_a_patch_came_from(hazelnut, fitte
         scx, scy = (ev.train_box[0] + ev.train_box[2]) / 2 - x0, (ev.train_box[1] + ev.train_box[3]) / 2 - y0
         hits += ev.train_index == ti and abs(tcx - scx) <= 16 and abs(tcy - scy) <= 16
     assert hits >= trials - 2, f"evidence found the source image and place in {hits} of {trials} cases"
+
+
+def test_discover_cli_groups_flagged_images(hazelnut, fitted_patchcore, tmp_path):
+    """`anomalens discover`: one row per flagged image, a gallery per type, types that follow the folders."""
+    import csv
+
+    from PIL import Image
+
+    from anomalens.discovery import agreement
+
+    _, model_dir = fitted_patchcore
+    r = runner.invoke(app, ["discover", str(model_dir), str(hazelnut / "test"), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(tmp_path / "d" / "defect_types.csv")))
+    assert len(rows) >= 6 and all("/good/" not in row["path"] for row in rows)  # flagged images only
+    types = {row["defect_type"] for row in rows}
+    galleries = sorted((tmp_path / "d" / "gallery").glob("type_*.png"))
+    assert len(galleries) == len(types) >= 2
+    assert Image.open(galleries[0]).size[1] == 120  # one row of 120 px tiles
+    folders = [row["path"].split("/")[-2] for row in rows]
+    assert agreement(folders, [int(row["defect_type"]) for row in rows])["nmi"] >= 0.6

@@ -315,6 +315,51 @@ def evaluate(
 
 
 @app.command()
+def discover(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
+    images: List[Path] = typer.Argument(..., help="Image files and/or folders, e.g. a week of NG parts."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory: defect_types.csv/.json and gallery/type_NN.png."),
+    n_types: Optional[int] = typer.Option(None, help="Number of defect types (default: chosen by silhouette, 2-8)."),
+    all_images: bool = typer.Option(False, "--all", help="Use every image, not only those flagged NG."),
+) -> None:
+    """Group the anomalous regions of flagged images into defect types, without labels."""
+    from .data import expand_inputs
+    from .detectors import load_detector
+    from .discovery import cluster_region, discover_defect_types
+    from .io import read_image
+    from .visualize import region_crop, save_image, tile_grid
+
+    try:
+        det = load_detector(model_dir)
+        with progress_bars() as cb:
+            preds = det.predict(expand_inputs(images), progress=cb)
+        chosen = [p for p in preds if p.ok and (all_images or p.pred_label == 1)]
+        clusters = discover_defect_types(det, chosen, k_range=(n_types, n_types) if n_types else (2, 8))
+    except AnomalensError as exc:
+        _fail(exc)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for (i, j), c in zip(clusters.refs, clusters.labels.tolist()):
+        r = cluster_region(chosen[i], j)
+        rows.append({"path": chosen[i].image_path, "defect_type": c, "box": list(r.box), "area_pct": r.area_pct,
+                     "peak_score": r.peak_score, "pred_score": chosen[i].pred_score})
+    (out / "defect_types.json").write_text(json.dumps({**clusters.to_dict(), "rows": rows}, indent=2))
+    with open(out / "defect_types.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    t = Table(title=f"{len(rows)} regions of {len(chosen)} images: {clusters.n_clusters} defect types")
+    for col in ("type", "regions", "gallery"):
+        t.add_column(col)
+    for c in range(clusters.n_clusters):
+        members = clusters.members(c)
+        tiles = [region_crop(read_image(chosen[i].image_path), cluster_region(chosen[i], j)) for i, j in members[:32]]
+        path = save_image(tile_grid(tiles), out / "gallery" / f"type_{c:02d}.png")
+        t.add_row(str(c), str(len(members)), str(path))
+    out_console.print(t)
+
+
+@app.command()
 def info(model_dir: Path = typer.Argument(..., help="Model directory.")) -> None:
     """Show a saved model's configuration, threshold and fit statistics."""
     from .serialization import read_config
@@ -324,6 +369,9 @@ def info(model_dir: Path = typer.Argument(..., help="Model directory.")) -> None
     except AnomalensError as exc:
         _fail(exc)
     cfg.pop("tensors", None)
+    train = cfg.get("train_images") or []
+    if len(train) > 3:  # a count and the first few, not hundreds of paths
+        cfg["train_images"] = [*train[:3], f"... {len(train)} images in all"]
     out_console.print_json(json.dumps(cfg))
 
 

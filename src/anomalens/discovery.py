@@ -67,6 +67,12 @@ class DefectClusters:
         }
 
 
+def cluster_region(pred: Prediction, region_index: int):
+    """The :class:`~anomalens.explain.Region` a ``(prediction, region index)`` reference points to
+    (index -1: the peak region of an image without regions)."""
+    return pred.regions[region_index] if region_index >= 0 else peak_region(pred.anomaly_map)  # type: ignore[arg-type]
+
+
 def region_descriptors(
     detector, predictions: Sequence[Prediction], min_area_pct: float = 0.05, strongest_only: bool = True
 ) -> tuple[list[tuple[int, int]], np.ndarray]:

@@ -19,12 +19,12 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .discovery import DefectClusters
+from .discovery import DefectClusters, cluster_region
 from .errors import ImageReadError
 from .evaluation import EvaluationResult
 from .io import read_image
 from .prediction import Prediction
-from .visualize import caption_for, evidence_panel, overlay
+from .visualize import caption_for, evidence_panel, overlay, region_crop
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1b1f24;background:#fff}
@@ -174,14 +174,8 @@ def _cluster_section(clusters: DefectClusters, preds: Sequence[Prediction], agre
             img = p.image if p.image is not None else _read(p.image_path)
             if img is None:
                 continue
-            r = p.regions[j] if j >= 0 else None
-            box = r.box if r is not None else (0, 0, img.shape[1], img.shape[0])
-            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-            side = max(box[2] - box[0], box[3] - box[1], min(img.shape[:2]) // 6) * 1.4
-            from .explain import crop_box
-
-            x0, y0, x1, y1 = crop_box((cx, cy), (side, side), img.shape[:2])
-            tiles.append(f'<img src="{_data_uri(cv2.resize(img[y0:y1, x0:x1], (120, 120), interpolation=cv2.INTER_AREA))}" title="{html.escape(Path(p.image_path or "").name)}">')
+            tile = region_crop(img, cluster_region(p, j))
+            tiles.append(f'<img src="{_data_uri(tile)}" title="{html.escape(Path(p.image_path or "").name)}">')
         galleries.append(f"<h3>type {c} ({len(members)} regions)</h3><div class='grid'>{''.join(tiles)}</div>")
     agree = ""
     if agreement:

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .explain import Evidence
+from .explain import Evidence, Region, crop_box
 from .prediction import Prediction
 
 
@@ -112,3 +112,25 @@ def save_image(rgb: np.ndarray, path: str | os.PathLike) -> Path:
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
     return path
+
+
+def region_crop(image: np.ndarray, region: Region | None, side: int = 120) -> np.ndarray:
+    """A square ``side`` x ``side`` ``uint8`` RGB crop around ``region`` (1.4 times its box, at least a
+    sixth of the image); the whole image when ``region`` is None."""
+    h, w = image.shape[:2]
+    box = region.box if region is not None else (0, 0, w, h)
+    size = max(box[2] - box[0], box[3] - box[1], min(h, w) // 6) * 1.4
+    x0, y0, x1, y1 = crop_box(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), (size, size), (h, w))
+    return cv2.resize(image[y0:y1, x0:x1], (side, side), interpolation=cv2.INTER_AREA)
+
+
+def tile_grid(tiles: list[np.ndarray], columns: int = 8, gap: int = 4) -> np.ndarray:
+    """Equal-size ``uint8`` RGB tiles laid out in rows of ``columns`` on white."""
+    th, tw = tiles[0].shape[:2]
+    rows = -(-len(tiles) // columns)
+    cols = min(columns, len(tiles))
+    out = np.full((rows * (th + gap) - gap, cols * (tw + gap) - gap, 3), 255, np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, columns)
+        out[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = t
+    return out

@@ -236,7 +236,8 @@ class Detector(ABC):
         """Fit on normal images and calibrate the thresholds on normal images the model did not learn from.
 
         Args:
-            images: normal images (paths, PIL images or arrays), or a folder / MVTec category path.
+            images: normal images (paths, PIL images or arrays), a folder, or an MVTec category (path
+                or :class:`~anomalens.data.MVTecCategory`: its ``train/good``).
             progress: optional ``progress(stage, done, total)`` callback.
             holdout: fraction of ``images`` kept out of fitting for split-conformal calibration
                 (exact guarantee). 0 = calibrate on all of them out of sample (``calibration_source``).
@@ -252,10 +253,12 @@ class Detector(ABC):
             ImageReadError: a training image cannot be read (the message names it; training stops,
                 since a model silently fitted on fewer images than given is worse than an error).
         """
-        from ..data import training_paths
+        from ..data import MVTecCategory, training_paths
 
         progress = progress or _noop
-        if isinstance(images, (str, os.PathLike)):
+        if isinstance(images, MVTecCategory):
+            images = images.train_paths()
+        elif isinstance(images, (str, os.PathLike)):
             images = training_paths(images)
         images = list(images)
         if not images:

