@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
@@ -276,7 +275,7 @@ class Detector(ABC):
             images = [images[i] for i in sorted(perm[n_held:])]
         else:
             check_calibration_size(len(images), self.false_alarm_rate)
-        self.train_images = [str(Path(x).resolve()) if isinstance(x, (str, os.PathLike)) else None for x in images]
+        self.train_images = [os.path.abspath(x) if isinstance(x, (str, os.PathLike)) else None for x in images]
         t0 = time.perf_counter()
         feats = []
         n = len(images)
@@ -349,8 +348,8 @@ class Detector(ABC):
             images = training_paths(images)
         images = list(images)
         check_calibration_size(len(images), alpha)
-        fitted = {p for p in self.train_images if p}
-        reused = [x for x in images if isinstance(x, (str, os.PathLike)) and str(Path(x).resolve()) in fitted]
+        fitted = {os.path.realpath(p) for p in self.train_images if p}
+        reused = [x for x in images if isinstance(x, (str, os.PathLike)) and os.path.realpath(x) in fitted]
         if reused:
             raise CalibrationError(
                 f"{len(reused)} of the {len(images)} calibration images were used to fit the model (e.g. {reused[0]}); "
