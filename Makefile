@@ -20,11 +20,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-## Headless Chromium (Debian's package) for the report's rendering test; installed when root, else say how.
+## Headless Chromium and ChromeDriver (Debian's packages) for the report and web-page tests; installed
+## when root, else say how.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "note: install Debian's chromium (sudo apt-get install chromium) to run the report rendering test"; fi; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "note: install Debian's chromium and chromium-driver to run the browser tests"; fi; }
 
 ## The main job: fit PatchCore (default settings) on MVTec AD transistor and evaluate it.
 run: install

@@ -15,13 +15,11 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def transistor_run(transistor):
-    """PatchCore with the defaults fitted on transistor's 213 good images, and its test predictions."""
-    from anomalens import PatchCore
+def transistor_run(transistor, transistor_patchcore):
+    """PatchCore fitted on transistor (defaults), and its predictions on the test set."""
     from anomalens.evaluation import evaluate
 
-    det = PatchCore().fit(transistor)
-    return det, evaluate(det, transistor)
+    return transistor_patchcore, evaluate(transistor_patchcore, transistor)
 
 
 def test_false_alarm_rate_within_binomial_band_on_transistor(transistor_run):

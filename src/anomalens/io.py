@@ -35,18 +35,39 @@ def _open(path: Path) -> Image.Image:
         raise ImageReadError(path, "file does not exist")
     if path.is_dir():
         raise ImageReadError(path, "is a directory, not an image file")
+    return _decode(path, str(path), MAX_PIXELS)
+
+
+def _decode(src, name: str, max_pixels: int) -> Image.Image:
+    """Open and fully decode ``src`` (a path or a binary file object); the size is checked from the
+    header, before any pixel is decoded."""
     try:
-        img = Image.open(path)
-        if img.width * img.height > MAX_PIXELS:
-            raise ImageReadError(path, f"{img.width}x{img.height} exceeds the limit of {MAX_PIXELS} pixels")
+        img = Image.open(src)
+        if img.width * img.height > max_pixels:
+            raise ImageReadError(name, f"{img.width}x{img.height} exceeds the limit of {max_pixels} pixels")
         img.load()  # decode now, so truncated files fail here and not later
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a recognised image format (corrupt or not an image)") from None
+        raise ImageReadError(name, "not a recognised image format (corrupt or not an image)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(path, f"corrupt or truncated ({exc})") from None
+        raise ImageReadError(name, f"corrupt or truncated ({exc})") from None
     return img
+
+
+def decode_image(data: bytes, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode image file bytes (an upload) as ``uint8`` RGB ``(H, W, 3)``, like :func:`read_image`.
+
+    Raises:
+        ImageReadError: empty, corrupt, truncated, not an image, more than ``max_pixels`` pixels, or
+            of an unsupported mode. The message names ``name``.
+    """
+    import io as _io
+
+    if not data:
+        raise ImageReadError(name, "empty file")
+    with _decode(_io.BytesIO(data), name, max_pixels) as img:
+        return pil_to_rgb(img, name)
 
 
 def pil_to_rgb(img: Image.Image, name: str = "<image>") -> np.ndarray:

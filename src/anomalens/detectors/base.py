@@ -189,6 +189,10 @@ class Detector(ABC):
         """``(B, D, h, w)`` features -> ``(image_scores (B,), patch_scores (B, h, w))`` ``float32``, and
         for memory-bank detectors the ``int64`` ``(B, h, w)`` bank row nearest to each patch (else None)."""
 
+    def _export_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image scores, patch scores)`` in plain tensor ops that ``torch.onnx.export`` can trace."""
+        raise ConfigError(f"{type(self).__name__} cannot be exported to ONNX")
+
     def _residuals(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, D, h, w)`` features minus the normal features they are compared with (same shape).
 
@@ -403,70 +407,16 @@ class Detector(ABC):
             NotFittedError: the detector has not been fitted or loaded.
         """
         self._check_fitted()
-        progress = progress or _noop
-        items = list(images)
-        out: list[Prediction | None] = [None] * len(items)
-        cal = self.calibration
-        assert cal is not None
-        pending: list[tuple[int, np.ndarray, dict]] = []
+        assert self.calibration is not None
+        return run_predictions(images, self._scorer, self.calibration, self.batch_size, keep_images=keep_images, progress=progress)
 
-        def flush() -> None:
-            if not pending:
-                return
-            scores, maps, grids, nearest = self._score_batch([p[1] for p in pending])
-            for j, ((i, img, gt), score, amap) in enumerate(zip(pending, scores.tolist(), maps)):
-                mask = amap > cal.pixel_threshold
-                label = int(score > cal.threshold)
-                regions = find_regions(amap, mask)
-                evidence = None
-                if label and regions:
-                    evidence = self._evidence(img.shape[:2], regions[0], grids[j], None if nearest is None else nearest[j])
-                out[i] = Prediction(
-                    image_path=gt.pop("image_path"),
-                    pred_score=float(score),
-                    pred_label=label,
-                    anomaly_map=amap,
-                    pred_mask=mask,
-                    p_value=cal.p_value(float(score)),
-                    threshold=cal.threshold,
-                    regions=regions,
-                    evidence=evidence,
-                    image=img if keep_images else None,
-                    **gt,
-                )
-            pending.clear()
+    def _scorer(self, images: list[np.ndarray]) -> tuple[list[float], list[np.ndarray], EvidenceFn]:
+        scores, maps, grids, nearest = self._score_batch(images)
 
-        done = 0
-        for i, item in enumerate(items):
-            gt: dict[str, Any] = {}
-            src: Any = item
-            if isinstance(item, Sample):
-                src = item.path
-                gt = {"gt_label": item.gt_label, "defect_type": item.defect_type}
-            name = image_name(src, i)
-            try:
-                img = to_rgb_array(src)
-                if isinstance(item, Sample):
-                    gt["gt_mask"] = (
-                        read_mask(item.mask_path, img.shape[:2]) if item.mask_path is not None else np.zeros(img.shape[:2], bool)
-                    )
-            except (ImageReadError, DatasetError) as exc:
-                out[i] = Prediction.failed(name if isinstance(src, (str, os.PathLike)) else None, str(exc), **{k: v for k, v in gt.items() if k != "gt_mask"})
-                done += 1
-                progress("predict", done, len(items))
-                continue
-            gt["image_path"] = str(src) if isinstance(src, (str, os.PathLike)) else None
-            pending.append((i, img, gt))
-            if len(pending) >= self.batch_size:
-                n_flush = len(pending)
-                flush()
-                done += n_flush
-                progress("predict", done, len(items))
-        n_flush = len(pending)
-        flush()
-        done += n_flush
-        progress("predict", done, len(items))
-        return out  # type: ignore[return-value]
+        def evidence(j: int, hw: tuple[int, int], region: Region) -> Evidence | None:
+            return self._evidence(hw, region, grids[j], None if nearest is None else nearest[j])
+
+        return scores.tolist(), maps, evidence
 
     def decision_function(self, images: Iterable[ImageLike]) -> np.ndarray:
         """Image anomaly scores, ``float64`` ``(N,)``; NaN for unreadable images (PyOD's convention)."""
@@ -525,6 +475,89 @@ class Detector(ABC):
         train = config.get("train_images") or []
         det.train_images = [str(x) if isinstance(x, str) else None for x in train] if isinstance(train, list) else []
         return det
+
+
+#: ``evidence(index in batch, (H, W), region) -> Evidence | None``
+EvidenceFn = Callable[[int, tuple[int, int], Region], Evidence | None]
+#: ``scorer(uint8 RGB images) -> (image scores, anomaly maps at each image's size, evidence function)``
+Scorer = Callable[[list[np.ndarray]], tuple[list[float], list[np.ndarray], EvidenceFn | None]]
+
+
+def run_predictions(
+    images: Iterable[ImageLike | Sample],
+    scorer: Scorer,
+    cal: Calibration,
+    batch_size: int,
+    *,
+    keep_images: bool = False,
+    progress: Progress | None = None,
+) -> list[Prediction]:
+    """The prediction loop shared by every inference engine (torch detectors, ONNX Runtime).
+
+    Reads each input (an unreadable one becomes a failed :class:`Prediction`, the rest go on), scores
+    batches with ``scorer``, and turns scores and maps into decisions, masks, p-values, regions and,
+    for flagged images, evidence, all from the calibration ``cal``.
+    """
+    progress = progress or _noop
+    items = list(images)
+    out: list[Prediction | None] = [None] * len(items)
+    pending: list[tuple[int, np.ndarray, dict]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        scores, maps, evidence_fn = scorer([p[1] for p in pending])
+        for j, ((i, img, gt), score, amap) in enumerate(zip(pending, scores, maps)):
+            mask = amap > cal.pixel_threshold
+            label = int(score > cal.threshold)
+            regions = find_regions(amap, mask)
+            evidence = evidence_fn(j, img.shape[:2], regions[0]) if (label and regions and evidence_fn) else None
+            out[i] = Prediction(
+                image_path=gt.pop("image_path"),
+                pred_score=float(score),
+                pred_label=label,
+                anomaly_map=amap,
+                pred_mask=mask,
+                p_value=cal.p_value(float(score)),
+                threshold=cal.threshold,
+                regions=regions,
+                evidence=evidence,
+                image=img if keep_images else None,
+                **gt,
+            )
+        pending.clear()
+
+    done = 0
+    for i, item in enumerate(items):
+        gt: dict[str, Any] = {}
+        src: Any = item
+        if isinstance(item, Sample):
+            src = item.path
+            gt = {"gt_label": item.gt_label, "defect_type": item.defect_type}
+        name = image_name(src, i)
+        try:
+            img = to_rgb_array(src)
+            if isinstance(item, Sample):
+                gt["gt_mask"] = (
+                    read_mask(item.mask_path, img.shape[:2]) if item.mask_path is not None else np.zeros(img.shape[:2], bool)
+                )
+        except (ImageReadError, DatasetError) as exc:
+            out[i] = Prediction.failed(name if isinstance(src, (str, os.PathLike)) else None, str(exc), **{k: v for k, v in gt.items() if k != "gt_mask"})
+            done += 1
+            progress("predict", done, len(items))
+            continue
+        gt["image_path"] = str(src) if isinstance(src, (str, os.PathLike)) else None
+        pending.append((i, img, gt))
+        if len(pending) >= batch_size:
+            n_flush = len(pending)
+            flush()
+            done += n_flush
+            progress("predict", done, len(items))
+    n_flush = len(pending)
+    flush()
+    done += n_flush
+    progress("predict", done, len(items))
+    return out  # type: ignore[return-value]
 
 
 def load_detector(directory: str | os.PathLike) -> Detector:

@@ -101,6 +101,11 @@ class PaDiM(Detector):
         dist = self._mahalanobis(x, self.mean, self.precision).view(b, h, w)
         return dist.flatten(1).max(1).values, dist, None
 
+    def _export_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores in plain tensor ops for ONNX export (the same as :meth:`_score_features`)."""
+        scores, dist, _ = self._score_features(features)
+        return scores, dist
+
     def _residuals(self, features: torch.Tensor) -> torch.Tensor:
         """Whitened residuals ``L^T (x - mean)`` with ``precision = L L^T`` per position, ``(B, d, h, w)``.
 

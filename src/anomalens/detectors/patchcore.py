@@ -133,6 +133,16 @@ class PatchCore(Detector):
         scores, grid_scores = self._image_scores(q, dist[:, 0], idx[:, 0], b)
         return scores, grid_scores.view(b, h, w), idx[:, 0].view(b, h, w)
 
+    def _export_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores in plain tensor ops for ONNX export: exact nearest distance by matrix product."""
+        assert self.memory_bank is not None
+        b, d, h, w = features.shape
+        q = features.permute(0, 2, 3, 1).reshape(-1, d)
+        bank = self.memory_bank
+        d2 = (q * q).sum(1, keepdim=True) - 2.0 * (q @ bank.T) + (bank * bank).sum(1)[None]
+        dist = d2.clamp(min=0.0).min(1).values.sqrt().view(b, h, w)
+        return dist.flatten(1).max(1).values, dist
+
     def _residuals(self, features: torch.Tensor) -> torch.Tensor:
         """Each patch feature minus its nearest memory-bank feature, ``(B, D, h, w)``."""
         assert self._nn is not None and self.memory_bank is not None

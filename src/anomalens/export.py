@@ -1,0 +1,209 @@
+"""ONNX export of a fitted detector's whole inference path, and an ONNX Runtime inferencer.
+
+The exported graph takes ``uint8`` RGB images ``(B, H, W, 3)`` of any size (one size per call) and
+returns ``pred_score`` ``float32`` ``(B,)`` and ``anomaly_map`` ``float32`` ``(B, H, W)``. Inside:
+resizing to the model's square input (bilinear with antialiasing, ONNX opset 18 ``Resize``), the
+backbone's normalisation and reflected border, the backbone, patch aggregation, the scoring (PatchCore:
+exact nearest-neighbour distance to the memory bank as a matrix product and a minimum; PaDiM:
+Mahalanobis distance per position), the anomaly-map upsampling and Gaussian smoothing, and the
+resizing back to ``H x W``. Thresholds, calibration scores and the model's parameters travel in the
+ONNX file's metadata (``anomalens`` key, JSON), so the file alone gives the same decisions, masks,
+p-values and regions as the Python model (:class:`OnnxDetector`). The graph is produced by
+``torch.onnx.export`` (the dynamo exporter) and checked against the Python path in the tests.
+
+What the ONNX path does not give: PatchCore's evidence crops (they need the training images) and the
+re-weighted image score (export refuses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .calibration import Calibration
+from .errors import ConfigError, ModelFileError
+from .io import ImageLike
+from .prediction import Prediction
+
+ONNX_FORMAT_VERSION = 1
+OPSET = 18
+
+
+class _InferenceGraph(nn.Module):
+    """The detector's inference path as one traceable module (see the module docstring)."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.det = detector
+        self.extractor = detector.extractor
+        self.head = detector.map_head
+        self.size = detector.image_size
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = image.shape[1], image.shape[2]
+        x = image.permute(0, 3, 1, 2).float() / 255.0
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
+        feats = self.extractor(x)
+        scores, grid = self.det._export_scores(feats)
+        amap = self.head(grid)
+        amap = F.interpolate(amap[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        return scores, amap
+
+
+def export_onnx(detector, path: str | os.PathLike, example_size: int = 256) -> Path:
+    """Write ``detector``'s inference path to an ONNX file (dynamic batch, height and width).
+
+    Args:
+        detector: a fitted PatchCore (image score "max") or PaDiM.
+        path: the ``.onnx`` file to write.
+        example_size: side of the random example image used to trace the graph (pixels).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        NotFittedError: the detector is not fitted.
+        ConfigError: a setting the graph cannot express (PatchCore's re-weighted image score).
+    """
+    import onnx
+
+    detector._check_fitted()
+    check_exportable(detector)
+    graph = _InferenceGraph(detector).eval()
+    old = detector.extractor.micro_batch
+    detector.extractor.micro_batch = 1 << 30  # one backbone call for the whole batch: no Python loop in the graph
+    try:
+        example = torch.randint(0, 256, (2, example_size, example_size, 3), dtype=torch.uint8)
+        dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("height", min=32, max=8192), 2: torch.export.Dim("width", min=32, max=8192)}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation chatter
+            torch.onnx.export(
+                graph, (example,), str(path), dynamo=True, dynamic_shapes={"image": dims},
+                input_names=["image"], output_names=["pred_score", "anomaly_map"], opset_version=OPSET, verbose=False,
+            )
+    finally:
+        detector.extractor.micro_batch = old
+    model = onnx.load(str(path))
+    cal = detector.calibration
+    meta = {
+        "format_version": ONNX_FORMAT_VERSION,
+        "anomalens_version": __version__,
+        "detector": detector.name,
+        "params": detector.get_params(),
+        "threshold": cal.threshold,
+        "pixel_threshold": cal.pixel_threshold,
+        "calibration": {
+            "scores": cal.scores.tolist(), "map_maxima": cal.map_maxima.tolist(), "false_alarm_rate": cal.false_alarm_rate,
+            "source": cal.source, "mode": cal.mode, "note": cal.note,
+        },
+    }
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "anomalens", json.dumps(meta)
+    onnx.save(model, str(path))
+    return path
+
+
+class OnnxDetector:
+    """Predict with an exported ONNX file on ONNX Runtime: the same :class:`Prediction` as the model.
+
+    Args:
+        path: an ``.onnx`` file written by :func:`export_onnx` (``anomalens export``).
+        threads: intra-op threads (None = ONNX Runtime's default, all cores).
+        batch_size: images per call (images of different sizes are run separately).
+
+    Raises:
+        ModelFileError: missing file, not an ONNX model, no or incompatible anomalens metadata, or
+            thresholds that do not match the stored calibration scores.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = 8):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"ONNX model {path} does not exist")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+            raise ModelFileError(f"{path} is not a loadable ONNX model ({str(exc)[:200]})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get("anomalens")
+        if raw is None:
+            raise ModelFileError(f"{path} has no anomalens metadata: export it with `anomalens export`")
+        try:
+            meta = json.loads(raw)
+            if meta["format_version"] != ONNX_FORMAT_VERSION:
+                raise ModelFileError(f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {ONNX_FORMAT_VERSION}")
+            c = meta["calibration"]
+            cal = Calibration.from_scores(np.asarray(c["scores"]), np.asarray(c["map_maxima"]), float(c["false_alarm_rate"]), c["source"])
+        except ModelFileError:
+            raise
+        except Exception as exc:
+            raise ModelFileError(f"{path} has unreadable anomalens metadata ({exc})") from None
+        if c.get("mode") == "f1":
+            cal = Calibration(cal.scores, cal.map_maxima, cal.false_alarm_rate, float(meta["threshold"]), cal.pixel_threshold, cal.source, "f1", c.get("note", ""))
+        if not (np.isclose(cal.threshold, meta["threshold"]) and np.isclose(cal.pixel_threshold, meta["pixel_threshold"])):
+            raise ModelFileError(f"{path}: stored thresholds do not match the stored calibration scores")
+        self.path = path
+        self.meta = meta
+        self.calibration = cal
+        self.name = meta["detector"]
+        self.batch_size = int(batch_size)
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
+
+    @property
+    def pixel_threshold(self) -> float:
+        return self.calibration.pixel_threshold
+
+    def score_batch(self, images: list[np.ndarray]) -> tuple[list[float], list[np.ndarray]]:
+        """Image scores and maps for ``uint8`` RGB images ``(H_i, W_i, 3)`` (one session call per size)."""
+        scores: list[float] = [0.0] * len(images)
+        maps: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            by_size.setdefault(img.shape[:2], []).append(i)
+        for idx in by_size.values():
+            batch = np.stack([np.ascontiguousarray(images[i], dtype=np.uint8) for i in idx])
+            s, m = self.session.run(None, {"image": batch})
+            for k, i in enumerate(idx):
+                scores[i], maps[i] = float(s[k]), m[k]
+        return scores, maps
+
+    def _scorer(self, images: list[np.ndarray]):
+        s, m = self.score_batch(images)
+        return s, m, None
+
+    def predict(self, images: Iterable[ImageLike], *, keep_images: bool = False, progress=None) -> list[Prediction]:
+        """Same contract as :meth:`anomalens.detectors.base.Detector.predict` (no evidence)."""
+        from .detectors.base import run_predictions
+
+        return run_predictions(images, self._scorer, self.calibration, self.batch_size, keep_images=keep_images, progress=progress)
+
+    def decision_function(self, images: Iterable[ImageLike]) -> np.ndarray:
+        """Image anomaly scores, ``float64`` ``(N,)``; NaN for unreadable images."""
+        return np.array([p.pred_score for p in self.predict(images)], dtype=np.float64)
+
+
+def check_exportable(detector) -> None:
+    """Raise :class:`ConfigError` when ``detector`` has a setting the ONNX graph cannot express."""
+    if getattr(detector, "image_score", "max") != "max":
+        raise ConfigError("ONNX export supports PatchCore's image_score='max' only")
