@@ -77,7 +77,7 @@ def rss_mb(pid: int) -> float:
 class Server:
     """``anomalens serve`` in a subprocess on a free loopback port (a context manager)."""
 
-    def __init__(self, model_dirs: list[str], engine: str = "torch", extra: list[str] | None = None, start_timeout: float = 120.0):
+    def __init__(self, model_dirs: list[str], engine: str = "onnx", extra: list[str] | None = None, start_timeout: float = 120.0):
         self.port = free_port()
         exe = [sys.executable, "-m", "anomalens.cli", "serve", *model_dirs, "--host", HOST, "--port", str(self.port), "--engine", engine, *(extra or [])]
         self.proc = subprocess.Popen(exe, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per level at most")
     ap.add_argument("--warmup", type=int, default=60, help="requests at the highest concurrency before memory is first read")
-    ap.add_argument("--engine", default="torch")
+    ap.add_argument("--engine", default="onnx")
     ap.add_argument("--out", default=None, help="append the rows as JSON lines")
     args = ap.parse_args()
 

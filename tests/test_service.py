@@ -25,7 +25,7 @@ def client(fitted_patchcore):
     from anomalens.service import create_app
 
     _, model_dir = fitted_patchcore
-    return TestClient(create_app({"hazelnut": model_dir, "again": model_dir}))
+    return TestClient(create_app({"hazelnut": model_dir, "again": model_dir}, engine="torch"))
 
 
 def test_predict_endpoint_matches_python(client, hazelnut, fitted_patchcore):
@@ -59,7 +59,7 @@ def test_service_limits(fitted_patchcore, hazelnut):
 
     from anomalens.service import create_app
 
-    c = TestClient(create_app({"m": fitted_patchcore[1]}, max_upload_mb=0.05, max_pixels=100 * 100, max_files=2))
+    c = TestClient(create_app({"m": fitted_patchcore[1]}, engine="torch", max_upload_mb=0.05, max_pixels=100 * 100, max_files=2))
     png = (hazelnut / "test" / "good" / "000.png").read_bytes()  # about 150 KB: over 0.05 MB
     r = c.post("/predict", files=[("files", ("a.png", png, "image/png"))])
     assert r.status_code == 413 and "limit" in r.json()["error"]
@@ -134,3 +134,24 @@ def test_web_page_upload_in_chromium(fitted_patchcore, hazelnut, tmp_path):
             driver.quit()
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert len(np.unique(img.reshape(-1, 3)[::5], axis=0)) > 500  # the heatmap overlay is on the page
+
+
+def test_onnx_engine_reexports_a_stale_file(fitted_patchcore, hazelnut, tmp_path):
+    """The service's ONNX engine gives the Python model's scores, and never serves a stale export."""
+    import json as _json
+
+    from anomalens.export import export_onnx
+    from anomalens.serialization import read_config
+    from anomalens.service import _onnx_for
+
+    det, model_dir = fitted_patchcore
+    work = tmp_path / "m"
+    shutil.copytree(model_dir, work)
+    (work / "model.onnx").unlink(missing_ok=True)
+    export_onnx(det, work / "model.onnx", source_config_sha256="from-an-older-fit")
+    sha = read_config(work)["config_sha256"]
+    m = _onnx_for(work, sha)
+    assert m.meta["source_config_sha256"] == sha  # re-exported, not the stale file
+    assert _json.loads(m.session.get_modelmeta().custom_metadata_map["anomalens"])["threshold"] == det.threshold
+    img = hazelnut / "test" / "print" / "000.png"
+    assert m.predict([img])[0].pred_score == pytest.approx(det.predict([img])[0].pred_score, rel=1e-4)

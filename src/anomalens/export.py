@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -61,13 +62,15 @@ class _InferenceGraph(nn.Module):
         return scores, amap
 
 
-def export_onnx(detector, path: str | os.PathLike, example_size: int = 256) -> Path:
+def export_onnx(detector, path: str | os.PathLike, example_size: int = 256, source_config_sha256: str | None = None) -> Path:
     """Write ``detector``'s inference path to an ONNX file (dynamic batch, height and width).
 
     Args:
         detector: a fitted PatchCore (image score "max") or PaDiM.
         path: the ``.onnx`` file to write.
         example_size: side of the random example image used to trace the graph (pixels).
+        source_config_sha256: the ``config_sha256`` of the model directory exported from, stored so
+            that a stale export (the directory was refitted since) can be recognised.
 
     Returns:
         ``path``.
@@ -88,6 +91,9 @@ def export_onnx(detector, path: str | os.PathLike, example_size: int = 256) -> P
         dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("height", min=32, max=8192), 2: torch.export.Dim("width", min=32, max=8192)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        quiet = logging.getLogger("torch.onnx")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices: we use no torchvision op
         with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation chatter
             torch.onnx.export(
@@ -96,6 +102,7 @@ def export_onnx(detector, path: str | os.PathLike, example_size: int = 256) -> P
             )
     finally:
         detector.extractor.micro_batch = old
+        logging.getLogger("torch.onnx").setLevel(level if "level" in locals() else logging.NOTSET)
     model = onnx.load(str(path))
     cal = detector.calibration
     meta = {
@@ -103,6 +110,7 @@ def export_onnx(detector, path: str | os.PathLike, example_size: int = 256) -> P
         "anomalens_version": __version__,
         "detector": detector.name,
         "params": detector.get_params(),
+        "source_config_sha256": source_config_sha256,
         "threshold": cal.threshold,
         "pixel_threshold": cal.pixel_threshold,
         "calibration": {
