@@ -142,7 +142,7 @@ def test_onnx_engine_reexports_a_stale_file(fitted_patchcore, hazelnut, tmp_path
 
     from anomalens.export import export_onnx
     from anomalens.serialization import read_config
-    from anomalens.service import _onnx_for
+    from anomalens.export import onnx_for_model_dir
 
     det, model_dir = fitted_patchcore
     work = tmp_path / "m"
@@ -150,7 +150,7 @@ def test_onnx_engine_reexports_a_stale_file(fitted_patchcore, hazelnut, tmp_path
     (work / "model.onnx").unlink(missing_ok=True)
     export_onnx(det, work / "model.onnx", source_config_sha256="from-an-older-fit")
     sha = read_config(work)["config_sha256"]
-    m = _onnx_for(work, sha)
+    m = onnx_for_model_dir(work, sha)
     assert m.meta["source_config_sha256"] == sha  # re-exported, not the stale file
     assert _json.loads(m.session.get_modelmeta().custom_metadata_map["anomalens"])["threshold"] == det.threshold
     img = hazelnut / "test" / "print" / "000.png"

@@ -91,19 +91,22 @@ def export_onnx(detector, path: str | os.PathLike, example_size: int = 256, sour
         dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("height", min=32, max=8192), 2: torch.export.Dim("width", min=32, max=8192)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        traced = path.with_name(f"{path.name}.trace-{os.getpid()}")
         quiet = logging.getLogger("torch.onnx")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices: we use no torchvision op
         with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation chatter
             torch.onnx.export(
-                graph, (example,), str(path), dynamo=True, dynamic_shapes={"image": dims},
+                graph, (example,), str(traced), dynamo=True, dynamic_shapes={"image": dims},
                 input_names=["image"], output_names=["pred_score", "anomaly_map"], opset_version=OPSET, verbose=False,
             )
     finally:
         detector.extractor.micro_batch = old
         logging.getLogger("torch.onnx").setLevel(level if "level" in locals() else logging.NOTSET)
-    model = onnx.load(str(path))
+    model = onnx.load(str(traced))  # the exporter may put weights in a sidecar; loading pulls them in
+    for f in traced.parent.glob(traced.name + "*"):
+        f.unlink()  # the trace and its sidecar: the saved file below is self-contained
     cal = detector.calibration
     meta = {
         "format_version": ONNX_FORMAT_VERSION,
@@ -121,7 +124,9 @@ def export_onnx(detector, path: str | os.PathLike, example_size: int = 256, sour
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = "anomalens", json.dumps(meta)
-    onnx.save(model, str(path))
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)  # readers never see a half-written file
     return path
 
 
@@ -215,3 +220,24 @@ def check_exportable(detector) -> None:
     """Raise :class:`ConfigError` when ``detector`` has a setting the ONNX graph cannot express."""
     if getattr(detector, "image_score", "max") != "max":
         raise ConfigError("ONNX export supports PatchCore's image_score='max' only")
+
+
+def onnx_for_model_dir(model_dir: Path, config_sha256: str, threads: int | None = None) -> "OnnxDetector":
+    """The ONNX Runtime model of ``model_dir``: its ``model.onnx`` when exported from this very model,
+    else a fresh export (into the model directory, or a temporary folder when that is read-only)."""
+    import tempfile
+
+    from .detectors import load_detector
+
+    path = model_dir / "model.onnx"
+    if path.exists():
+        try:
+            m = OnnxDetector(path, threads=threads)
+            if m.meta.get("source_config_sha256") == config_sha256:
+                return m
+        except ModelFileError:
+            pass  # unreadable or from another version: export again
+    if not os.access(model_dir, os.W_OK):
+        path = Path(tempfile.mkdtemp(prefix="anomalens-onnx-")) / "model.onnx"
+    export_onnx(load_detector(model_dir), path, source_config_sha256=config_sha256)
+    return OnnxDetector(path, threads=threads)

@@ -34,7 +34,8 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .errors import AnomalensError, ImageReadError, ModelFileError
+from .errors import AnomalensError, ImageReadError
+from .export import onnx_for_model_dir
 from .io import decode_image
 
 PAGE = Path(__file__).with_name("web") / "index.html"
@@ -52,7 +53,7 @@ class ServedModel:
         self.engine = engine
         cfg = read_config(model_dir)
         if engine == "onnx":
-            self.model = _onnx_for(model_dir, cfg["config_sha256"])
+            self.model = onnx_for_model_dir(model_dir, cfg["config_sha256"])
         elif engine == "torch":
             self.model = load_detector(model_dir)
         else:
@@ -66,28 +67,6 @@ class ServedModel:
     def predict(self, images: list[np.ndarray]):
         with self.lock:
             return self.model.predict(images)
-
-
-def _onnx_for(model_dir: Path, config_sha256: str):
-    """The ONNX Runtime model of ``model_dir``: its ``model.onnx`` when exported from this very model,
-    else a fresh export (into the model directory, or a temporary folder when that is read-only)."""
-    import tempfile
-
-    from .detectors import load_detector
-    from .export import OnnxDetector, export_onnx
-
-    path = model_dir / "model.onnx"
-    if path.exists():
-        try:
-            m = OnnxDetector(path)
-            if m.meta.get("source_config_sha256") == config_sha256:
-                return m
-        except ModelFileError:
-            pass  # unreadable or from another version: export again
-    if not os.access(model_dir, os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="anomalens-onnx-")) / "model.onnx"
-    export_onnx(load_detector(model_dir), path, source_config_sha256=config_sha256)
-    return OnnxDetector(path)
 
 
 def _overlay_png(img: np.ndarray, pred, pixel_threshold: float) -> str:
