@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tables import append_jsonl, print_markdown
 
 
 def main() -> None:
@@ -73,16 +74,12 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| category | detector | torch ms b1 | onnx ms b1 | torch ms/img b16 | onnx ms/img b16 | max rel score diff | export s | onnx MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['category']} | {r['detector']} | {r['torch b1']} | {r['onnx b1']} | {r['torch b16']} | {r['onnx b16']} | "
-              f"{r['max_rel_score_diff']:.1e} | {r['export_s']} | {r['onnx_mb']} |")
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-
+    print_markdown(
+        ["category", "detector", "torch ms b1", "onnx ms b1", "torch ms/img b16", "onnx ms/img b16", "max rel score diff", "export s", "onnx MB"],
+        [[r["category"], r["detector"], r["torch b1"], r["onnx b1"], r["torch b16"], r["onnx b16"], f"{r['max_rel_score_diff']:.1e}",
+          r["export_s"], r["onnx_mb"]] for r in rows],
+    )
+    append_jsonl(args.out, rows)
 
 if __name__ == "__main__":
     main()

@@ -14,10 +14,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from tables import append_jsonl, print_markdown
 
 
 def main() -> None:
@@ -55,16 +56,12 @@ def main() -> None:
                 diff = max(abs(a - ref[p]) / abs(ref[p]) for p, a in zip(t["path"], t["pred_score"]))
             rows.append({"path": f"Ray, {workers} worker(s), {engine}", "images_per_s": s.steady_images_per_second,
                          "with_startup_s": round(total, 1), "max_rel_diff": diff})
-    print("| path | images/s | wall s incl. Ray start-up | max rel. score diff vs single process |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['path']} | {r['images_per_s']:.1f} | {r.get('with_startup_s', '')} | "
-              f"{'' if 'max_rel_diff' not in r else format(r['max_rel_diff'], '.1e')} |")
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-
+    print_markdown(
+        ["path", "images/s", "wall s incl. Ray start-up", "max rel. score diff vs single process"],
+        [[r["path"], f"{r['images_per_s']:.1f}", r.get("with_startup_s", ""), format(r["max_rel_diff"], ".1e") if "max_rel_diff" in r else ""]
+         for r in rows],
+    )
+    append_jsonl(args.out, rows)
 
 if __name__ == "__main__":
     main()
