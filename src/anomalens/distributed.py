@@ -52,15 +52,9 @@ class _ChunkScorer:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        if engine == "onnx":
-            from .export import onnx_for_model_dir
-            from .serialization import read_config
+        from .export import load_inference_model
 
-            self.model = onnx_for_model_dir(Path(model_dir), read_config(model_dir)["config_sha256"], threads=max(1, threads))
-        else:
-            from .detectors import load_detector
-
-            self.model = load_detector(model_dir)
+        self.model = load_inference_model(model_dir, engine, threads=max(1, threads))
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow as pa
@@ -195,10 +189,9 @@ def batch_predict(
         progress(done_images, len(paths))
     if not todo:
         return summary
-    if engine == "onnx":  # export once here, not in every actor at the same time
-        from .export import onnx_for_model_dir
+    from .export import load_inference_model
 
-        onnx_for_model_dir(Path(model_dir), cfg["config_sha256"])
+    load_inference_model(model_dir, engine)  # export once here (when needed), not in every actor at once
     import ray
     import ray.data
 

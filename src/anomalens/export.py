@@ -218,6 +218,10 @@ class OnnxDetector:
 
 def check_exportable(detector) -> None:
     """Raise :class:`ConfigError` when ``detector`` has a setting the ONNX graph cannot express."""
+    from .backbones import get_spec
+
+    if get_spec(detector.backbone_name).build is None:
+        raise ConfigError(f"backbone {detector.backbone_name} is itself an ONNX model; its detectors are not exported (they already run on ONNX Runtime)")
     if getattr(detector, "image_score", "max") != "max":
         raise ConfigError("ONNX export supports PatchCore's image_score='max' only")
 
@@ -241,3 +245,32 @@ def onnx_for_model_dir(model_dir: Path, config_sha256: str, threads: int | None 
         path = Path(tempfile.mkdtemp(prefix="anomalens-onnx-")) / "model.onnx"
     export_onnx(load_detector(model_dir), path, source_config_sha256=config_sha256)
     return OnnxDetector(path, threads=threads)
+
+
+def load_inference_model(model_dir: str | os.PathLike, engine: str = "onnx", threads: int | None = None):
+    """The model that serves predictions for ``model_dir``: an :class:`OnnxDetector` (``engine="onnx"``,
+    exported on demand) or the Python detector (``"torch"``, and for models that cannot be exported,
+    such as those on the ViT backbone, which runs on ONNX Runtime already).
+
+    Raises:
+        ModelFileError: the model cannot be loaded. ConfigError: unknown engine.
+    """
+    from .backbones import get_spec
+    from .detectors import load_detector
+    from .serialization import read_config
+
+    if engine not in ("onnx", "torch"):
+        raise ConfigError(f"unknown engine {engine!r}; use onnx or torch")
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    backbone = cfg.get("params", {}).get("backbone", "")
+    exportable = backbone in _known_backbones() and get_spec(backbone).build is not None and cfg.get("params", {}).get("image_score", "max") == "max"
+    if engine == "torch" or not exportable:
+        return load_detector(model_dir)
+    return onnx_for_model_dir(model_dir, cfg["config_sha256"], threads)
+
+
+def _known_backbones() -> set[str]:
+    from .backbones import BACKBONES
+
+    return set(BACKBONES)

@@ -35,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from .errors import AnomalensError, ImageReadError
-from .export import onnx_for_model_dir
+from .export import load_inference_model
 from .io import decode_image
 
 PAGE = Path(__file__).with_name("web") / "index.html"
@@ -45,19 +45,13 @@ class ServedModel:
     """One model behind the service: the engine, its lock, and what ``/model`` shows."""
 
     def __init__(self, name: str, model_dir: Path, engine: str):
-        from .detectors import load_detector
         from .serialization import read_config
 
         self.name = name
         self.dir = model_dir
         self.engine = engine
         cfg = read_config(model_dir)
-        if engine == "onnx":
-            self.model = onnx_for_model_dir(model_dir, cfg["config_sha256"])
-        elif engine == "torch":
-            self.model = load_detector(model_dir)
-        else:
-            raise AnomalensError(f"unknown engine {engine!r}; use onnx or torch")
+        self.model = load_inference_model(model_dir, engine)
         cfg.pop("tensors", None)
         train = cfg.get("train_images") or []
         cfg["train_images"] = f"{len(train)} images"

@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..backbones import Backbone, get_spec
+from ..backbones import get_spec, make_backbone
 from ..calibration import Calibration, check_calibration_size
 from ..common import AnomalyMapHead, PatchFeatureExtractor, resize_map, to_tensor_batch
 from ..data import Sample
@@ -48,10 +48,11 @@ class Detector(ABC):
         backbone: backbone name (see :data:`anomalens.backbones.BACKBONES`).
         layers: backbone layers to take features from; None = the backbone's defaults.
         image_size: side in pixels of the square the images are resized to (multiple of 16 within
-            [64, 1024]). Larger finds smaller defects and costs time roughly quadratically.
+            [64, 1024]; default 320, and 224 for the ViT, which accepts nothing else). Larger finds
+            smaller defects and costs time roughly quadratically.
         patch_size: local neighbourhood averaged into each patch feature (PatchCore's ``p``).
-        border_pad: reflected border in pixels (at ``image_size``) added before the backbone and cropped
-            from its features, so that border patches do not see zero padding (see
+        border_pad: reflected border in pixels (at ``image_size``; default 32, 0 for the ViT) added
+            before the backbone and cropped from its features, so that border patches do not see zero padding (see
             :class:`~anomalens.common.PatchFeatureExtractor`).
         blur_sigma: Gaussian smoothing of the anomaly map, in pixels at ``image_size``.
         false_alarm_rate: target fraction of normal images flagged (the conformal ``alpha``).
@@ -70,15 +71,20 @@ class Detector(ABC):
         self,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
-        image_size: int = 320,
+        image_size: int | None = None,
         patch_size: int = 3,
-        border_pad: int = 32,
+        border_pad: int | None = None,
         blur_sigma: float = 4.0,
         false_alarm_rate: float = 0.01,
         batch_size: int = 8,
         pretrained: bool = True,
     ):
-        get_spec(backbone)
+        spec = get_spec(backbone)
+        image_size = spec.default_image_size if image_size is None else image_size
+        border_pad = spec.default_border_pad if border_pad is None else border_pad
+        if spec.fixed_size and (image_size != spec.fixed_size or border_pad):
+            raise ConfigError(f"backbone {backbone} takes {spec.fixed_size} px inputs without border padding "
+                              f"(image_size={spec.fixed_size}, border_pad=0), got {image_size} and {border_pad}")
         if not isinstance(image_size, int) or image_size % 16 or not 64 <= image_size <= 1024:
             raise ConfigError(f"image_size must be a multiple of 16 in [64, 1024] pixels, got {image_size!r}")
         if patch_size < 1 or patch_size % 2 == 0:
@@ -127,7 +133,7 @@ class Detector(ABC):
         """The feature extractor (built on first use)."""
         if self._extractor is None:
             self._extractor = PatchFeatureExtractor(
-                Backbone(self.backbone_name, self.layers, self.pretrained), self.patch_size, self.border_pad
+                make_backbone(self.backbone_name, self.layers, self.pretrained), self.patch_size, self.border_pad
             )
         return self._extractor
 
