@@ -315,6 +315,31 @@ def evaluate(
         out_console.print(f"report: {report_path}")
 
 
+@app.command("zero-shot")
+def zero_shot(
+    images: List[Path] = typer.Argument(..., help="Unlabeled images of one product (files/folders): scored against each other."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory: predictions.csv/.json and overlays/."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write a heatmap overlay PNG per image."),
+    chunk: int = typer.Option(8, help="Query images per block of the pairwise scoring (bounds memory)."),
+) -> None:
+    """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT."""
+    from .data import expand_inputs
+    from .zeroshot import MuSc
+
+    try:
+        paths = expand_inputs(images)
+        model = MuSc(chunk=chunk)
+        preds = model.predict(paths)
+        rows = [p.summary(detail=True) for p in preds]
+        if heatmaps:
+            _save_overlays(model, preds, out, rows)
+        _write_rows(rows, out)
+    except AnomalensError as exc:
+        _fail(exc)
+    n_ng = sum(1 for r in rows if r["pred_label"] == 1)
+    console.print(f"{len(rows)} images scored against each other: {n_ng} NG (batch-relative threshold {model.threshold:.4f}); results in {out}")
+
+
 @app.command()
 def discover(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),

@@ -1,0 +1,172 @@
+"""Zero-shot anomaly detection by mutual scoring of unlabeled images, after MuSc (Li et al., "Zero-Shot
+Industrial Anomaly Classification and Segmentation with Mutual Scoring of the Unlabeled Images",
+ICLR 2024).
+
+No normal image is needed: in a batch of unlabeled test images of one product, most patches are
+normal and find close matches in the *other* images, while a defect's patches do not.
+
+1. Patch tokens of the ViT-S/14 (``vit_small_focus``) at several layers, 16 x 16 per image.
+2. Local neighbourhood aggregation with several degrees ``r`` (r x r average of the token map; the
+   paper's LNAMD), so that both small and larger defects stand out.
+3. Mutual scoring (MSM): for image ``i`` and patch ``p``, the distance to the closest patch of each
+   other image ``j``; the patch score is the mean of the lowest ``lower`` fraction of these distances
+   (an abnormal patch may find a look-alike in one other defective image, not in most). Averaged over
+   layers and degrees. The pairwise work is chunked over query images: memory is
+   ``O(chunk x 256 x N x 256)`` floats, not ``O((N x 256)^2)``.
+4. Image score: the maximum patch score, re-scored on the image-level similarity graph (the paper's
+   RsCIN, simplified): averaged with the scores of the ``k`` most similar images (mean patch token
+   as image feature), for several ``k``.
+
+Decisions without any normal reference use the batch itself: an image is NG when its score lies
+more than ``z`` robust standard deviations (1.4826 x MAD) above the batch median, which assumes most
+images of the batch are good; likewise for pixels. These are not calibrated false-alarm rates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import AnomalyMapHead, resize_map, to_tensor_batch
+from .errors import AnomalensError
+from .explain import find_regions
+from .io import ImageLike, image_name, to_rgb_array
+from .prediction import Prediction
+
+
+class MuSc:
+    """Zero-shot detector: scores a batch of unlabeled images against each other (see module docstring).
+
+    Args:
+        layers: ViT layers (``layer.0`` .. ``layer.11``).
+        degrees: aggregation degrees ``r`` (odd).
+        lower: fraction of the other images whose closest-patch distances are averaged (paper: 0.3).
+        neighbours: ``k`` values of the image-level re-scoring (0 = off).
+        chunk: query images per block of the pairwise computation (bounds memory).
+        z: robust z-score above the batch median that flags an image (and a pixel) NG.
+        blur_sigma: Gaussian smoothing of the map, pixels at 224.
+
+    Raises:
+        ConfigError: invalid layers. AnomalensError: fewer than 3 images in the batch.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] = ("layer.2", "layer.5", "layer.8"),
+        degrees: Sequence[int] = (1, 3, 5),
+        lower: float = 0.3,
+        neighbours: Sequence[int] = (1, 3),
+        chunk: int = 8,
+        z: float = 3.0,
+        blur_sigma: float = 4.0,
+    ):
+        from .backbones import OnnxViTBackbone
+
+        self.backbone = OnnxViTBackbone(layers)
+        self.degrees = tuple(int(r) for r in degrees)
+        self.lower = float(lower)
+        self.neighbours = tuple(int(k) for k in neighbours)
+        self.chunk = max(1, int(chunk))
+        self.z = float(z)
+        self.head = AnomalyMapHead(self.backbone.size, blur_sigma)
+
+    @torch.inference_mode()
+    def features(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Per layer, ``float32`` ``(N, 384, 16, 16)`` patch-token maps of ``uint8`` RGB images."""
+        maps: list[list[torch.Tensor]] = []
+        for s in range(0, len(images), 8):
+            x = to_tensor_batch(images[s : s + 8], self.backbone.size)
+            maps.append(self.backbone(self.backbone.normalize(x)))
+        return [torch.cat(level) for level in zip(*maps)]
+
+    @torch.inference_mode()
+    def mutual_scores(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(N, 16, 16)`` patch scores from per-layer token maps (MSM over layers and degrees)."""
+        n, _, h, w = feats[0].shape
+        keep = max(1, int(math.ceil(self.lower * (n - 1))))
+        total = torch.zeros(n, h * w)
+        count = 0
+        for f in feats:
+            for r in self.degrees:
+                g = F.avg_pool2d(f, r, stride=1, padding=r // 2, count_include_pad=False) if r > 1 else f
+                tok = F.normalize(g.flatten(2).transpose(1, 2), dim=2)  # (N, P, D), unit length
+                flat = tok.reshape(n * h * w, -1)
+                for s in range(0, n, self.chunk):
+                    q = tok[s : s + self.chunk].reshape(-1, tok.shape[2])  # (c*P, D)
+                    d = (2.0 - 2.0 * (q @ flat.T)).clamp_(min=0).sqrt_()  # (c*P, N*P)
+                    per_image = d.view(q.shape[0], n, h * w).amin(2)  # (c*P, N): closest patch in each image
+                    c = q.shape[0] // (h * w)
+                    own = torch.arange(s, s + c).repeat_interleave(h * w)
+                    per_image[torch.arange(q.shape[0]), own] = math.inf  # not against itself
+                    low = per_image.topk(keep, dim=1, largest=False).values.mean(1)
+                    total[s : s + c] += low.view(c, h * w)
+                count += 1
+        return (total / count).view(n, h, w)
+
+    def rescore(self, scores: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Image scores averaged over their ``k`` most similar images (image feature: mean token)."""
+        ks = [k for k in self.neighbours if k > 0]
+        if not ks:
+            return scores
+        emb = F.normalize(torch.cat([f.mean((2, 3)) for f in feats], 1), dim=1)
+        sim = emb @ emb.T
+        out = torch.zeros_like(scores)
+        for k in ks:
+            k = min(k, scores.numel() - 1)
+            idx = sim.topk(k + 1, dim=1).indices  # itself and its k nearest images
+            out += scores[idx].mean(1)
+        return out / len(ks)
+
+    def predict(self, images: Iterable[ImageLike], progress=None) -> list[Prediction]:
+        """Score a batch of unlabeled images against each other.
+
+        Unreadable inputs give failed predictions and are left out of the mutual scoring.
+
+        Raises:
+            AnomalensError: fewer than 3 readable images (mutual scoring needs others to compare with).
+        """
+        items = list(images)
+        out: list[Prediction | None] = [None] * len(items)
+        ok_idx, arrays = [], []
+        for i, item in enumerate(items):
+            try:
+                arrays.append(to_rgb_array(item))
+                ok_idx.append(i)
+            except AnomalensError as exc:
+                path = image_name(item, i) if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__") else None
+                out[i] = Prediction.failed(path, str(exc))
+        if len(arrays) < 3:
+            raise AnomalensError(f"zero-shot scoring needs at least 3 readable images of one product, got {len(arrays)}")
+        feats = self.features(arrays)
+        grids = self.mutual_scores(feats)
+        raw = grids.flatten(1).amax(1)
+        scores = self.rescore(raw, feats)
+        maps = self.head(grids)
+        s = scores.double().numpy()
+        med = float(np.median(s))
+        mad = 1.4826 * float(np.median(np.abs(s - med))) or 1e-12
+        threshold = med + self.z * mad
+        pix = maps.flatten().double().numpy()
+        pmed = float(np.median(pix))
+        pmad = 1.4826 * float(np.median(np.abs(pix - pmed))) or 1e-12
+        pixel_threshold = pmed + self.z * pmad
+        self.threshold, self.pixel_threshold = threshold, pixel_threshold
+        for j, i in enumerate(ok_idx):
+            amap = resize_map(maps[j], arrays[j].shape[:2])
+            mask = amap > pixel_threshold
+            src = items[i]
+            out[i] = Prediction(
+                image_path=str(src) if isinstance(src, str) or hasattr(src, "__fspath__") else None,
+                pred_score=float(s[j]),
+                pred_label=int(s[j] > threshold),
+                anomaly_map=amap,
+                pred_mask=mask,
+                p_value=None,
+                threshold=threshold,
+                regions=find_regions(amap, mask),
+            )
+        return out  # type: ignore[return-value]
