@@ -32,11 +32,11 @@ it then depends on those images and carries no false-alarm guarantee.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import CalibrationError, ConfigError
+from .errors import AnomalensError, CalibrationError, ConfigError, ModelFileError
 
 SOURCES = ("held-out", "leave-one-out", "cross-fit")
 MODES = ("conformal", "f1")
@@ -150,6 +150,37 @@ class Calibration:
         tp = conformal_threshold(map_maxima, false_alarm_rate)
         note = f"conformal at false-alarm rate {false_alarm_rate:g} from {scores.size} {source} normal scores"
         return cls(scores, map_maxima, float(false_alarm_rate), t, tp, source, "conformal", note)
+
+    @classmethod
+    def restore(
+        cls,
+        scores: np.ndarray,
+        map_maxima: np.ndarray,
+        false_alarm_rate: float,
+        *,
+        source: str,
+        mode: str,
+        threshold: float,
+        pixel_threshold: float,
+        note: str = "",
+        where: str = "model",
+    ) -> "Calibration":
+        """Rebuild a saved calibration (model directory or ONNX metadata) and check it against the
+        thresholds stored beside it.
+
+        Raises:
+            ModelFileError: the scores cannot calibrate ``false_alarm_rate``, or the stored thresholds
+                do not follow from the stored scores (an edited or mixed-up file). ``where`` names it.
+        """
+        try:
+            cal = cls.from_scores(scores, map_maxima, false_alarm_rate, source)
+        except AnomalensError as exc:
+            raise ModelFileError(f"{where}: calibration is unusable: {exc}") from None
+        if mode == "f1":
+            cal = replace(cal, threshold=float(threshold), mode="f1", note=note)
+        if not (math.isclose(cal.threshold, threshold) and math.isclose(cal.pixel_threshold, pixel_threshold)):
+            raise ModelFileError(f"{where}: stored thresholds do not match the stored calibration scores")
+        return cal
 
     def with_f1_threshold(self, labels: np.ndarray, scores: np.ndarray) -> tuple["Calibration", float]:
         """A copy whose image threshold is the best-F1 one on labelled images, and that F1.

@@ -164,15 +164,15 @@ class OnnxDetector:
             if meta["format_version"] != ONNX_FORMAT_VERSION:
                 raise ModelFileError(f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {ONNX_FORMAT_VERSION}")
             c = meta["calibration"]
-            cal = Calibration.from_scores(np.asarray(c["scores"]), np.asarray(c["map_maxima"]), float(c["false_alarm_rate"]), c["source"])
+            cal = Calibration.restore(
+                np.asarray(c["scores"]), np.asarray(c["map_maxima"]), float(c["false_alarm_rate"]), source=c["source"],
+                mode=c.get("mode", "conformal"), threshold=float(meta["threshold"]), pixel_threshold=float(meta["pixel_threshold"]),
+                note=str(c.get("note", "")), where=str(path),
+            )
         except ModelFileError:
             raise
         except Exception as exc:
             raise ModelFileError(f"{path} has unreadable anomalens metadata ({exc})") from None
-        if c.get("mode") == "f1":
-            cal = Calibration(cal.scores, cal.map_maxima, cal.false_alarm_rate, float(meta["threshold"]), cal.pixel_threshold, cal.source, "f1", c.get("note", ""))
-        if not (np.isclose(cal.threshold, meta["threshold"]) and np.isclose(cal.pixel_threshold, meta["pixel_threshold"])):
-            raise ModelFileError(f"{path}: stored thresholds do not match the stored calibration scores")
         self.path = path
         self.meta = meta
         self.calibration = cal
@@ -226,9 +226,10 @@ def check_exportable(detector) -> None:
         raise ConfigError("ONNX export supports PatchCore's image_score='max' only")
 
 
-def onnx_for_model_dir(model_dir: Path, config_sha256: str, threads: int | None = None) -> "OnnxDetector":
+def onnx_for_model_dir(model_dir: Path, config_sha256: str, threads: int | None = None, detector=None) -> "OnnxDetector":
     """The ONNX Runtime model of ``model_dir``: its ``model.onnx`` when exported from this very model,
-    else a fresh export (into the model directory, or a temporary folder when that is read-only)."""
+    else a fresh export (into the model directory, or a temporary folder when that is read-only) of
+    ``detector`` (the loaded model of ``model_dir``; loaded here when not given)."""
     import tempfile
 
     from .detectors import load_detector
@@ -243,7 +244,7 @@ def onnx_for_model_dir(model_dir: Path, config_sha256: str, threads: int | None 
             pass  # unreadable or from another version: export again
     if not os.access(model_dir, os.W_OK):
         path = Path(tempfile.mkdtemp(prefix="anomalens-onnx-")) / "model.onnx"
-    export_onnx(load_detector(model_dir), path, source_config_sha256=config_sha256)
+    export_onnx(detector if detector is not None else load_detector(model_dir), path, source_config_sha256=config_sha256)
     return OnnxDetector(path, threads=threads)
 
 
@@ -255,22 +256,17 @@ def load_inference_model(model_dir: str | os.PathLike, engine: str = "onnx", thr
     Raises:
         ModelFileError: the model cannot be loaded. ConfigError: unknown engine.
     """
-    from .backbones import get_spec
     from .detectors import load_detector
     from .serialization import read_config
 
     if engine not in ("onnx", "torch"):
         raise ConfigError(f"unknown engine {engine!r}; use onnx or torch")
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    backbone = cfg.get("params", {}).get("backbone", "")
-    exportable = backbone in _known_backbones() and get_spec(backbone).build is not None and cfg.get("params", {}).get("image_score", "max") == "max"
-    if engine == "torch" or not exportable:
-        return load_detector(model_dir)
-    return onnx_for_model_dir(model_dir, cfg["config_sha256"], threads)
-
-
-def _known_backbones() -> set[str]:
-    from .backbones import BACKBONES
-
-    return set(BACKBONES)
+    detector = load_detector(model_dir)
+    if engine == "torch":
+        return detector
+    try:
+        check_exportable(detector)
+    except ConfigError:
+        return detector
+    return onnx_for_model_dir(model_dir, read_config(model_dir)["config_sha256"], threads, detector)

@@ -24,7 +24,7 @@ from .errors import ImageReadError
 from .evaluation import EvaluationResult
 from .io import read_image
 from .prediction import Prediction
-from .visualize import caption_for, evidence_panel, overlay, region_crop
+from .visualize import evidence_panel, prediction_overlay, region_crop
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1b1f24;background:#fff}
@@ -125,7 +125,7 @@ def _figure(pred: Prediction, pixel_threshold: float, width: int = 300, with_evi
     img = pred.image if pred.image is not None else _read(pred.image_path)
     if img is None or pred.anomaly_map is None:
         return ""
-    ov = overlay(img, pred.anomaly_map, pixel_threshold=pixel_threshold, mask=pred.pred_mask, caption=caption_for(pred))
+    ov = prediction_overlay(pred, img, pixel_threshold)
     parts = [f'<img src="{_data_uri(_thumb(ov, width))}" alt="overlay">']
     if with_evidence and pred.evidence is not None:
         panel = evidence_panel(img, pred.evidence, _read(pred.evidence.train_image), side=140)

@@ -64,9 +64,9 @@ class ServedModel:
 
 
 def _overlay_png(img: np.ndarray, pred, pixel_threshold: float) -> str:
-    from .visualize import caption_for, overlay
+    from .visualize import prediction_overlay
 
-    ov = overlay(img, pred.anomaly_map, pixel_threshold=pixel_threshold, mask=pred.pred_mask, caption=caption_for(pred))
+    ov = prediction_overlay(pred, img, pixel_threshold)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(ov, cv2.COLOR_RGB2BGR))
     return base64.b64encode(buf.tobytes()).decode() if ok else ""
 

@@ -60,11 +60,15 @@ def caption_for(pred: Prediction) -> str:
     return text
 
 
+def prediction_overlay(pred: Prediction, image: np.ndarray, pixel_threshold: float) -> np.ndarray:
+    """The overlay of one prediction: its map, its mask outlined, its decision as caption (``uint8`` RGB)."""
+    assert pred.anomaly_map is not None
+    return overlay(image, pred.anomaly_map, pixel_threshold=pixel_threshold, mask=pred.pred_mask, caption=caption_for(pred))
+
+
 def save_overlay(pred: Prediction, image: np.ndarray, pixel_threshold: float, path: str | os.PathLike) -> Path:
     """Write the overlay of one prediction as PNG (side by side with the input); returns the path."""
-    assert pred.anomaly_map is not None
-    ov = overlay(image, pred.anomaly_map, pixel_threshold=pixel_threshold, mask=pred.pred_mask, caption=caption_for(pred))
-    return save_image(np.concatenate([image, ov], axis=1), path)
+    return save_image(np.concatenate([image, prediction_overlay(pred, image, pixel_threshold)], axis=1), path)
 
 
 def _label_strip(img: np.ndarray, text: str) -> np.ndarray:

@@ -13,7 +13,6 @@ resized to ``image_size x image_size`` for the backbone, and maps are returned a
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -262,14 +261,8 @@ class Detector(ABC):
             ImageReadError: a training image cannot be read (the message names it; training stops,
                 since a model silently fitted on fewer images than given is worse than an error).
         """
-        from ..data import MVTecCategory, training_paths
-
         progress = progress or _noop
-        if isinstance(images, MVTecCategory):
-            images = images.train_paths()
-        elif isinstance(images, (str, os.PathLike)):
-            images = training_paths(images)
-        images = list(images)
+        images = _normal_images(images)
         if not images:
             raise DatasetError("no training images given")
         if not 0.0 <= holdout < 1.0:
@@ -342,7 +335,8 @@ class Detector(ABC):
         of :meth:`fit` by a strict hold-out. The model itself is unchanged.
 
         Args:
-            images: normal images the model was *not* fitted on (paths, arrays, or a folder).
+            images: normal images the model was *not* fitted on (paths, arrays, a folder, or an MVTec
+                category's ``train/good``).
             false_alarm_rate: new target ``alpha``; None keeps the model's.
 
         Raises:
@@ -350,13 +344,9 @@ class Detector(ABC):
             CalibrationError: fewer images than ``1/alpha - 1``, or images the model was fitted on.
             ImageReadError: an image cannot be read (calibration never silently drops an image).
         """
-        from ..data import training_paths
-
         self._check_fitted()
         alpha = self.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
-        if isinstance(images, (str, os.PathLike)):
-            images = training_paths(images)
-        images = list(images)
+        images = _normal_images(images)
         check_calibration_size(len(images), alpha)
         fitted = {os.path.realpath(p) for p in self.train_images if p}
         reused = [x for x in images if isinstance(x, (str, os.PathLike)) and os.path.realpath(x) in fitted]
@@ -468,19 +458,27 @@ class Detector(ABC):
         maxima = tensors.pop("calibration.map_maxima").numpy()
         det._load_state_tensors(tensors)
         cal_cfg = config.get("calibration") or {}
-        try:
-            det.calibration = Calibration.from_scores(scores, maxima, det.false_alarm_rate, cal_cfg.get("source", det.calibration_source))
-        except AnomalensError as exc:
-            raise ModelFileError(f"model calibration is unusable: {exc}") from None
-        if cal_cfg.get("mode") == "f1":
-            c = det.calibration
-            det.calibration = Calibration(c.scores, c.map_maxima, c.false_alarm_rate, float(config["threshold"]), c.pixel_threshold, c.source, "f1", str(cal_cfg.get("note", "")))
-        if not (math.isclose(det.calibration.threshold, config["threshold"]) and math.isclose(det.calibration.pixel_threshold, config["pixel_threshold"])):
-            raise ModelFileError("stored thresholds do not match the stored calibration scores")
+        det.calibration = Calibration.restore(
+            scores, maxima, det.false_alarm_rate, source=cal_cfg.get("source", det.calibration_source),
+            mode=cal_cfg.get("mode", "conformal"), threshold=config["threshold"], pixel_threshold=config["pixel_threshold"],
+            note=str(cal_cfg.get("note", "")),
+        )
         det.fit_info = config.get("fit_info", {})
         train = config.get("train_images") or []
         det.train_images = [str(x) if isinstance(x, str) else None for x in train] if isinstance(train, list) else []
         return det
+
+
+def _normal_images(images) -> list:
+    """Normal images as a list: an :class:`~anomalens.data.MVTecCategory` or its path gives its
+    ``train/good``, a folder its images; a list of paths, PIL images or arrays is kept as it is."""
+    from ..data import MVTecCategory, training_paths
+
+    if isinstance(images, MVTecCategory):
+        return images.train_paths()
+    if isinstance(images, (str, os.PathLike)):
+        return training_paths(images)
+    return list(images)
 
 
 #: ``evidence(index in batch, (H, W), region) -> Evidence | None``

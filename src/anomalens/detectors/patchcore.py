@@ -138,9 +138,7 @@ class PatchCore(Detector):
         assert self.memory_bank is not None
         b, d, h, w = features.shape
         q = features.permute(0, 2, 3, 1).reshape(-1, d)
-        bank = self.memory_bank
-        d2 = (q * q).sum(1, keepdim=True) - 2.0 * (q @ bank.T) + (bank * bank).sum(1)[None]
-        dist = d2.clamp(min=0.0).min(1).values.sqrt().view(b, h, w)
+        dist = pairwise_sq_dists(q, self.memory_bank).min(1).values.sqrt().view(b, h, w)
         return dist.flatten(1).max(1).values, dist
 
     def _residuals(self, features: torch.Tensor) -> torch.Tensor:
