@@ -21,6 +21,15 @@ Where the calibration scores come from (``Calibration.source``):
   pessimistic than the full model's, and the observed rate on real test images stays at or under
   ``alpha`` (README, "Thresholds you can trust").
 * ``"cross-fit"`` (PaDiM's default): K-fold cross-fitting, the same idea with K folds.
+* ``"few-shot"``: a model fitted on ``k`` normal images (``fit(..., shots=k)``), each scored against
+  the memory bank of the *other* ``k - 1`` (and their augmented views). ``k`` scores support no rate
+  below ``1 / (k + 1)``, so the threshold is the largest of them, the conformal rule at
+  ``alpha = 1 / (k + 1)`` (33% at k = 2, 11% at k = 8); the leave-one-out models see one image fewer
+  than the real one, so their scores run high and the observed rate is lower (README, few-shot
+  table). The note says so, and :meth:`Detector.calibrate` replaces it once enough normal images exist.
+* ``"batch"``: one normal image leaves nothing to leave out. Decisions are then relative to each
+  predicted batch (mode ``"batch"``, :func:`batch_thresholds`): an image is NG when its score is
+  more than 3 robust standard deviations above the batch median, as for zero-shot.
 
 Pixel threshold: the same rule applied to the maximum of each normal image's anomaly map, so at
 most a fraction ``alpha`` of normal images shows any pixel in ``pred_mask``.
@@ -32,14 +41,19 @@ it then depends on those images and carries no false-alarm guarantee.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import AnomalensError, CalibrationError, ConfigError, ModelFileError
 
-SOURCES = ("held-out", "leave-one-out", "cross-fit")
-MODES = ("conformal", "f1")
+SOURCES = ("held-out", "leave-one-out", "cross-fit", "few-shot", "batch")
+MODES = ("conformal", "f1", "batch")
+#: robust z of the batch-relative rule (:func:`batch_thresholds`)
+BATCH_Z = 3.0
+#: fewest readable images a batch-relative decision accepts
+MIN_BATCH = 5
 
 
 def min_calibration_images(alpha: float) -> int:
@@ -98,6 +112,39 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return (float(below.max()) if below.size else float(np.nextafter(t, -np.inf))), f1
 
 
+def robust_threshold(values: np.ndarray, z: float = BATCH_Z) -> float:
+    """``median + z * 1.4826 * MAD`` of ``values``: ``z`` robust standard deviations above the median.
+
+    Flags values far above most of the others without any normal reference (Hampel's outlier rule;
+    Leys et al., "Detecting outliers: Do not use standard deviation around the mean, use absolute
+    deviation around the median", J. Exp. Soc. Psychology 2013). Assumes most values are normal.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    med = float(np.median(v))
+    mad = 1.4826 * float(np.median(np.abs(v - med))) or 1e-12
+    return med + z * mad
+
+
+def batch_thresholds(scores: np.ndarray, maps: Sequence[np.ndarray], z: float = BATCH_Z) -> tuple[float, float]:
+    """Batch-relative ``(image threshold, pixel threshold)``: :func:`robust_threshold` of the image
+    scores and of all anomaly-map pixels of one batch of one product. Not a calibrated false-alarm rate.
+
+    Args:
+        scores: ``(N,)`` image scores; maps: ``N`` ``float32`` anomaly maps of any sizes.
+
+    Raises:
+        CalibrationError: fewer than :data:`MIN_BATCH` images.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size < MIN_BATCH:
+        raise CalibrationError(
+            f"batch-relative decisions need at least {MIN_BATCH} images scored together, got {scores.size}; "
+            "predict more images at once, or calibrate the model on normal images (anomalens calibrate)"
+        )
+    pix = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+    return robust_threshold(scores, z), robust_threshold(pix, z)
+
+
 def false_alarm_band(n: int, alpha: float, confidence: float = 0.95) -> tuple[float, float]:
     """Central ``confidence`` band of the false-alarm *fraction* among ``n`` normal images flagged
     independently with probability ``alpha`` (binomial quantiles / n)."""
@@ -119,8 +166,11 @@ class Calibration:
         threshold: image threshold (``pred_label = pred_score > threshold``).
         pixel_threshold: pixel threshold (``pred_mask = anomaly_map > pixel_threshold``), chosen so that
             at most ``alpha`` of normal images show any anomalous pixel.
-        source: ``"held-out"``, ``"leave-one-out"`` or ``"cross-fit"`` (module docstring).
-        mode: ``"conformal"``, or ``"f1"`` when ``threshold`` was set from labelled images.
+        source: ``"held-out"``, ``"leave-one-out"``, ``"cross-fit"``, ``"few-shot"`` or ``"batch"``
+            (module docstring).
+        mode: ``"conformal"``; ``"f1"`` when ``threshold`` was set from labelled images; ``"batch"`` when
+            there are no calibration scores and each predicted batch sets its own thresholds
+            (``threshold`` and ``pixel_threshold`` are NaN here).
         note: how the threshold was set, for people.
     """
 
@@ -152,6 +202,16 @@ class Calibration:
         return cls(scores, map_maxima, float(false_alarm_rate), t, tp, source, "conformal", note)
 
     @classmethod
+    def batch_relative(cls, note: str) -> "Calibration":
+        """No calibration scores: thresholds are set per predicted batch (:func:`batch_thresholds`)."""
+        empty = np.zeros(0, dtype=np.float64)
+        return cls(empty, empty, math.nan, math.nan, math.nan, "batch", "batch", note)
+
+    @property
+    def is_batch_relative(self) -> bool:
+        return self.mode == "batch"
+
+    @classmethod
     def restore(
         cls,
         scores: np.ndarray,
@@ -160,8 +220,8 @@ class Calibration:
         *,
         source: str,
         mode: str,
-        threshold: float,
-        pixel_threshold: float,
+        threshold: float | None,
+        pixel_threshold: float | None,
         note: str = "",
         where: str = "model",
     ) -> "Calibration":
@@ -172,13 +232,21 @@ class Calibration:
             ModelFileError: the scores cannot calibrate ``false_alarm_rate``, or the stored thresholds
                 do not follow from the stored scores (an edited or mixed-up file). ``where`` names it.
         """
+        if mode == "batch":
+            if np.asarray(scores).size:
+                raise ModelFileError(f"{where}: a batch-relative calibration must have no calibration scores")
+            return cls.batch_relative(note)
         try:
             cal = cls.from_scores(scores, map_maxima, false_alarm_rate, source)
         except AnomalensError as exc:
             raise ModelFileError(f"{where}: calibration is unusable: {exc}") from None
+        if note:
+            cal = replace(cal, note=note)
         if mode == "f1":
-            cal = replace(cal, threshold=float(threshold), mode="f1", note=note)
-        if not (math.isclose(cal.threshold, threshold) and math.isclose(cal.pixel_threshold, pixel_threshold)):
+            cal = replace(cal, threshold=float(threshold), mode="f1")
+        if threshold is None or pixel_threshold is None or not (
+            math.isclose(cal.threshold, threshold) and math.isclose(cal.pixel_threshold, pixel_threshold)
+        ):
             raise ModelFileError(f"{where}: stored thresholds do not match the stored calibration scores")
         return cal
 
@@ -197,7 +265,8 @@ class Calibration:
         return cal, f1
 
     def p_value(self, score: float) -> float:
-        """Conformal p-value of ``score``: ``(1 + #{s_i >= score}) / (n + 1)``, in ``(0, 1]``."""
-        if math.isnan(score):
+        """Conformal p-value of ``score``: ``(1 + #{s_i >= score}) / (n + 1)``, in ``(0, 1]``; NaN when
+        batch-relative."""
+        if math.isnan(score) or self.is_batch_relative:
             return math.nan
         return float((1 + np.count_nonzero(self.scores >= score)) / (self.scores.size + 1))

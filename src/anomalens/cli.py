@@ -58,6 +58,11 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+def _num(v: float) -> str:
+    """A threshold for people: 4 decimals, or "set per batch" (batch-relative one-shot models)."""
+    return "set per batch" if math.isnan(v) else f"{v:.4f}"
+
+
 def metrics_table(result_dict: dict, title: str) -> Table:
     """A rich table: one row for all images, one per defect type; metrics in percent."""
     cols = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_ap", "false_alarm_rate", "detection_rate"]
@@ -86,8 +91,19 @@ def fit(
     holdout: float = typer.Option(
         0.0, help="Fraction of the normal images held out for split-conformal calibration (0 = calibrate out of sample on all)."
     ),
+    shots: Optional[int] = typer.Option(
+        None, "--shots", "-k", help="Few-shot: fit PatchCore on K normal images drawn at random (--seed) from DATA; every patch is kept."
+    ),
+    augment: str = typer.Option(
+        "none", help="Few-shot views added to the bank: none, flips, rotations or dihedral (only for products whose orientation does not matter)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the --shots draw and of the --holdout split."),
 ) -> None:
-    """Fit a detector on normal images and calibrate its threshold on normal images it did not learn from."""
+    """Fit a detector on normal images and calibrate its threshold on normal images it did not learn from.
+
+    With --shots K (few-shot), the threshold is the largest leave-one-shot-out score (a false-alarm rate
+    of 1/(K+1) at best); with K = 1, each predicted batch sets its own threshold. `anomalens calibrate`
+    replaces either with a conformal threshold once enough normal images exist."""
     from .data import training_paths
     from .detectors import create_detector
 
@@ -101,15 +117,16 @@ def fit(
             params["coreset_ratio"] = coreset_ratio
         det = create_detector(model, **params)
         paths = training_paths(data)
-        console.print(f"fitting [bold]{model}[/] on {len(paths)} images ({backbone}, {det.image_size}px)")
+        what = f"{shots} of {len(paths)} images (few-shot, augment {augment})" if shots else f"{len(paths)} images"
+        console.print(f"fitting [bold]{model}[/] on {what} ({backbone}, {det.image_size}px)")
         with progress_bars() as cb:
-            det.fit(paths, progress=cb, holdout=holdout)
+            det.fit(paths, progress=cb, holdout=holdout, seed=seed, shots=shots, augment=augment)
         det.save(out)
     except AnomalensError as exc:
         _fail(exc)
     info = det.fit_info
     console.print(
-        f"saved {out}  fit {info['seconds_total']:.1f}s  threshold {det.threshold:.4f}  pixel threshold {det.pixel_threshold:.4f}"
+        f"saved {out}  fit {info['seconds_total']:.1f}s  threshold {_num(det.threshold)}  pixel threshold {_num(det.pixel_threshold)}"
     )
     if det.calibration:
         console.print(f"threshold: {det.calibration.note}")
@@ -145,7 +162,7 @@ def calibrate(
         det.save(out or model_dir)
     except AnomalensError as exc:
         _fail(exc)
-    console.print(f"threshold {before:.4f} -> {det.threshold:.4f}: {det.calibration.note}")
+    console.print(f"threshold {_num(before)} -> {det.threshold:.4f}: {det.calibration.note}")
     console.print(f"saved {out or model_dir}")
 
 

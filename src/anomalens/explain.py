@@ -56,7 +56,9 @@ class Evidence:
         train_image: that training image's path, or None when it was fitted from memory.
         train_box: the matching crop of the training image (its pixels), or None when its size is
             unknown (image not found); then ``train_grid_xy`` still says where.
-        train_grid_xy: ``(x, y)`` patch position of the bank feature on the feature grid.
+        train_grid_xy: ``(x, y)`` patch position of the bank feature on the feature grid (of its view).
+        train_view: the augmented view the bank feature came from (few-shot; ``"id"`` = the image as is,
+            see :mod:`anomalens.augment`); ``train_box`` is already mapped back to the original image.
         distance: feature distance between the two patches (that patch's anomaly score, before smoothing).
     """
 
@@ -66,6 +68,7 @@ class Evidence:
     train_box: tuple[int, int, int, int] | None
     train_grid_xy: tuple[int, int]
     distance: float
+    train_view: str = "id"
 
     def to_dict(self) -> dict:
         return asdict(self)

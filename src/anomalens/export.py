@@ -222,6 +222,9 @@ def check_exportable(detector) -> None:
 
     if get_spec(detector.backbone_name).build is None:
         raise ConfigError(f"backbone {detector.backbone_name} is itself an ONNX model; its detectors are not exported (they already run on ONNX Runtime)")
+    cal = getattr(detector, "calibration", None)
+    if cal is not None and cal.is_batch_relative:
+        raise ConfigError("a one-shot model decides relative to each predicted batch; that rule is not in the ONNX file")
     if getattr(detector, "image_score", "max") != "max":
         raise ConfigError("ONNX export supports PatchCore's image_score='max' only")
 

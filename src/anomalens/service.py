@@ -13,7 +13,8 @@ Every bad request gets a 4xx JSON answer ``{"error": "..."}`` and the service ke
 413 for an upload over ``max_upload_mb`` (checked on ``Content-Length`` before reading, and again while
 reading), 415 for a request that is not ``multipart/form-data``, 422 for a missing field, an empty,
 corrupt, truncated or non-image file, or an image over ``max_pixels`` pixels (checked from the
-header, before decoding), 400 for too many files, 404 for an unknown model. One inference runs at a
+header, before decoding), 400 for too many files, 404 for an unknown model, 409 for fewer than 5
+images sent to a one-shot model (which decides relative to each batch). One inference runs at a
 time per model (a lock), which bounds memory and suits a small CPU. The default engine is ONNX Runtime
 (:mod:`anomalens.export`), which gives the same predictions as the Python model, faster.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import math
 import os
 import threading
 import time
@@ -34,7 +36,7 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .errors import AnomalensError, ImageReadError
+from .errors import AnomalensError, CalibrationError, ImageReadError
 from .export import load_inference_model
 from .io import decode_image
 
@@ -61,6 +63,11 @@ class ServedModel:
     def predict(self, images: list[np.ndarray]):
         with self.lock:
             return self.model.predict(images)
+
+
+def _finite(v: float) -> float | None:
+    """JSON has no NaN: thresholds of batch-relative models are null until a batch sets them."""
+    return None if v is None or math.isnan(v) else float(v)
 
 
 def _overlay_png(img: np.ndarray, pred, pixel_threshold: float) -> str:
@@ -150,7 +157,7 @@ def create_app(
             "default": default,
             "models": [
                 {"name": m.name, "detector": m.config.get("detector"), "backbone": m.config.get("params", {}).get("backbone"),
-                 "threshold": m.model.threshold, "pixel_threshold": m.model.pixel_threshold}
+                 "threshold": _finite(m.model.threshold), "pixel_threshold": _finite(m.model.pixel_threshold)}
                 for m in models.values()
             ],
         }
@@ -189,7 +196,10 @@ def create_app(
                 raise HTTPException(422, str(exc)) from None
             names.append(name)
         t0 = time.perf_counter()
-        preds = m.predict(images)
+        try:
+            preds = m.predict(images)
+        except CalibrationError as exc:  # a one-shot model given too few images to decide relative to
+            raise HTTPException(409, str(exc)) from None
         ms = 1000.0 * (time.perf_counter() - t0) / max(1, len(images))
         results = []
         for name, img, p in zip(names, images, preds):

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .augment import apply_view
 from .explain import Evidence, Region, crop_box
 from .prediction import Prediction
 
@@ -94,7 +95,9 @@ def evidence_panel(image: np.ndarray, evidence: Evidence, train_image: np.ndarra
     left = cv2.resize(image[y0:y1, x0:x1], (side, side), interpolation=cv2.INTER_CUBIC)
     if train_image is not None and evidence.train_box is not None:
         a0, b0, a1, b1 = evidence.train_box
-        right = cv2.resize(train_image[b0:b1, a0:a1], (side, side), interpolation=cv2.INTER_CUBIC)
+        # shown as the bank saw it (the augmented view), so that it lines up with the flagged crop
+        crop = apply_view(train_image[b0:b1, a0:a1], evidence.train_view)
+        right = cv2.resize(crop, (side, side), interpolation=cv2.INTER_CUBIC)
         name = os.path.basename(evidence.train_image or f"train #{evidence.train_index}")
     else:
         right = np.full((side, side, 3), 96, np.uint8)

@@ -31,10 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .calibration import robust_threshold
 from .common import AnomalyMapHead, resize_map, to_tensor_batch
 from .errors import AnomalensError
 from .explain import find_regions
-from .io import ImageLike, image_name, to_rgb_array
+from .data import Sample
+from .io import ImageLike
 from .prediction import Prediction
 
 
@@ -121,24 +123,29 @@ class MuSc:
             out += scores[idx].mean(1)
         return out / len(ks)
 
-    def predict(self, images: Iterable[ImageLike], progress=None) -> list[Prediction]:
+    def predict(self, images: Iterable[ImageLike | Sample], progress=None) -> list[Prediction]:
         """Score a batch of unlabeled images against each other.
 
         Unreadable inputs give failed predictions and are left out of the mutual scoring.
+        :class:`~anomalens.data.Sample` inputs carry their ground truth into the predictions (to
+        evaluate; it is not used for scoring).
 
         Raises:
             AnomalensError: fewer than 3 readable images (mutual scoring needs others to compare with).
         """
+        from .detectors.base import read_input
+
         items = list(images)
         out: list[Prediction | None] = [None] * len(items)
-        ok_idx, arrays = [], []
+        ok_idx, arrays, truths = [], [], []
         for i, item in enumerate(items):
-            try:
-                arrays.append(to_rgb_array(item))
-                ok_idx.append(i)
-            except AnomalensError as exc:
-                path = image_name(item, i) if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__") else None
-                out[i] = Prediction.failed(path, str(exc))
+            read = read_input(item, i)
+            if isinstance(read, Prediction):
+                out[i] = read
+                continue
+            arrays.append(read[0])
+            truths.append(read[1])
+            ok_idx.append(i)
         if len(arrays) < 3:
             raise AnomalensError(f"zero-shot scoring needs at least 3 readable images of one product, got {len(arrays)}")
         feats = self.features(arrays)
@@ -147,20 +154,13 @@ class MuSc:
         scores = self.rescore(raw, feats)
         maps = self.head(grids)
         s = scores.double().numpy()
-        med = float(np.median(s))
-        mad = 1.4826 * float(np.median(np.abs(s - med))) or 1e-12
-        threshold = med + self.z * mad
-        pix = maps.flatten().double().numpy()
-        pmed = float(np.median(pix))
-        pmad = 1.4826 * float(np.median(np.abs(pix - pmed))) or 1e-12
-        pixel_threshold = pmed + self.z * pmad
+        threshold = robust_threshold(s, self.z)
+        pixel_threshold = robust_threshold(maps.flatten().double().numpy(), self.z)
         self.threshold, self.pixel_threshold = threshold, pixel_threshold
         for j, i in enumerate(ok_idx):
             amap = resize_map(maps[j], arrays[j].shape[:2])
             mask = amap > pixel_threshold
-            src = items[i]
             out[i] = Prediction(
-                image_path=str(src) if isinstance(src, str) or hasattr(src, "__fspath__") else None,
                 pred_score=float(s[j]),
                 pred_label=int(s[j] > threshold),
                 anomaly_map=amap,
@@ -168,5 +168,6 @@ class MuSc:
                 p_value=None,
                 threshold=threshold,
                 regions=find_regions(amap, mask),
+                **truths[j],
             )
         return out  # type: ignore[return-value]

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..backbones import get_spec, make_backbone
-from ..calibration import Calibration, check_calibration_size
+from ..augment import AUGMENTATIONS, apply_view, check_augment
+from ..calibration import BATCH_Z, MIN_BATCH, Calibration, batch_thresholds, check_calibration_size, min_calibration_images
 from ..common import AnomalyMapHead, PatchFeatureExtractor, resize_map, to_tensor_batch
 from ..data import Sample
 from ..errors import AnomalensError, CalibrationError, ConfigError, DatasetError, ImageReadError, ModelFileError, NotFittedError
@@ -63,6 +64,8 @@ class Detector(ABC):
     """
 
     name: ClassVar[str] = "detector"
+    #: whether :meth:`fit` accepts ``shots`` (memory-bank detectors)
+    supports_few_shot: ClassVar[bool] = False
     #: how :meth:`fit` gets out-of-sample calibration scores without a hold-out (see :mod:`anomalens.calibration`)
     calibration_source: ClassVar[str] = "leave-one-out"
 
@@ -109,6 +112,10 @@ class Detector(ABC):
         self.fit_info: dict[str, Any] = {}
         #: paths of the fitted training images, in order (None for in-memory images); evidence crops use them
         self.train_images: list[str | None] = []
+        #: views of each training image in the bank, in order (few-shot augmentation; ``["id"]`` otherwise)
+        self.train_views: list[str] = ["id"]
+        #: thresholds set by the last batch-relative :meth:`predict` (one-shot models), else None
+        self.batch_thresholds: tuple[float, float] | None = None
         self._extractor: PatchFeatureExtractor | None = None
         self._map_head: AnomalyMapHead | None = None
 
@@ -148,14 +155,20 @@ class Detector(ABC):
 
     @property
     def threshold(self) -> float:
-        """Image-level decision threshold (``pred_label = pred_score > threshold``)."""
+        """Image-level decision threshold (``pred_label = pred_score > threshold``); for a
+        batch-relative (one-shot) model, that of the last predicted batch (NaN before any)."""
         self._check_fitted()
+        if self.calibration.is_batch_relative and self.batch_thresholds:  # type: ignore[union-attr]
+            return self.batch_thresholds[0]
         return self.calibration.threshold  # type: ignore[union-attr]
 
     @property
     def pixel_threshold(self) -> float:
-        """Pixel-level threshold (``pred_mask = anomaly_map > pixel_threshold``)."""
+        """Pixel-level threshold (``pred_mask = anomaly_map > pixel_threshold``); batch-relative models:
+        as :attr:`threshold`."""
         self._check_fitted()
+        if self.calibration.is_batch_relative and self.batch_thresholds:  # type: ignore[union-attr]
+            return self.batch_thresholds[1]
         return self.calibration.pixel_threshold  # type: ignore[union-attr]
 
     def set_false_alarm_rate(self, alpha: float) -> None:
@@ -186,8 +199,9 @@ class Detector(ABC):
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
-    def _fit_features(self, features: torch.Tensor, progress: Progress) -> None:
-        """Learn from ``float32`` ``(N, D, h, w)`` patch features of the normal images."""
+    def _fit_features(self, features: torch.Tensor, progress: Progress, keep_all: bool = False) -> None:
+        """Learn from ``float32`` ``(N, D, h, w)`` patch features of the normal images (``keep_all``:
+        few-shot, keep every patch)."""
 
     @abstractmethod
     def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -211,8 +225,13 @@ class Detector(ABC):
         return None
 
     @abstractmethod
-    def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores of the training images by a model that did not learn from each of them (for calibration)."""
+    def _out_of_sample_scores(
+        self, features: torch.Tensor, progress: Progress, groups: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(n,)`` and patch-score grids ``(n, h, w)`` of the training images by a model that did
+        not learn from each of them (for calibration). ``groups`` (few-shot): ``int64`` ``(N,)`` source
+        image of each feature row (its augmented views share it, the original view first); then one
+        score per source image, from its original view, with all its views left out."""
 
     @abstractmethod
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -240,6 +259,8 @@ class Detector(ABC):
         *,
         holdout: float = 0.0,
         seed: int = 0,
+        shots: int | None = None,
+        augment: str = "none",
     ) -> "Detector":
         """Fit on normal images and calibrate the thresholds on normal images the model did not learn from.
 
@@ -249,13 +270,22 @@ class Detector(ABC):
             progress: optional ``progress(stage, done, total)`` callback.
             holdout: fraction of ``images`` kept out of fitting for split-conformal calibration
                 (exact guarantee). 0 = calibrate on all of them out of sample (``calibration_source``).
-            seed: seed of the hold-out draw.
+            seed: seed of the hold-out draw, or of the draw of the ``shots`` images.
+            shots: few-shot: fit on ``shots`` images drawn at random (``seed``) from ``images``
+                (pass exactly ``shots`` images to choose them). Memory-bank detectors only; every
+                patch of every view is kept (no coreset). The threshold follows the few-shot rule of
+                :mod:`anomalens.calibration`: the largest leave-one-shot-out score (false-alarm rate
+                ``max(false_alarm_rate, 1 / (shots + 1))``), or batch-relative decisions for one shot.
+            augment: few-shot views of each shot added to the bank (:data:`~anomalens.augment.AUGMENTATIONS`:
+                ``"none"``, ``"flips"``, ``"rotations"``, ``"dihedral"``); only for orientation-free products.
 
         Returns:
             ``self``.
 
         Raises:
             DatasetError: no images, or an empty folder.
+            ConfigError: ``shots`` larger than the images given, ``shots`` with ``holdout``, ``augment``
+                without ``shots``, or ``shots`` on a detector without a memory bank.
             CalibrationError: too few (held-out) normal images for ``false_alarm_rate``; raised before
                 any work, saying how many are needed.
             ImageReadError: a training image cannot be read (the message names it; training stops,
@@ -267,8 +297,22 @@ class Detector(ABC):
             raise DatasetError("no training images given")
         if not 0.0 <= holdout < 1.0:
             raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+        views = check_augment(augment)
         held: list = []
-        if holdout > 0:
+        groups: torch.Tensor | None = None
+        if shots is not None:
+            if not self.supports_few_shot:
+                raise ConfigError(f"{type(self).__name__} has no memory bank to fit from a few shots; use PatchCore")
+            if holdout:
+                raise ConfigError("few-shot fitting (shots) and holdout exclude each other: calibrate later with new normal images")
+            if not 1 <= shots <= len(images):
+                raise ConfigError(f"shots must be in [1, {len(images)}] (the images given), got {shots}")
+            pick = np.random.default_rng(seed).choice(len(images), size=shots, replace=False) if shots < len(images) else np.arange(shots)
+            images = [images[i] for i in sorted(pick)]
+            groups = torch.arange(shots).repeat_interleave(len(views))
+        elif augment != "none":
+            raise ConfigError("augment applies to few-shot fitting: give shots as well")
+        elif holdout > 0:
             n_held = int(round(holdout * len(images)))
             check_calibration_size(n_held, self.false_alarm_rate)
             if n_held >= len(images):
@@ -279,28 +323,49 @@ class Detector(ABC):
         else:
             check_calibration_size(len(images), self.false_alarm_rate)
         self.train_images = [os.path.abspath(x) if isinstance(x, (str, os.PathLike)) else None for x in images]
+        self.train_views = list(views) if shots is not None else ["id"]
         t0 = time.perf_counter()
         feats = []
         n = len(images)
         for s in range(0, n, self.batch_size):
             batch = [to_rgb_array(img) for img in images[s : s + self.batch_size]]
+            if len(views) > 1:
+                batch = [apply_view(img, v) for img in batch for v in views]
             feats.append(self.extract(batch))
             progress("features", min(n, s + self.batch_size), n)
         features = torch.cat(feats)
         del feats
         t1 = time.perf_counter()
+        alpha = self.false_alarm_rate
         with torch.inference_mode():
-            self._fit_features(features, progress)
+            self._fit_features(features, progress, keep_all=shots is not None)
             t2 = time.perf_counter()
             if held:
                 scores, maxima = self._calibration_scores(held, progress)
                 source = "held-out"
+            elif shots == 1:
+                scores = maxima = np.zeros(0)
+                source = "batch"
             else:
-                oos, grids = self._out_of_sample_scores(features, progress)
+                oos, grids = self._out_of_sample_scores(features, progress, groups)
                 scores = oos.double().numpy()
                 maxima = torch.stack([self.map_head(grids[i : i + 1])[0].max() for i in range(grids.shape[0])]).double().numpy()
-                source = self.calibration_source
-        self.calibration = Calibration.from_scores(scores, maxima, self.false_alarm_rate, source)
+                source = self.calibration_source if shots is None else "few-shot"
+        if source == "batch":
+            self.calibration = Calibration.batch_relative(
+                "one normal image gives no out-of-sample score: each predicted batch of at least "
+                f"{MIN_BATCH} images sets its own thresholds (median + {BATCH_Z:g} robust SD); no false-alarm guarantee"
+            )
+        elif source == "few-shot":
+            alpha = max(alpha, 1.0 / (len(scores) + 1))
+            self.calibration = Calibration.from_scores(scores, maxima, alpha, source)
+            self.calibration.note = (
+                f"few-shot: the largest of {len(scores)} leave-one-shot-out scores, a false-alarm rate of {alpha:.3g} at most "
+                f"(requested {self.false_alarm_rate:g}, which needs {min_calibration_images(self.false_alarm_rate)} normal images: "
+                "add them with anomalens calibrate)"
+            )
+        else:
+            self.calibration = Calibration.from_scores(scores, maxima, alpha, source)
         t3 = time.perf_counter()
         self.fit_info = {
             "n_train_images": n,
@@ -313,6 +378,9 @@ class Detector(ABC):
             "seconds_calibration": round(t3 - t2, 3),
             "seconds_total": round(t3 - t0, 3),
         }
+        if shots is not None:
+            self.fit_info.update(shots=int(shots), augment=augment, requested_false_alarm_rate=self.false_alarm_rate, seed=int(seed))
+            self.false_alarm_rate = alpha
         return self
 
     def _calibration_scores(self, images: Sequence[ImageLike], progress: Progress) -> tuple[np.ndarray, np.ndarray]:
@@ -404,7 +472,13 @@ class Detector(ABC):
         """
         self._check_fitted()
         assert self.calibration is not None
-        return run_predictions(images, self._scorer, self.calibration, self.batch_size, keep_images=keep_images, progress=progress)
+        return run_predictions(
+            images, self._scorer, self.calibration, self.batch_size, keep_images=keep_images, progress=progress,
+            on_batch_thresholds=self._set_batch_thresholds,
+        )
+
+    def _set_batch_thresholds(self, threshold: float, pixel_threshold: float) -> None:
+        self.batch_thresholds = (threshold, pixel_threshold)
 
     def _scorer(self, images: list[np.ndarray]) -> tuple[list[float], list[np.ndarray], EvidenceFn]:
         scores, maps, grids, nearest = self._score_batch(images)
@@ -434,10 +508,11 @@ class Detector(ABC):
         config = {
             "detector": self.name,
             "params": self.get_params(),
-            "threshold": cal.threshold,
-            "pixel_threshold": cal.pixel_threshold,
+            "threshold": None if cal.is_batch_relative else cal.threshold,
+            "pixel_threshold": None if cal.is_batch_relative else cal.pixel_threshold,
             "calibration": {"source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size)},
             "train_images": self.train_images,
+            "train_views": self.train_views,
             "fit_info": self.fit_info,
         }
         save_model(directory, config, tensors)
@@ -464,6 +539,10 @@ class Detector(ABC):
             note=str(cal_cfg.get("note", "")),
         )
         det.fit_info = config.get("fit_info", {})
+        views = config.get("train_views") or ["id"]
+        if not (isinstance(views, list) and all(v in AUGMENTATIONS["dihedral"] for v in views)):
+            raise ModelFileError(f"model config has invalid train_views {views!r}")
+        det.train_views = views
         train = config.get("train_images") or []
         det.train_images = [str(x) if isinstance(x, str) else None for x in train] if isinstance(train, list) else []
         return det
@@ -487,6 +566,29 @@ EvidenceFn = Callable[[int, tuple[int, int], Region], Evidence | None]
 Scorer = Callable[[list[np.ndarray]], tuple[list[float], list[np.ndarray], EvidenceFn | None]]
 
 
+def read_input(item: ImageLike | Sample, i: int) -> tuple[np.ndarray, dict[str, Any]] | Prediction:
+    """Read one input of :meth:`Detector.predict`: ``(uint8 RGB image, ground-truth fields)``, or a
+    failed :class:`Prediction` naming it when it (or its mask) cannot be read.
+
+    The fields are ``image_path`` and, for a :class:`~anomalens.data.Sample`, ``gt_label``,
+    ``defect_type`` and ``gt_mask`` (``bool`` ``(H, W)``; all False for a good image).
+    """
+    gt: dict[str, Any] = {}
+    src: Any = item
+    if isinstance(item, Sample):
+        src = item.path
+        gt = {"gt_label": item.gt_label, "defect_type": item.defect_type}
+    name = image_name(src, i)
+    try:
+        img = to_rgb_array(src)
+        if isinstance(item, Sample):
+            gt["gt_mask"] = read_mask(item.mask_path, img.shape[:2]) if item.mask_path is not None else np.zeros(img.shape[:2], bool)
+    except (ImageReadError, DatasetError) as exc:
+        return Prediction.failed(name if isinstance(src, (str, os.PathLike)) else None, str(exc), **{k: v for k, v in gt.items() if k != "gt_mask"})
+    gt["image_path"] = str(src) if isinstance(src, (str, os.PathLike)) else None
+    return img, gt
+
+
 def run_predictions(
     images: Iterable[ImageLike | Sample],
     scorer: Scorer,
@@ -495,25 +597,31 @@ def run_predictions(
     *,
     keep_images: bool = False,
     progress: Progress | None = None,
+    on_batch_thresholds: Callable[[float, float], None] | None = None,
 ) -> list[Prediction]:
     """The prediction loop shared by every inference engine (torch detectors, ONNX Runtime).
 
     Reads each input (an unreadable one becomes a failed :class:`Prediction`, the rest go on), scores
     batches with ``scorer``, and turns scores and maps into decisions, masks, p-values, regions and,
-    for flagged images, evidence, all from the calibration ``cal``.
+    for flagged images, evidence, all from the calibration ``cal``. A batch-relative calibration
+    (one-shot models) decides once every image is scored, from :func:`~anomalens.calibration.batch_thresholds`
+    of all of them, and reports the thresholds to ``on_batch_thresholds(image, pixel)``.
+
+    Raises:
+        CalibrationError: batch-relative calibration and fewer than
+            :data:`~anomalens.calibration.MIN_BATCH` readable images.
     """
     progress = progress or _noop
     items = list(images)
     out: list[Prediction | None] = [None] * len(items)
     pending: list[tuple[int, np.ndarray, dict]] = []
+    #: scored, not yet decided: (index, image, ground truth, score, map, evidence function, index in its batch)
+    scored: list[tuple[int, np.ndarray, dict, float, np.ndarray, EvidenceFn | None, int]] = []
 
-    def flush() -> None:
-        if not pending:
-            return
-        scores, maps, evidence_fn = scorer([p[1] for p in pending])
-        for j, ((i, img, gt), score, amap) in enumerate(zip(pending, scores, maps)):
-            mask = amap > cal.pixel_threshold
-            label = int(score > cal.threshold)
+    def decide(threshold: float, pixel_threshold: float) -> None:
+        for i, img, gt, score, amap, evidence_fn, j in scored:
+            mask = amap > pixel_threshold
+            label = int(score > threshold)
             regions = find_regions(amap, mask)
             evidence = evidence_fn(j, img.shape[:2], regions[0]) if (label and regions and evidence_fn) else None
             out[i] = Prediction(
@@ -522,35 +630,34 @@ def run_predictions(
                 pred_label=label,
                 anomaly_map=amap,
                 pred_mask=mask,
-                p_value=cal.p_value(float(score)),
-                threshold=cal.threshold,
+                p_value=None if cal.is_batch_relative else cal.p_value(float(score)),
+                threshold=threshold,
                 regions=regions,
                 evidence=evidence,
                 image=img if keep_images else None,
                 **gt,
             )
+        scored.clear()
+
+    def flush() -> None:
+        if not pending:
+            return
+        scores, maps, evidence_fn = scorer([p[1] for p in pending])
+        for j, ((i, img, gt), score, amap) in enumerate(zip(pending, scores, maps)):
+            scored.append((i, img, gt, float(score), amap, evidence_fn, j))
         pending.clear()
+        if not cal.is_batch_relative:
+            decide(cal.threshold, cal.pixel_threshold)
 
     done = 0
     for i, item in enumerate(items):
-        gt: dict[str, Any] = {}
-        src: Any = item
-        if isinstance(item, Sample):
-            src = item.path
-            gt = {"gt_label": item.gt_label, "defect_type": item.defect_type}
-        name = image_name(src, i)
-        try:
-            img = to_rgb_array(src)
-            if isinstance(item, Sample):
-                gt["gt_mask"] = (
-                    read_mask(item.mask_path, img.shape[:2]) if item.mask_path is not None else np.zeros(img.shape[:2], bool)
-                )
-        except (ImageReadError, DatasetError) as exc:
-            out[i] = Prediction.failed(name if isinstance(src, (str, os.PathLike)) else None, str(exc), **{k: v for k, v in gt.items() if k != "gt_mask"})
+        read = read_input(item, i)
+        if isinstance(read, Prediction):
+            out[i] = read
             done += 1
             progress("predict", done, len(items))
             continue
-        gt["image_path"] = str(src) if isinstance(src, (str, os.PathLike)) else None
+        img, gt = read
         pending.append((i, img, gt))
         if len(pending) >= batch_size:
             n_flush = len(pending)
@@ -561,6 +668,11 @@ def run_predictions(
     flush()
     done += n_flush
     progress("predict", done, len(items))
+    if cal.is_batch_relative:
+        t, tp = batch_thresholds(np.array([x[3] for x in scored]), [x[4] for x in scored])
+        if on_batch_thresholds is not None:
+            on_batch_thresholds(t, tp)
+        decide(t, tp)
     return out  # type: ignore[return-value]
 
 

@@ -72,7 +72,7 @@ class PaDiM(Detector):
         f = features.index_select(1, self.channels)
         return f.flatten(2).transpose(1, 2).double()
 
-    def _fit_features(self, features: torch.Tensor, progress: Progress) -> None:
+    def _fit_features(self, features: torch.Tensor, progress: Progress, keep_all: bool = False) -> None:
         n, dim, h, w = features.shape
         d = min(self.n_features, dim)
         g = torch.Generator().manual_seed(self.seed)
@@ -120,7 +120,9 @@ class PaDiM(Detector):
         z = torch.einsum("bpi,pij->bpj", self._select(features).float() - self.mean[None], self._chol)
         return z.transpose(1, 2).reshape(b, -1, h, w)
 
-    def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
+    def _out_of_sample_scores(
+        self, features: torch.Tensor, progress: Progress, groups: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K-fold cross-fitting: each image scored by the Gaussians fitted without its fold."""
         n, _, h, w = features.shape
         x = self._select(features)

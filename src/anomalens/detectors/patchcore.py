@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..augment import view_to_source
 from ..errors import ConfigError
 from ..explain import Evidence, Region, crop_box
 from ..knn import BACKENDS, NearestNeighbours, pairwise_sq_dists
@@ -43,6 +44,7 @@ class PatchCore(Detector):
     """
 
     name = "patchcore"
+    supports_few_shot = True
 
     def __init__(
         self,
@@ -86,10 +88,11 @@ class PatchCore(Detector):
         return p
 
     # ------------------------------------------------------------------ fit
-    def _fit_features(self, features: torch.Tensor, progress: Progress) -> None:
+    def _fit_features(self, features: torch.Tensor, progress: Progress, keep_all: bool = False) -> None:
         n, d, h, w = features.shape
         flat = features.permute(0, 2, 3, 1).reshape(-1, d)
-        n_select = max(1, min(flat.shape[0], int(round(self.coreset_ratio * flat.shape[0]))))
+        ratio = 1.0 if keep_all else self.coreset_ratio
+        n_select = max(1, min(flat.shape[0], int(round(ratio * flat.shape[0]))))
         if n_select < flat.shape[0]:
             idx = greedy_coreset(
                 flat, n_select, projection_dim=self.projection_dim, progress=lambda a, b: progress("coreset", a, b)
@@ -174,7 +177,8 @@ class PatchCore(Detector):
         gy, gx = gy0 + k // core.shape[1], gx0 + k % core.shape[1]
         row = int(nearest[gy, gx])
         origin = int(self.bank_index[row])
-        ti, pos = divmod(origin, gh * gw)
+        vi, pos = divmod(origin, gh * gw)
+        ti, view = divmod(vi, len(self.train_views))
         ty, tx = divmod(pos, gw)
         stride = self.image_size / gw
         side = min(max(1.5 * max((x1 - x0) * self.image_size / W, (y1 - y0) * self.image_size / H), 6 * stride), 16 * stride)
@@ -192,7 +196,9 @@ class PatchCore(Detector):
                 from PIL import Image
 
                 with Image.open(path) as im:
-                    train_box = box(tx + 0.5 + dx, ty + 0.5 + dy, (im.height, im.width))
+                    # position in the view (grid units) -> normalised position in the original image
+                    u, v = view_to_source(self.train_views[view], (tx + 0.5 + dx) / gw, (ty + 0.5 + dy) / gh, 1.0, 1.0)
+                    train_box = box(u * gw, v * gh, (im.height, im.width))
             except OSError:
                 train_box = None
         return Evidence(
@@ -201,20 +207,26 @@ class PatchCore(Detector):
             train_image=path,
             train_box=train_box,
             train_grid_xy=(tx, ty),
+            train_view=self.train_views[view],
             distance=float(patch_scores[gy, gx]),
         )
 
-    def _out_of_sample_scores(self, features: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
-        """Leave-one-image-out: each training image scored against the bank minus its own patches."""
+    def _out_of_sample_scores(
+        self, features: torch.Tensor, progress: Progress, groups: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leave-one-image-out: each training image scored against the bank minus its own patches
+        (few-shot: minus the patches of all its views)."""
         assert self.memory_bank is not None and self.bank_index is not None
         n, d, h, w = features.shape
-        owner = self.bank_index // (h * w)
+        groups = torch.arange(n) if groups is None else groups
+        owner = groups[self.bank_index // (h * w)]
         bank_sq = (self.memory_bank * self.memory_bank).sum(1)
         scores, grids = [], []
-        for i in range(n):
+        firsts = [int(i) for i in range(n) if i == 0 or groups[i] != groups[i - 1]]
+        for done, i in enumerate(firsts):
             q = features[i].permute(1, 2, 0).reshape(-1, d)
             dd = pairwise_sq_dists(q, self.memory_bank, bank_sq)
-            own = owner == i
+            own = owner == groups[i]
             if bool(own.all()):  # a single training image: nothing else to compare with
                 dd = dd.clone()
             else:
@@ -223,7 +235,7 @@ class PatchCore(Detector):
             s, g = self._image_scores(q, v.sqrt(), idx, 1)
             scores.append(s)
             grids.append(g.view(1, h, w))
-            progress("calibration", i + 1, n)
+            progress("calibration", done + 1, len(firsts))
         return torch.cat(scores), torch.cat(grids)
 
     # ------------------------------------------------------------------ state
