@@ -17,13 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ANOMALENS_DATA", ROOT.parent / "shared" / "data"))
 HAZELNUT = DATA / "mvtec_ad" / "hazelnut_reduced"
 TRANSISTOR = DATA / "mvtec_ad" / "transistor"
+PED2 = DATA / "ucsd_ped2"
 
 
 def require(path: Path) -> Path:
     """Return ``path`` if it exists; otherwise skip (or fail when ANOMALENS_REQUIRE_DATA=1)."""
     if path.exists():
         return path
-    msg = f"real data not found at {path} (set ANOMALENS_DATA to the folder holding mvtec_ad/)"
+    msg = f"real data not found at {path} (set ANOMALENS_DATA to the folder holding mvtec_ad/ and ucsd_ped2/)"
     if os.environ.get("ANOMALENS_REQUIRE_DATA") == "1":
         pytest.fail(msg + " and ANOMALENS_REQUIRE_DATA=1")
     pytest.skip(msg)
@@ -78,3 +79,41 @@ def transistor_patchcore(transistor):
     from anomalens import PatchCore
 
     return PatchCore().fit(transistor)
+
+
+@pytest.fixture(scope="session")
+def ped2_slice(tmp_path_factory) -> dict:
+    """A small slice of UCSD Ped2, as symlinks to the shared frames (nothing is copied): 4 training
+    videos of 60 frames, and 2 test videos of 60 frames around the start of an abnormal event
+    (02: frames 64-123, event from 94; 04: frames 0-59, event from 30), with their frame labels."""
+    import json
+
+    ped2 = require(PED2)
+    root = tmp_path_factory.mktemp("ped2")
+    labels = json.loads((ped2 / "testing" / "frame_labels.json").read_text())
+
+    def link(split: str, video: str, start: int, stop: int) -> None:
+        src = sorted((ped2 / split / "frames" / video).glob("*.jpg"))[start:stop]
+        dst = root / split / "frames" / video
+        dst.mkdir(parents=True)
+        for i, f in enumerate(src):
+            (dst / f"{i:03d}.jpg").symlink_to(f)
+
+    for v in ("01", "02", "03", "04"):
+        link("training", v, 0, 60)
+    sliced = {}
+    for v, (a, b) in {"02": (64, 124), "04": (0, 60)}.items():
+        link("testing", v, a, b)
+        sliced[v] = labels[v][a:b]
+    (root / "testing" / "frame_labels.json").write_text(json.dumps(sliced))
+    return {"root": root, "train": root / "training", "test": root / "testing", "labels": root / "testing" / "frame_labels.json"}
+
+
+@pytest.fixture(scope="session")
+def ped2_model(ped2_slice, tmp_path_factory) -> Path:
+    """A video model fitted on the training slice (1 of its 4 videos held out to calibrate at 5%)."""
+    from anomalens.video import VideoDetector
+
+    out = tmp_path_factory.mktemp("video_model") / "m"
+    VideoDetector(calibration_videos=1, false_alarm_rate=0.05).fit(ped2_slice["train"]).save(out)
+    return out

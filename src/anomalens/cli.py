@@ -1,4 +1,4 @@
-"""Command-line interface: ``anomalens fit | predict | evaluate | info | backbones``."""
+"""Command-line interface: ``anomalens fit | predict | evaluate | calibrate | ... | video fit | video predict | video evaluate``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ STAGE_LABELS = {
     "calibration": "calibrating threshold",
     "predict": "predicting",
     "fit": "fitting models",
+    "frames": "reading training videos",
 }
 
 
@@ -541,6 +542,11 @@ def backbones() -> None:
     for name, spec in BACKBONES.items():
         t.add_row(name, ", ".join(spec.default_layers), spec.weights_package)
     out_console.print(t)
+
+
+from .video.cli import video_app  # noqa: E402  (after the helpers it uses)
+
+app.add_typer(video_app, name="video")
 
 
 def main() -> None:  # pragma: no cover

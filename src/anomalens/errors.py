@@ -39,3 +39,18 @@ class CalibrationError(ConfigError):
 
 class NotFittedError(AnomalensError, RuntimeError):
     """A detector was used before `fit` (or `load`)."""
+
+
+class VideoReadError(AnomalensError, ValueError):
+    """A video (file or frame folder) cannot be opened, or ends early: truncated file, unreadable
+    frame, frame of another size.
+
+    Attributes:
+        video: the offending video.
+        frames_read: how many frames were read before the error (their results are kept).
+    """
+
+    def __init__(self, video: object, reason: str, frames_read: int = 0):
+        self.video = str(video)
+        self.frames_read = int(frames_read)
+        super().__init__(f"cannot read video {self.video}: {reason}")

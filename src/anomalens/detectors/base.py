@@ -687,6 +687,8 @@ def load_detector(directory: str | os.PathLike) -> Detector:
 
     config = read_config(directory)
     name = config.get("detector")
+    if name == "video":
+        raise ModelFileError(f"{directory} is a video model: use anomalens video predict / VideoDetector.load")
     if name not in DETECTORS:
         raise ModelFileError(f"model in {directory} is of unknown detector type {name!r}; known: {sorted(DETECTORS)}")
     config, tensors = load_model(directory)

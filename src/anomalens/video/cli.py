@@ -1,0 +1,160 @@
+"""``anomalens video fit | predict | evaluate``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import AnomalensError
+
+video_app = typer.Typer(no_args_is_help=True, help="Video anomaly detection for fixed cameras (UCSD Ped2 layout or video files).")
+
+
+def _ui():
+    from ..cli import _fail, console, out_console, progress_bars
+
+    return _fail, console, out_console, progress_bars
+
+
+@video_app.command("fit")
+def fit(
+    train: Path = typer.Argument(..., help="Normal videos: UCSD training/ (frames/NN/*.jpg), a folder of frame folders or video files, or one video."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="CNN for appearance features."),
+    image_size: int = typer.Option(256, help="Frames are resized to this square size for the backbone (pixels)."),
+    appearance: bool = typer.Option(True, "--appearance/--no-appearance", help="Score how patches look."),
+    motion: bool = typer.Option(True, "--motion/--no-motion", help="Score how patches move (optical flow)."),
+    temporal_sigma: float = typer.Option(3.0, help="Smoothing of the frame scores in frames (the stream's delay is 3x this)."),
+    false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal frames flagged."),
+    calibration_videos: Optional[int] = typer.Option(None, help="Normal videos held out to calibrate (default 25%, at least 1)."),
+) -> None:
+    """Learn normal appearance and motion of one camera view, and calibrate the frame threshold."""
+    from .detector import VideoDetector
+
+    _fail, console, _, progress_bars = _ui()
+    try:
+        det = VideoDetector(
+            backbone=backbone, image_size=image_size, appearance=appearance, motion=motion, temporal_sigma=temporal_sigma,
+            false_alarm_rate=false_alarm_rate, calibration_videos=calibration_videos,
+        )
+        with progress_bars() as cb:
+            det.fit(train, progress=cb)
+        det.save(out)
+    except AnomalensError as exc:
+        _fail(exc)
+    info = det.fit_info
+    console.print(
+        f"saved {out}  fit {info['seconds_total']:.1f}s on {info['n_train_frames']} frames of {len(info['train_videos'])} videos  "
+        f"threshold {det.threshold:.3f}"
+    )
+    console.print(f"threshold: {det.calibration.note}")
+
+
+def _write_outputs(det, video: Path, out: Path, labels: list[int] | None, mp4: bool):
+    """Predict one video, streaming frames into the annotated MP4; then the CSV and the plot."""
+    from .io import video_fps, video_name
+    from .output import AnnotatedVideoWriter, plot_scores, write_frame_csv
+
+    d = out / video_name(video)
+    fps = video_fps(video)
+    writer = AnnotatedVideoWriter(d / "annotated.mp4", fps, det.threshold, det.pixel_threshold) if mp4 else None
+    try:
+        pred = det.predict(video, on_frame=writer.write if writer else None, keep_frames=mp4)
+    finally:
+        if writer is not None:
+            writer.close()
+    write_frame_csv(pred, d / "scores.csv", labels)
+    plot_scores(pred, d / "scores.png", labels, fps)
+    return pred, d
+
+
+@video_app.command("predict")
+def predict(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens video fit`."),
+    videos: List[Path] = typer.Argument(..., help="Videos: frame folders, video files, or folders of them."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results: OUT/<video>/scores.csv, scores.png, annotated.mp4."),
+    mp4: bool = typer.Option(True, "--mp4/--no-mp4", help="Write the annotated MP4."),
+    labels: Optional[Path] = typer.Option(None, help="Frame labels JSON (video id -> 0/1 per frame), shaded in the plot."),
+) -> None:
+    """Score videos frame by frame (streamed: a long video is never held in memory)."""
+    from .detector import VideoDetector
+    from .evaluate import read_frame_labels
+    from .io import list_videos, video_name
+
+    _fail, console, out_console, _ = _ui()
+    failed = []
+    try:
+        det = VideoDetector.load(model_dir)
+        gt = read_frame_labels(labels) if labels else {}
+        items = [v for p in videos for v in list_videos(p)]
+    except AnomalensError as exc:
+        _fail(exc)
+    table = Table(title=f"{len(items)} video(s)")
+    for c in ("video", "frames", "abnormal frames", "max score", "fps", "results"):
+        table.add_column(c)
+    for video in items:
+        pred, d = _write_outputs(det, video, out, gt.get(video_name(video)), mp4)
+        if pred.error:
+            failed.append(pred.error)
+            console.print(f"[bold red]error:[/] {escape(pred.error)} (the {pred.n_frames} frames before it are in {d})", soft_wrap=True)
+        table.add_row(video_name(video), str(pred.n_frames), str(int(pred.pred_labels.sum())),
+                      f"{pred.pred_scores.max():.2f}" if pred.n_frames else "-", f"{pred.fps:.1f}", str(d))
+    out_console.print(table)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@video_app.command("evaluate")
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens video fit`."),
+    test_dir: Path = typer.Argument(..., help="Test videos (UCSD testing/ or testing/frames)."),
+    labels: Path = typer.Argument(..., help="Frame labels JSON: video id -> list of 0/1 per frame (1 = abnormal)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write metrics.json and each video's CSV, plot (and MP4) here."),
+    mp4: bool = typer.Option(False, "--mp4/--no-mp4", help="With --out: also the annotated MP4s (slower)."),
+) -> None:
+    """Frame-level AUC (micro over all frames, and per video), the threshold's false-alarm rate, and frames per second."""
+    from .detector import VideoDetector
+    from .evaluate import evaluate_videos, read_frame_labels
+    from .io import video_name
+
+    _fail, console, out_console, _ = _ui()
+    try:
+        det = VideoDetector.load(model_dir)
+        gt = read_frame_labels(labels)
+        predict = None
+        if out is not None:  # the outputs are written while each video streams (fps then includes writing them)
+            def predict(video):
+                return _write_outputs(det, video, out, gt.get(video_name(video)), mp4)[0]
+        result = evaluate_videos(det, test_dir, gt, predict=predict)
+    except AnomalensError as exc:
+        _fail(exc)
+    t = Table(title=f"frame-level evaluation, {result['n_frames']} frames")
+    for c in ("video", "frames", "abnormal", "frame AUC %", "fps"):
+        t.add_column(c)
+    for p in result["per_video"]:
+        t.add_row(p["video"], str(p["n_frames"]), str(p["n_abnormal"]), _pct(p["frame_auc"]), f"{p['fps']:.1f}")
+    t.add_row("all (micro)", str(result["n_frames"]), "", _pct(result["frame_auc_micro"]), f"{result['fps']:.1f}")
+    t.add_row("mean (macro)", "", "", _pct(result["frame_auc_macro"]), "")
+    out_console.print(t)
+    out_console.print(
+        f"threshold {result['threshold']:.3f}: {_pct(result['false_alarm_rate'])}% of normal frames flagged "
+        f"(target {100 * result['target_false_alarm_rate']:g}%), {_pct(result['detection_rate'])}% of abnormal frames detected"
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+        console.print(f"wrote {out / 'metrics.json'}")
+    if result["errors"]:
+        for e in result["errors"]:
+            console.print(f"[bold red]error:[/] {escape(e)}", soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
+def _pct(v: float) -> str:
+    return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}"

@@ -1,0 +1,111 @@
+"""Motion at patch level: optical flow, per-cell flow histograms, and a per-cell memory of normal motion.
+
+A fixed camera sees the same place in the same cell of every frame, so normal motion is learned per
+cell: pedestrians walk at a few pixels per frame along the walkway, nobody moves across the lawn.
+The descriptor of a cell is its histogram of flow *directions* weighted by flow *magnitude* (pixels
+per frame, at the model's working resolution): a histogram of oriented optical flow (HOF; Laptev et
+al., "Learning realistic human actions from movies", CVPR 2008), averaged over the cell and its 3 x 3
+neighbourhood. Its length is the speed, its shape the direction. Velocity alone is a strong cue for
+abnormal events in surveillance video (Reiss & Hoshen, "Attribute-based Representations for Accurate
+and Interpretable Video Anomaly Detection", 2022), and it explains itself: "too fast here".
+
+Flow is DIS (Kroeger et al., "Fast Optical Flow using Dense Inverse Search", ECCV 2016) from OpenCV,
+about 14 ms per 360 x 240 frame on this CPU.
+
+The memory of a cell is a greedy k-center coreset (as PatchCore's, Roth et al. CVPR 2022) of the
+training descriptors of that cell and its 8 neighbours (a little spatial slack); a test cell scores
+its distance to the nearest of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class FlowComputer:
+    """Dense optical flow between consecutive grayscale frames (DIS, OpenCV's MEDIUM preset)."""
+
+    def __init__(self) -> None:
+        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+
+    def __call__(self, prev_gray: np.ndarray, gray: np.ndarray) -> np.ndarray:
+        """``uint8`` ``(H, W)`` x 2 -> flow ``float32`` ``(H, W, 2)`` in pixels per frame (dx, dy)."""
+        return self._dis.calc(prev_gray, gray, None)
+
+
+def flow_descriptors(flow: np.ndarray, cell: int, bins: int) -> torch.Tensor:
+    """Per-cell magnitude-weighted direction histograms of a flow field.
+
+    Args:
+        flow: ``float32`` ``(H, W, 2)``, ``H`` and ``W`` multiples of ``cell``.
+        cell: cell side in pixels.
+        bins: number of direction bins over 360 degrees.
+
+    Returns:
+        ``float32`` ``(H / cell, W / cell, bins)``: mean magnitude-weighted histogram of each cell,
+        averaged with its 3 x 3 neighbours (pixels per frame).
+    """
+    f = torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32))
+    mag = torch.linalg.vector_norm(f, dim=-1)
+    ang = torch.atan2(f[..., 1], f[..., 0])
+    idx = ((ang + math.pi) * (bins / (2 * math.pi))).long().clamp_(0, bins - 1)
+    hist = torch.zeros(bins, *mag.shape)
+    hist.scatter_(0, idx[None], mag[None])
+    hist = F.avg_pool2d(hist[None], cell, cell)
+    hist = F.avg_pool2d(hist, 3, 1, 1, count_include_pad=False)[0]
+    return hist.permute(1, 2, 0).contiguous()
+
+
+def per_cell_memory(desc: torch.Tensor, k: int, chunk: int = 128) -> torch.Tensor:
+    """Greedy k-center coreset of the normal descriptors of every cell and its 8 neighbours.
+
+    Args:
+        desc: ``float32`` ``(T, gh, gw, d)``: descriptors of ``T`` training frames.
+        k: descriptors kept per cell (all ``9 T`` when ``k >= 9 T``).
+        chunk: cells processed together; memory is ``chunk x 9 T x d`` floats at a time.
+
+    Returns:
+        ``float32`` ``(gh * gw, min(k, 9 T), d)``. Per cell, the first point kept is the cell's own
+        descriptor of the first frame; each next one is the point farthest from those kept.
+    """
+    t, gh, gw, d = desc.shape
+    flat = desc.reshape(t, gh * gw, d)
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    # neighbour cell indices (edge cells repeat their border), own cell first: (cells, 9)
+    offsets = [(0, 0)] + [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    nb = torch.stack([((ys + dy).clamp(0, gh - 1) * gw + (xs + dx).clamp(0, gw - 1)).flatten() for dy, dx in offsets], 1)
+    n = 9 * t
+    k = min(k, n)
+    out = torch.empty(gh * gw, k, d)
+    for s in range(0, gh * gw, chunk):
+        cells = nb[s : s + chunk]  # (m, 9)
+        m = cells.shape[0]
+        x = flat[:, cells].permute(1, 2, 0, 3).reshape(m, n, d)  # (m, 9 T, d)
+        rows = torch.arange(m)
+        cur = x[:, 0]
+        min_d = torch.full((m, n), math.inf)
+        for j in range(k):
+            out[s : s + m, j] = cur
+            min_d = torch.minimum(min_d, ((x - cur[:, None]) ** 2).sum(-1))
+            cur = x[rows, min_d.argmax(1)]
+    return out
+
+
+def cell_distances(desc: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """Distance of each cell's descriptor to the nearest normal descriptor of that cell.
+
+    Args:
+        desc: ``float32`` ``(gh, gw, d)`` (one frame).
+        memory: ``float32`` ``(gh * gw, k, d)`` (:func:`per_cell_coreset`).
+
+    Returns:
+        ``float32`` ``(gh, gw)``, pixels per frame.
+    """
+    gh, gw, d = desc.shape
+    q = desc.reshape(gh * gw, 1, d)
+    return ((memory - q) ** 2).sum(-1).min(1).values.sqrt_().view(gh, gw)

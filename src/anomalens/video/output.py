@@ -1,0 +1,139 @@
+"""What `anomalens video predict` writes: frame scores as CSV, the score curve as PNG, and an
+annotated MP4 (heatmap, outline of the abnormal region, score and decision on every frame, and the
+score curve so far along the bottom), written frame by frame as the stream is scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import ConfigError
+from ..visualize import overlay
+from .detector import FramePrediction, VideoPrediction
+
+CSV_FIELDS = ("frame", "pred_score", "raw_score", "pred_label", "cause", "motion_score", "appearance_score", "anomalous_area_pct", "gt_label")
+
+
+def write_frame_csv(pred: VideoPrediction, path: str | os.PathLike, labels: list[int] | None = None) -> Path:
+    """One row per frame: ``frame, pred_score, raw_score, pred_label, cause, motion_score,
+    appearance_score, anomalous_area_pct, gt_label`` (empty when unknown)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for i in range(pred.n_frames):
+            gt = labels[i] if labels is not None and i < len(labels) else ""
+            w.writerow([i, f"{pred.pred_scores[i]:.5f}", f"{pred.raw_scores[i]:.5f}", int(pred.pred_labels[i]), pred.causes[i],
+                        _num(pred.motion_scores[i]), _num(pred.appearance_scores[i]), f"{pred.anomalous_area_pct[i]:.3f}", gt])
+    return path
+
+
+def _num(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.5f}"
+
+
+def plot_scores(pred: VideoPrediction, path: str | os.PathLike, labels: list[int] | None = None, fps: float | None = None) -> Path:
+    """Score over time: smoothed and raw frame scores, the threshold, frames flagged, and the ground
+    truth's abnormal frames shaded when ``labels`` are given. Time in seconds when ``fps`` is given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(pred.n_frames) / (fps or 1.0)
+    fig, ax = plt.subplots(figsize=(10, 3.2), dpi=110)
+    if labels is not None:
+        y = np.asarray(labels[: pred.n_frames])
+        ax.fill_between(t[: y.size], 0, 1, where=y == 1, transform=ax.get_xaxis_transform(), color="tab:red", alpha=0.12, label="abnormal (ground truth)")
+    ax.plot(t, pred.raw_scores, color="0.7", lw=0.8, label="frame score")
+    ax.plot(t, pred.pred_scores, color="tab:blue", lw=1.6, label="smoothed score")
+    ax.axhline(pred.threshold, color="tab:red", ls="--", lw=1, label=f"threshold {pred.threshold:.2f}")
+    flagged = pred.pred_labels == 1
+    ax.plot(t[flagged], np.full(flagged.sum(), ax.get_ylim()[0]), "|", color="tab:red", ms=8, label="flagged")
+    ax.set_xlabel("time (s)" if fps else "frame")
+    ax.set_ylabel("score (x normal)")
+    title = Path(pred.video).name + (f"  -  stopped early: {pred.error}" if pred.error else "")
+    ax.set_title(title[:120], fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", ncol=3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class AnnotatedVideoWriter:
+    """Write frames with their heatmap, decision and score curve to an MP4 (``mp4v``), one at a time.
+
+    Args:
+        path: output ``.mp4``.
+        fps: frame rate of the output.
+        threshold, pixel_threshold: the model's (colours and the curve's threshold line).
+        curve_frames: frames of history in the score strip at the bottom.
+
+    Raises:
+        ConfigError: OpenCV cannot write the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float, threshold: float, pixel_threshold: float, curve_frames: int = 200):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fps = float(fps)
+        self.threshold = float(threshold)
+        self.pixel_threshold = float(pixel_threshold)
+        self.curve_frames = int(curve_frames)
+        self._history: list[float] = []
+        self._writer: cv2.VideoWriter | None = None
+        self.n_frames = 0
+
+    def write(self, fp: FramePrediction) -> None:
+        """Add one frame (``fp.image`` must be set: predict with ``keep_frames=True``)."""
+        if fp.image is None:
+            raise ConfigError("the annotated video needs the frames: predict with keep_frames=True")
+        self._history.append(fp.pred_score)
+        caption = f"frame {fp.index}  {'ABNORMAL' if fp.pred_label else 'normal'}  score {fp.pred_score:.2f}"
+        if fp.pred_label:
+            caption += f"  ({fp.cause})"
+        top = overlay(fp.image, fp.anomaly_map, pixel_threshold=self.pixel_threshold, mask=fp.pred_mask, caption=caption)
+        frame = np.concatenate([top, self._strip(fp.image.shape[1])], axis=0)
+        if self._writer is None:
+            h, w = frame.shape[:2]
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self._writer.isOpened():
+                raise ConfigError(f"OpenCV cannot write the video {self.path}")
+        self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        self.n_frames += 1
+
+    def _strip(self, width: int, height: int = 60) -> np.ndarray:
+        """The score curve of the last ``curve_frames`` frames, threshold in red, on a dark strip."""
+        strip = np.full((height, width, 3), 24, np.uint8)
+        hist = np.asarray(self._history[-self.curve_frames :])
+        top = max(float(hist.max()), 1.5 * self.threshold, 1e-6)
+        ys = (height - 4 - (hist / top) * (height - 8)).astype(np.int32)
+        xs = (np.arange(hist.size) * (width - 1) / max(1, self.curve_frames - 1)).astype(np.int32)
+        ty = int(height - 4 - self.threshold / top * (height - 8))
+        cv2.line(strip, (0, ty), (width - 1, ty), (220, 60, 60), 1)
+        if hist.size > 1:
+            cv2.polylines(strip, [np.stack([xs, ys], 1)], False, (90, 170, 255), 1, cv2.LINE_AA)
+        cv2.circle(strip, (int(xs[-1]), int(ys[-1])), 3, (255, 80, 80) if hist[-1] > self.threshold else (90, 170, 255), -1)
+        return strip
+
+    def close(self) -> Path:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        return self.path
+
+    def __enter__(self) -> "AnnotatedVideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

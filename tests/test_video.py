@@ -1,0 +1,136 @@
+"""Video anomaly detection on a slice of UCSD Ped2 (real frames): CLI end to end, broken videos,
+streaming, model files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from anomalens.cli import app
+
+
+def _rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_video_evaluate_and_predict_end_to_end(ped2_slice, ped2_model, tmp_path):
+    r = CliRunner().invoke(app, ["video", "evaluate", str(ped2_model), str(ped2_slice["test"]), str(ped2_slice["labels"]), "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    # abnormal frames (a cyclist, a cart) score above the pedestrians-only frames
+    assert m["frame_auc_micro"] >= 0.9, m
+    assert [p["video"] for p in m["per_video"]] == ["02", "04"] and all(p["frame_auc"] >= 0.85 for p in m["per_video"])
+    assert m["n_frames"] == 120 and m["fps"] > 0
+
+    r = CliRunner().invoke(app, ["video", "predict", str(ped2_model), str(ped2_slice["test"] / "frames" / "02"), "--out", str(tmp_path / "p"),
+                                 "--labels", str(ped2_slice["labels"])])
+    assert r.exit_code == 0, r.output
+    d = tmp_path / "p" / "02"
+    rows = _rows(d / "scores.csv")
+    assert len(rows) == 60 and [int(x["frame"]) for x in rows] == list(range(60))
+    labels = json.loads(ped2_slice["labels"].read_text())["02"]
+    assert [int(x["gt_label"]) for x in rows] == labels
+    flagged = [int(x["pred_label"]) for x in rows]
+    assert sum(f for f, y in zip(flagged, labels) if y) >= 15  # most of the event's 30 frames
+    assert {x["cause"] for x in rows if x["pred_label"] == "1"} <= {"motion", "appearance"}
+    assert (d / "scores.png").stat().st_size > 10_000
+    cap = cv2.VideoCapture(str(d / "annotated.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 60
+    ok, frame = cap.read()
+    assert ok and frame.shape == (240 + 60, 360, 3)  # the frame and the score strip under it
+    cap.release()
+
+
+def _avi(frames_dir, out, n=60):
+    files = sorted(frames_dir.glob("*.jpg"))[:n]
+    w = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), 10, (360, 240))
+    for f in files:
+        w.write(cv2.imread(str(f)))
+    w.release()
+    return out
+
+
+def test_truncated_unreadable_and_corrupt_videos_keep_earlier_scores(ped2_slice, ped2_model, tmp_path):
+    from anomalens.video import VideoDetector
+
+    src = ped2_slice["test"] / "frames" / "02"
+    full = _avi(src, tmp_path / "full.avi")
+    data = full.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+
+    r = CliRunner().invoke(app, ["video", "predict", str(ped2_model), str(cut), "--out", str(tmp_path / "o"), "--no-mp4"])
+    assert r.exit_code == 1
+    out = " ".join(r.output.split())
+    assert "ends after" in out and "of the 60 frames" in out
+    rows = _rows(tmp_path / "o" / "cut" / "scores.csv")
+    assert 10 <= len(rows) < 60
+    # the frames read before the cut have the scores of the complete video, but for the smoothing
+    # window at the cut (whose last frame may be decoded only in part)
+    det = VideoDetector.load(ped2_model)
+    whole = det.predict(full)
+    k = len(rows) - det.delay - 1
+    np.testing.assert_allclose([float(x["pred_score"]) for x in rows[:k]], whole.pred_scores[:k], rtol=1e-4)
+
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(os.urandom(5000))
+    r = CliRunner().invoke(app, ["video", "predict", str(ped2_model), str(junk), "--out", str(tmp_path / "j"), "--no-mp4"])
+    assert r.exit_code == 1 and "cannot open" in " ".join(r.output.split())
+
+    # a frame folder with a corrupt frame 20: frames 0-19 are scored, the error names frame 20
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i, f in enumerate(sorted(src.glob("*.jpg"))[:40]):
+        (broken / f.name).write_bytes(f.read_bytes()[:300] if i == 20 else f.read_bytes())
+    pred = det.predict(broken)
+    assert pred.n_frames == 20 and "frame 20 (020.jpg)" in pred.error
+    intact = det.predict(src)
+    np.testing.assert_allclose(pred.pred_scores[: 20 - det.delay], intact.pred_scores[: 20 - det.delay], rtol=1e-4)
+
+
+def test_prediction_streams(ped2_slice, ped2_model, monkeypatch):
+    """The first result arrives after delay + 1 frames were read, not after the whole video."""
+    import anomalens.video.detector as vd
+
+    reads = []
+    real = vd.iter_frames
+
+    def counting(video):
+        for i, frame in real(video):
+            reads.append(i)
+            yield i, frame
+
+    monkeypatch.setattr(vd, "iter_frames", counting)
+    det = vd.VideoDetector.load(ped2_model)
+    stream = det.predict_stream(ped2_slice["test"] / "frames" / "04")
+    first = next(stream)
+    assert first.index == 0 and len(reads) == det.delay + 1
+    assert first.anomaly_map.shape == (240, 360) and first.image is None
+    assert sum(1 for _ in stream) == 59
+
+
+def test_smoothing_is_the_gaussian_filter():
+    from scipy.ndimage import gaussian_filter1d
+
+    from anomalens.video.smoothing import TemporalSmoother, smooth
+
+    x = np.random.default_rng(0).normal(size=100)
+    r = TemporalSmoother(3.0).radius
+    np.testing.assert_allclose(smooth(x, 3.0)[r:-r], gaussian_filter1d(x, 3.0, truncate=3.0, mode="constant")[r:-r], rtol=1e-10)
+    np.testing.assert_allclose(smooth(x, 0), x)
+
+
+def test_video_and_image_models_are_not_mixed_up(ped2_model, fitted_patchcore, tmp_path):
+    from anomalens.errors import ModelFileError
+    from anomalens.video import VideoDetector
+
+    with pytest.raises(ModelFileError, match="not a video model"):
+        VideoDetector.load(fitted_patchcore[1])
+    r = CliRunner().invoke(app, ["predict", str(ped2_model), str(tmp_path), "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "anomalens video predict" in " ".join(r.output.split())
