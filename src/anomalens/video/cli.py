@@ -144,7 +144,9 @@ def evaluate(
     out_console.print(t)
     out_console.print(
         f"threshold {result['threshold']:.3f}: {_pct(result['false_alarm_rate'])}% of normal frames flagged "
-        f"(target {100 * result['target_false_alarm_rate']:g}%), {_pct(result['detection_rate'])}% of abnormal frames detected"
+        f"(target {100 * result['target_false_alarm_rate']:g}%; {_pct(result['false_alarm_rate_far_from_events'])}% of the "
+        f"{result['n_normal_far_from_events']} more than {result['event_margin_frames']} frames from an event), "
+        f"{_pct(result['detection_rate'])}% of abnormal frames detected"
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

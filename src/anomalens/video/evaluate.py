@@ -42,6 +42,17 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return image_auroc(labels, scores) if 0 < labels.sum() < labels.size else math.nan
 
 
+def _far_from_events(y: np.ndarray, margin: int) -> np.ndarray:
+    """``bool`` ``(T,)``: normal frames more than ``margin`` frames from every abnormal frame."""
+    ab = np.flatnonzero(y == 1)
+    if ab.size == 0:
+        return y == 0
+    idx = np.arange(y.size)
+    pos = np.clip(np.searchsorted(ab, idx), 1, ab.size) - 1
+    dist = np.minimum(np.abs(idx - ab[pos]), np.abs(idx - ab[np.minimum(pos + 1, ab.size - 1)]))
+    return (y == 0) & (dist > margin)
+
+
 def evaluate_videos(
     detector: VideoDetector,
     test_dir: str | os.PathLike,
@@ -59,12 +70,15 @@ def evaluate_videos(
     Returns:
         ``{"frame_auc_micro", "frame_auc_macro", "per_video": [...], "n_frames", "fps",
         "false_alarm_rate" (normal frames flagged), "target_false_alarm_rate", "detection_rate",
-        "errors": [...]}``; AUCs and rates are fractions.
+        "false_alarm_rate_far_from_events" (normal frames more than ``event_margin_frames`` = twice the
+        smoothing delay from any abnormal frame: what is left once the smoothing's bleed and the
+        labels' boundaries are set aside), "errors": [...]}``; AUCs and rates are fractions.
 
     Raises:
         DatasetError: no videos, a video without labels, or labels of another length than the video.
     """
-    all_s, all_y, per, errors = [], [], [], []
+    all_s, all_y, all_far, per, errors = [], [], [], [], []
+    margin = 2 * detector.delay
     seconds = 0.0
     for video, y in iter_labelled(list_videos(test_dir), labels):
         pred = (predict or detector.predict)(video)
@@ -78,11 +92,12 @@ def evaluate_videos(
         seconds += pred.seconds
         all_s.append(pred.pred_scores)
         all_y.append(y_arr)
+        all_far.append(_far_from_events(y_arr, margin))
         per.append({
             "video": video_name(video), "n_frames": n, "n_abnormal": int(y_arr.sum()), "frame_auc": _auc(y_arr, pred.pred_scores),
             "fps": pred.fps, "error": pred.error,
         })
-    s, y = np.concatenate(all_s), np.concatenate(all_y)
+    s, y, far = np.concatenate(all_s), np.concatenate(all_y), np.concatenate(all_far)
     macro = [p["frame_auc"] for p in per if not math.isnan(p["frame_auc"])]
     flagged = s > detector.threshold
     return {
@@ -95,5 +110,8 @@ def evaluate_videos(
         "target_false_alarm_rate": detector.false_alarm_rate,
         "false_alarm_rate": float(flagged[y == 0].mean()) if (y == 0).any() else math.nan,
         "detection_rate": float(flagged[y == 1].mean()) if (y == 1).any() else math.nan,
+        "event_margin_frames": margin,
+        "n_normal_far_from_events": int(far.sum()),
+        "false_alarm_rate_far_from_events": float(flagged[far].mean()) if far.any() else math.nan,
         "errors": errors,
     }
