@@ -323,14 +323,15 @@ class VideoDetector:
         return m, a
 
     def _combine(self, m: torch.Tensor, a: torch.Tensor) -> tuple[np.ndarray, float, float, str]:
-        """Normalised sum grid ``(gh, gw)`` and the two parts' frame maxima and the dominant cue."""
+        """The normalised sum grid ``(gh, gw)``, the two parts' frame maxima (NaN when off), and the
+        cue that dominates at the grid's peak. A part that is off is a grid of zeros."""
         mn, an = m / self.scales[0], a / self.scales[1]
-        total = (mn if self.motion else 0) + (an if self.appearance else 0)
-        total = total.numpy().astype(np.float32)
+        total = (mn + an).numpy().astype(np.float32)
         peak = int(np.argmax(total))
-        cause = "motion" if float(mn.flatten()[peak]) >= float(an.flatten()[peak]) or not self.appearance else "appearance"
-        if not self.motion:
-            cause = "appearance"
+        if self.motion and self.appearance:
+            cause = "motion" if float(mn.flatten()[peak]) >= float(an.flatten()[peak]) else "appearance"
+        else:
+            cause = "motion" if self.motion else "appearance"
         return (total, float(mn.max()) if self.motion else math.nan, float(an.max()) if self.appearance else math.nan, cause)
 
     def _map(self, grid: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
