@@ -39,3 +39,31 @@ def test_zero_shot_cli(hazelnut, tmp_path):
     assert len(list((tmp_path / "zs" / "overlays").glob("*.png"))) == 10
     r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test" / "good"), "--out", str(tmp_path / "z2")])
     assert r.exit_code == 2 and "at least 3 readable images" in r.output
+
+
+def test_few_shot_references_with_the_batch(hazelnut, tmp_path):
+    """k good images as references: scored against them and against the batch; a bad reference is an error."""
+    from anomalens.data import MVTecCategory
+    from anomalens.evaluation import compute_metrics
+    from anomalens.zeroshot import MuSc
+
+    cat = MVTecCategory(hazelnut)
+    refs = cat.train_paths()[:4]
+    model = MuSc(chunk=16)
+    preds = model.predict(cat.test_samples(), references=refs)
+    m = compute_metrics(preds)
+    assert m["image_auroc"] >= 0.9 and m["pixel_auroc"] >= 0.9, m
+    # the reference part really scores: each test image against the bank of the 4 good images
+    from anomalens.io import read_image
+
+    ref_scores, ref_maps = model.reference_scores([read_image(s.path) for s in cat.test_samples()], refs)
+    labels = np.array([s.gt_label for s in cat.test_samples()])
+    assert ref_scores[labels == 1].max() > ref_scores[labels == 0].max() and ref_maps.shape == (10, 224, 224)
+
+    bad = tmp_path / "bad_ref.png"
+    bad.write_bytes(b"not a png")
+    r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "--reference", str(bad), "--out", str(tmp_path / "zr")])
+    assert r.exit_code == 2 and "bad_ref.png" in r.output, r.output
+    r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "-r", str(refs[0]), "-r", str(refs[1]), "--out", str(tmp_path / "zr")])
+    assert r.exit_code == 0 and "against 2 good image(s)" in r.output, r.output
+    assert len(list(csv.DictReader(open(tmp_path / "zr" / "predictions.csv")))) == 10

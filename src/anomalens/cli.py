@@ -339,15 +339,24 @@ def zero_shot(
     out: Path = typer.Option(..., "--out", "-o", help="Results directory: predictions.csv/.json and overlays/."),
     heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write a heatmap overlay PNG per image."),
     chunk: int = typer.Option(8, help="Query images per block of the pairwise scoring (bounds memory)."),
+    reference: Optional[List[Path]] = typer.Option(
+        None, "--reference", "-r",
+        help="Known-good images (files/folders; repeatable): few-shot, their PatchCore score is added to the mutual score.",
+    ),
+    augment: str = typer.Option("none", help="Augmentation of the --reference images: none, flips, rotations, dihedral."),
 ) -> None:
-    """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT."""
+    """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT.
+
+    With --reference (a few good images), few-shot: each image's mutual score and its distance to the
+    good images' patches are combined (robust z-scores over the batch, added)."""
     from .data import expand_inputs
     from .zeroshot import MuSc
 
     try:
         paths = expand_inputs(images)
-        model = MuSc(chunk=chunk)
-        preds = model.predict(paths)
+        model = MuSc(chunk=chunk, reference_augment=augment)
+        refs = expand_inputs(reference) if reference else None
+        preds = model.predict(paths, references=refs)
         rows = [p.summary(detail=True) for p in preds]
         if heatmaps:
             _save_overlays(model, preds, out, rows)
@@ -355,7 +364,8 @@ def zero_shot(
     except AnomalensError as exc:
         _fail(exc)
     n_ng = sum(1 for r in rows if r["pred_label"] == 1)
-    console.print(f"{len(rows)} images scored against each other: {n_ng} NG (batch-relative threshold {model.threshold:.4f}); results in {out}")
+    how = f" and against {len(refs)} good image(s)" if refs else ""
+    console.print(f"{len(rows)} images scored against each other{how}: {n_ng} NG (batch-relative threshold {model.threshold:.4f}); results in {out}")
 
 
 @app.command()
