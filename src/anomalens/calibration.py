@@ -112,17 +112,24 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return (float(below.max()) if below.size else float(np.nextafter(t, -np.inf))), f1
 
 
+def robust_center_scale(values) -> tuple[float, float]:
+    """``(median, 1.4826 * MAD)`` of all elements of ``values`` (array or tensor): a centre and a
+    standard deviation that a minority of outliers does not move (Leys et al., "Detecting outliers:
+    Do not use standard deviation around the mean, use absolute deviation around the median",
+    J. Exp. Soc. Psychology 2013). The scale is at least 1e-12 (constant values)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    med = float(np.median(v))
+    return med, max(1.4826 * float(np.median(np.abs(v - med))), 1e-12)
+
+
 def robust_threshold(values: np.ndarray, z: float = BATCH_Z) -> float:
     """``median + z * 1.4826 * MAD`` of ``values``: ``z`` robust standard deviations above the median.
 
-    Flags values far above most of the others without any normal reference (Hampel's outlier rule;
-    Leys et al., "Detecting outliers: Do not use standard deviation around the mean, use absolute
-    deviation around the median", J. Exp. Soc. Psychology 2013). Assumes most values are normal.
+    Flags values far above most of the others without any normal reference (Hampel's outlier rule).
+    Assumes most values are normal.
     """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    med = float(np.median(v))
-    mad = 1.4826 * float(np.median(np.abs(v - med))) or 1e-12
-    return med + z * mad
+    med, sd = robust_center_scale(values)
+    return med + z * sd
 
 
 def batch_thresholds(scores: np.ndarray, maps: Sequence[np.ndarray], z: float = BATCH_Z) -> tuple[float, float]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibration import robust_threshold
+from .calibration import robust_center_scale, robust_threshold
 from .common import AnomalyMapHead, resize_map, to_tensor_batch
 from .errors import AnomalensError
 from .explain import find_regions
@@ -229,12 +229,8 @@ class MuSc:
 
 
 def robust_z(values: torch.Tensor) -> torch.Tensor:
-    """``(values - median) / (1.4826 * MAD)`` over all elements, same shape, ``float32``: puts
-    scores of different detectors on one scale without assuming any is normal-distributed."""
-    v = values.float()
-    flat = v.flatten()
-    if flat.numel() > 4_000_000:  # the median of a random subsample is as good and much cheaper
-        flat = flat[torch.randint(flat.numel(), (4_000_000,), generator=torch.Generator().manual_seed(0))]
-    med = flat.median()
-    mad = 1.4826 * (flat - med).abs().median()
-    return (v - med) / mad.clamp(min=1e-12)
+    """``(values - median) / (1.4826 * MAD)`` over all elements (:func:`~anomalens.calibration.robust_center_scale`),
+    same shape, ``float32``: puts scores of different detectors on one scale without assuming any
+    is normal-distributed."""
+    med, sd = robust_center_scale(values)
+    return (values.float() - med) / sd
