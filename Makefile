@@ -47,7 +47,8 @@ video: install
 test: install browser
 	ANOMALENS_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-## Benchmark table (category x detector x backbone); see benchmarks/README.md for the others
+## Benchmark table: the defaults on every MVTec-layout category in $(DATA), per category plus mean and
+## worst (BENCH_ARGS="--sizes 256,320,256+320" compares image sizes); see benchmarks/README.md for the others
 ## (few-shot / zero-shot, video, trust, ONNX, load, Ray, core).
 benchmark: install
 	$(PY) benchmarks/run.py --data $(DATA) $(BENCH_ARGS)

@@ -43,7 +43,7 @@ def main() -> None:
     cat = MVTecCategory(Path(args.data) / "mvtec_ad" / args.category)
     det = PatchCore(image_size=args.image_size)
     paths = cat.train_paths()[: args.images]
-    feats = torch.cat([det.extract([read_image(p) for p in paths[i : i + 8]]) for i in range(0, len(paths), 8)])
+    feats = torch.stack([f for i in range(0, len(paths), 8) for f in det.extract([read_image(p) for p in paths[i : i + 8]])[0]])
     x = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).contiguous()
     print(f"{len(paths)} images of {cat.name} at {args.image_size}px -> {x.shape[0]} patches x {x.shape[1]} dims\n")
 

@@ -35,9 +35,8 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def cached_extract(det, cache: dict):
-    """Wrap ``det.extract`` so that images already seen (by content) reuse their features."""
-    import torch
-
+    """Wrap ``det.extract`` so that training images already seen (by content) reuse their features
+    (``extract`` returns ``[scale][image]``)."""
     raw = det.extract
 
     def extract(images):
@@ -46,8 +45,8 @@ def cached_extract(det, cache: dict):
         if missing:
             feats = raw([images[i] for i in missing])
             for j, i in enumerate(missing):
-                cache[keys[i]] = feats[j : j + 1]
-        return torch.cat([cache[k] for k in keys])
+                cache[keys[i]] = [f[j] for f in feats]
+        return [[cache[k][s] for k in keys] for s in range(len(det.image_sizes))]
 
     det.extract = extract
     return det

@@ -62,13 +62,13 @@ def test_few_shot_with_rotations_threshold_evidence_and_recalibration(hazelnut):
 
     cat = MVTecCategory(hazelnut)
     det = PatchCore().fit(cat, shots=4, augment="rotations", seed=1)
-    h, w = det.grid
-    assert det.memory_bank.shape[0] == 4 * 4 * h * w  # every patch of 4 views of 4 images
+    for bank in det.banks:  # every patch of 4 views of 4 images, at each scale
+        assert bank.bank.shape[0] == 4 * 4 * int(bank.grids[0].prod()) and bank.grids.shape[0] == 16
     cal = det.calibration
     assert cal.source == "few-shot" and cal.scores.size == 4
     assert det.false_alarm_rate == pytest.approx(0.2)  # 4 scores support 1/(4+1), not the default 0.01
     assert det.threshold == pytest.approx(cal.scores.max())
-    assert "requested 0.01" in cal.note
+    assert "false-alarm rate 0.2, not 0.01" in cal.note
 
     samples = cat.test_samples()
     preds = det.predict(samples)

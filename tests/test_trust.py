@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -102,12 +103,12 @@ def test_evidence_points_to_the_training_image_a_patch_came_from(hazelnut, fitte
     det, _ = fitted_patchcore
     train = sorted((hazelnut / "train" / "good").glob("*.png"))
     goods = [read_image(p) for p in sorted((hazelnut / "test" / "good").glob("*.png"))]
-    gh, gw = det.grid
+    bank = det.banks[-1]  # evidence comes from the largest scale's bank
     rng = np.random.default_rng(0)
     half, hits, trials = 40, 0, 8
     for t in range(trials):
-        origin = int(det.bank_index[rng.integers(det.bank_index.numel())])
-        ti, pos = divmod(origin, gh * gw)
+        ti, pos = (int(v) for v in bank.origin(torch.tensor([int(rng.integers(bank.index.numel()))])))
+        gh, gw = (int(v) for v in bank.grids[ti])
         ty, tx = divmod(pos, gw)
         src = read_image(train[ti])
         size = src.shape[0]

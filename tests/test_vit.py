@@ -13,7 +13,7 @@ def test_patchcore_on_vit_tokens(hazelnut, tmp_path):
     from anomalens.export import export_onnx, load_inference_model
 
     det = PatchCore(backbone="vit_small_focus", false_alarm_rate=0.05).fit(hazelnut)
-    assert (det.image_size, det.border_pad, det.grid) == (224, 0, (16, 16))  # 224 px, 14 px patches
+    assert (det.image_sizes, det.border_pad, det.fit_info["grid"]) == ((224,), 0, [16, 16])  # 224 px, 14 px patches
     assert det.extractor.feature_dim == 384
     res = evaluate(det, hazelnut)
     assert res.metrics["pixel_auroc"] >= 0.95, res.metrics

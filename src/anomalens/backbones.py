@@ -27,6 +27,8 @@ from torch import nn
 
 from .errors import ConfigError
 
+#: default short side of the model input for the CNNs (pixels); chosen on the benchmark suite (README)
+DEFAULT_IMAGE_SIZE = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127) / 128 on 0..255 pixels).
@@ -49,11 +51,7 @@ class BackboneSpec:
 
     @property
     def default_image_size(self) -> int:
-        return self.fixed_size or 320
-
-    @property
-    def default_border_pad(self) -> int:
-        return 0 if self.fixed_size else 32
+        return self.fixed_size or DEFAULT_IMAGE_SIZE
 
 
 def _load_state_dict(path: str) -> dict:
@@ -68,6 +66,39 @@ class _EffStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
+
+
+class _StaticSamePadConv(nn.Module):
+    """TF-style "same" convolution with its padding fixed: for stride 1 (any input) or stride 2 on
+    even input sizes, the padding of ``Conv2dDynamicSamePadding`` does not depend on the input size
+    (``k - 1`` and ``k - 2`` pixels in all). Model inputs are multiples of 16, so every stride-2 conv up
+    to stride 16 sees even sizes. Same numbers as the dynamic module, and the ONNX export sees no
+    size arithmetic."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        pads = []
+        for k, st, d in zip(reversed(conv.weight.shape[-2:]), reversed(conv.stride), reversed(conv.dilation)):
+            total = max((k - 1) * d + 1 - st, 0)  # "same" padding for an input divisible by the stride
+            pads += [total // 2, total - total // 2]
+        self.pads = pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if any(self.pads):
+            x = torch.nn.functional.pad(x, self.pads)
+        return torch.nn.functional.conv2d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+
+def _static_padding(module: nn.Module, stride_in: int) -> None:
+    """Swap each dynamic-padding conv of ``module`` (input stride ``stride_in``) for
+    :class:`_StaticSamePadConv` where its input is certain to be even (stride-2 convs up to stride 16)."""
+    for name, child in module.named_children():
+        if type(child).__name__ == "Conv2dDynamicSamePadding" and (child.stride[0] == 1 or stride_in <= 8):
+            setattr(module, name, _StaticSamePadConv(child))
+        else:
+            _static_padding(child, stride_in)
 
 
 def _build_efficientnet_lite(variant: str, weights_module: str, weights_class: str):
@@ -91,8 +122,10 @@ def _build_efficientnet_lite(variant: str, weights_module: str, weights_class: s
         names = ["stem"]
         strides = [2]
         channels = [model._bn0.num_features]
+        _static_padding(stages[0], 1)
         stride = 2
         for i, block in enumerate(model._blocks):
+            _static_padding(block, stride)
             stride *= block._block_args.stride if isinstance(block._block_args.stride, int) else block._block_args.stride[0]
             stages.append(block)
             names.append(f"blocks.{i}")

@@ -54,6 +54,8 @@ MODES = ("conformal", "f1", "batch")
 BATCH_Z = 3.0
 #: fewest readable images a batch-relative decision accepts
 MIN_BATCH = 5
+#: the target false-alarm rate when none is asked for (relaxed when the normal images cannot support it)
+DEFAULT_FALSE_ALARM_RATE = 0.01
 
 
 def min_calibration_images(alpha: float) -> int:
@@ -69,6 +71,36 @@ def check_calibration_size(n: int, alpha: float) -> None:
         raise CalibrationError(
             f"a false-alarm rate of {alpha:g} needs at least {need} normal calibration images, got {n}{hint}"
         )
+
+
+def supported_false_alarm_rate(n: int, requested: float | None, strict: bool | None = None) -> tuple[float, str]:
+    """The false-alarm rate ``n`` normal calibration scores support, and a note when it is not the one asked for.
+
+    ``requested`` None means :data:`DEFAULT_FALSE_ALARM_RATE`, not strict: when ``n`` images are too few
+    for it, the smallest rate they support, ``1 / (n + 1)`` (the threshold is then the largest of their
+    scores), is used instead and the note says so in one line. A rate the user asked for explicitly is
+    strict (``strict`` None: strict exactly when ``requested`` is given); few-shot fitting passes
+    ``strict=False``, as ``k`` shots support nothing below ``1 / (k + 1)``.
+
+    Returns:
+        ``(alpha, note)``; ``note`` is empty when ``alpha`` is the rate asked for.
+
+    Raises:
+        CalibrationError: strict and ``n < 1/alpha - 1``, or ``n == 0``.
+    """
+    target = DEFAULT_FALSE_ALARM_RATE if requested is None else float(requested)
+    strict = requested is not None if strict is None else strict
+    need = min_calibration_images(target)
+    if n >= need:
+        return target, ""
+    if strict or n < 1:
+        check_calibration_size(n, target)
+    alpha = 1.0 / (n + 1)
+    note = (
+        f"false-alarm rate {alpha:.3g}, not {target:g}: {n} normal calibration images support no lower rate "
+        f"({target:g} needs {need}; add normal images with `anomalens calibrate`)"
+    )
+    return alpha, note
 
 
 def conformal_threshold(scores: np.ndarray, alpha: float) -> float:

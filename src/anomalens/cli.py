@@ -4,64 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .cli_common import console, fail as _fail, fmt_pct as _fmt, fmt_threshold as _num, out_console, progress_bars
 from .errors import AnomalensError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual anomaly detection and localization, offline, on CPU.")
-console = Console(stderr=True)
-# wide enough for the metrics table when the output is a file or a pipe (CI logs)
-out_console = Console(width=None if sys.stdout.isatty() else 140)
-
-STAGE_LABELS = {
-    "features": "extracting features",
-    "coreset": "selecting coreset",
-    "calibration": "calibrating threshold",
-    "predict": "predicting",
-    "fit": "fitting models",
-    "frames": "reading training videos",
-}
-
-
-@contextmanager
-def progress_bars() -> Iterator:
-    """A ``progress(stage, done, total)`` callback drawing one rich bar per stage."""
-    with Progress(
-        TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
-    ) as prog:
-        tasks: dict[str, int] = {}
-
-        def cb(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(STAGE_LABELS.get(stage, stage), total=total)
-            prog.update(tasks[stage], completed=done, total=total)
-
-        yield cb
-
-
-def _fail(exc: BaseException) -> None:
-    console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
-def _num(v: float) -> str:
-    """A threshold for people: 4 decimals, or "set per batch" (batch-relative one-shot models)."""
-    return "set per batch" if math.isnan(v) else f"{v:.4f}"
 
 
 def metrics_table(result_dict: dict, title: str) -> Table:
@@ -77,6 +30,17 @@ def metrics_table(result_dict: dict, title: str) -> Table:
     return t
 
 
+def _sizes(text: str | None) -> int | list[int] | None:
+    """``"256"`` -> 256, ``"256,320"`` -> [256, 320]; None stays None (the detector's default)."""
+    if text is None:
+        return None
+    try:
+        sizes = [int(x) for x in text.replace("+", ",").split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--image-size takes pixel sizes such as 256 or 256,320, got {text!r}") from None
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 @app.command()
 def fit(
     data: Path = typer.Argument(..., help="Normal training images: an MVTec AD category folder (uses train/good), a folder, or an image file."),
@@ -84,10 +48,17 @@ def fit(
     model: str = typer.Option("patchcore", "--model", "-m", help="Detector: patchcore or padim."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="efficientnet_lite0, efficientnet_lite2, mobilenet_v2 or vit_small_focus."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. blocks.4,blocks.10 (default: the backbone's)."),
-    image_size: Optional[int] = typer.Option(None, help="Images are resized to this square size in pixels (multiple of 16; default 320, ViT 224)."),
+    image_size: Optional[str] = typer.Option(
+        None, help="Short side in pixels images are resized to, aspect ratio kept (multiple of 16); several, comma-separated, "
+        "are fused (PatchCore). Default: 256,320 for PatchCore, 256 for PaDiM, 224 for the ViT."
+    ),
+    squash: bool = typer.Option(False, "--squash", help="Resize every image to a square instead of keeping its aspect ratio."),
     coreset_ratio: float = typer.Option(0.01, help="PatchCore: fraction of training patches kept in the memory bank."),
-    border_pad: Optional[int] = typer.Option(None, help="Reflected border in pixels added before the backbone (multiple of 16; 0 = off; default 32, ViT 0)."),
-    false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal images flagged NG (sets the threshold)."),
+    border_pad: int = typer.Option(0, help="Reflected border in pixels added before the backbone (multiple of 16; 0 = off)."),
+    false_alarm_rate: Optional[float] = typer.Option(
+        None, help="Target fraction of normal images flagged NG (strict: fit fails when the images cannot support it). "
+        "Default: 0.01, or the smallest rate the normal images support (1/(n+1) for n images), said in the output."
+    ),
     batch_size: int = typer.Option(8, help="Images per backbone forward pass."),
     holdout: float = typer.Option(
         0.0, help="Fraction of the normal images held out for split-conformal calibration (0 = calibrate out of sample on all)."
@@ -110,7 +81,8 @@ def fit(
 
     try:
         params = dict(
-            backbone=backbone, image_size=image_size, border_pad=border_pad, false_alarm_rate=false_alarm_rate, batch_size=batch_size
+            backbone=backbone, image_size=_sizes(image_size), keep_aspect=not squash, border_pad=border_pad,
+            false_alarm_rate=false_alarm_rate, batch_size=batch_size,
         )
         if layers:
             params["layers"] = [x.strip() for x in layers.split(",") if x.strip()]
@@ -119,7 +91,7 @@ def fit(
         det = create_detector(model, **params)
         paths = training_paths(data)
         what = f"{shots} of {len(paths)} images (few-shot, augment {augment})" if shots else f"{len(paths)} images"
-        console.print(f"fitting [bold]{model}[/] on {what} ({backbone}, {det.image_size}px)")
+        console.print(f"fitting [bold]{model}[/] on {what} ({backbone}, {det.size_label})")
         with progress_bars() as cb:
             det.fit(paths, progress=cb, holdout=holdout, seed=seed, shots=shots, augment=augment)
         det.save(out)
@@ -312,7 +284,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(d, indent=2))
     _write_rows([p.summary(detail=True) for p in result.predictions], out)
-    out_console.print(metrics_table(d, f"{det.name} / {det.backbone_name} / {det.image_size}px on {Path(data).name} (%)"))
+    out_console.print(metrics_table(d, f"{det.name} / {det.backbone_name} / {det.size_label} on {Path(data).name} (%)"))
     t = Table(title=f"threshold check on {sum(1 for p in result.predictions if p.gt_label == 0)} good test images")
     for c in ("target rate", "threshold", "false alarms", "observed %", "95% band %", "within", "detected %"):
         t.add_column(c, justify="right")
@@ -437,8 +409,8 @@ def export(
         msg = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)"
         if check:
             rng = np.random.default_rng(0)
-            img = rng.integers(0, 256, (det.image_size, det.image_size, 3), dtype=np.uint8)
-            a, b = det.score_batch([img])[0].item(), OnnxDetector(path).score_batch([img])[0][0]
+            img = rng.integers(0, 256, (det.image_size, det.image_size * 3 // 2, 3), dtype=np.uint8)  # not square
+            a, b = det.score_batch([img])[0][0], OnnxDetector(path).score_batch([img])[0][0]
             msg += f"; check: score {a:.5f} (Python) vs {b:.5f} (ONNX Runtime)"
     except AnomalensError as exc:
         _fail(exc)
@@ -501,7 +473,9 @@ def fit_many(
     root: Path = typer.Argument(..., help="Folder of categories (MVTec AD layout, or one folder of good images per category)."),
     out: Path = typer.Option(..., "--out", "-o", help="Models directory: one model folder per category."),
     model: str = typer.Option("patchcore", "--model", "-m", help="Detector: patchcore or padim."),
-    false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal images flagged NG."),
+    false_alarm_rate: Optional[float] = typer.Option(
+        None, help="Target fraction of normal images flagged NG (default: 0.01, or the smallest rate each category's images support)."
+    ),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: a local Ray."),
     workers: int = typer.Option(2, help="Categories fitted at the same time (one CPU each)."),
 ) -> None:
@@ -510,7 +484,7 @@ def fit_many(
 
     try:
         with progress_bars() as cb:
-            results = run(root, out, detector=model, params={"false_alarm_rate": false_alarm_rate}, address=address,
+            results = run(root, out, detector=model, params={} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}, address=address,
                           workers=workers, progress=lambda r, d, t: cb("fit", d, t))
     except AnomalensError as exc:
         _fail(exc)
@@ -538,6 +512,9 @@ def info(model_dir: Path = typer.Argument(..., help="Model directory.")) -> None
     train = cfg.get("train_images") or []
     if len(train) > 3:  # a count and the first few, not hundreds of paths
         cfg["train_images"] = [*train[:3], f"... {len(train)} images in all"]
+    note = (cfg.get("calibration") or {}).get("note")
+    if note:
+        console.print(f"threshold: {escape(note)}", soft_wrap=True)
     out_console.print_json(json.dumps(cfg))
 
 
@@ -554,7 +531,7 @@ def backbones() -> None:
     out_console.print(t)
 
 
-from .video.cli import video_app  # noqa: E402  (after the helpers it uses)
+from .video.cli import video_app  # noqa: E402
 
 app.add_typer(video_app, name="video")
 

@@ -19,27 +19,61 @@ from torch import nn
 from .backbones import Backbone
 
 
-def to_tensor_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """Resize ``uint8`` RGB images ``(H_i, W_i, 3)`` to ``size x size`` and stack them.
+#: longest side of the model input, as a multiple of its short side: longer strips are squeezed to this
+MAX_ASPECT = 4.0
 
-    Returns ``float32`` ``(B, 3, size, size)`` in [0, 1]. Resizing is bilinear with antialiasing
-    (the same operation the exported ONNX graph performs).
+
+def model_input_hw(hw: tuple[int, int], size: int, keep_aspect: bool = True) -> tuple[int, int]:
+    """Model-input ``(height, width)`` in pixels for an image of ``hw = (H, W)`` pixels.
+
+    With ``keep_aspect``, the short side becomes ``size`` and the long side keeps the aspect ratio,
+    rounded to a multiple of 16 (the backbones' coarsest stride; at most 8 px off, under 3% at
+    ``size = 256``) and capped at :data:`MAX_ASPECT` times ``size``. Without it: ``(size, size)``.
+    """
+    if not keep_aspect:
+        return size, size
+    h, w = int(hw[0]), int(hw[1])
+    short, long_ = min(h, w), max(h, w)
+    side = int(round(long_ * size / short / 16.0)) * 16
+    side = int(min(max(side, size), MAX_ASPECT * size) // 16 * 16)
+    return (size, side) if h <= w else (side, size)
+
+
+def to_model_input(images: Sequence[np.ndarray], hw: tuple[int, int]) -> torch.Tensor:
+    """Resize ``uint8`` RGB images ``(H_i, W_i, 3)`` to ``hw = (h, w)`` pixels and stack them.
+
+    Returns ``float32`` ``(B, 3, h, w)`` in [0, 1]. Resizing is bilinear with antialiasing; the ONNX
+    inferencer prepares its input with this same function.
     """
     out = []
     for img in images:
         arr = img if img.flags.writeable and img.flags.c_contiguous else np.array(img, copy=True)
         t = torch.from_numpy(arr).permute(2, 0, 1)[None].float().div_(255.0)
-        if t.shape[-2:] != (size, size):
-            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if tuple(t.shape[-2:]) != tuple(hw):
+            t = F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True)
         out.append(t)
     return torch.cat(out, 0).clamp_(0.0, 1.0)
+
+
+def to_tensor_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """Square-resize ``uint8`` RGB images to ``size x size``: ``float32`` ``(B, 3, size, size)`` in [0, 1]
+    (fixed-size networks: the ViT, the video detector)."""
+    return to_model_input(images, (size, size))
+
+
+def group_by_shape(shapes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Indices of ``shapes`` grouped by equal shape, in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, hw in enumerate(shapes):
+        groups.setdefault(tuple(hw), []).append(i)
+    return groups
 
 
 class PatchFeatureExtractor(nn.Module):
     """Backbone + locally aggregated, multi-layer patch features.
 
-    Input: ``float32`` ``(B, 3, S, S)`` in [0, 1]. Output: ``float32`` ``(B, D, h, w)`` where ``h = w =
-    S / min(stride)`` and ``D`` is the sum of the chosen layers' channels (e.g. 40 + 112 = 152 for
+    Input: ``float32`` ``(B, 3, H, W)`` in [0, 1], ``H`` and ``W`` multiples of 16. Output: ``float32``
+    ``(B, D, h, w)`` with ``h = H / min(stride)``, ``w = W / min(stride)``, and ``D`` is the sum of the chosen layers' channels (e.g. 40 + 112 = 152 for
     EfficientNet-Lite0 blocks 4 + 10).
 
     Args:
@@ -63,10 +97,14 @@ class PatchFeatureExtractor(nn.Module):
     def feature_dim(self) -> int:
         return int(sum(self.backbone.channels))
 
+    @property
+    def stride(self) -> int:
+        """Pixels of model input per patch (the finest chosen layer's stride)."""
+        return int(min(self.backbone.strides))
+
     def grid_size(self, image_size: int) -> int:
-        """Side ``h`` of the patch grid for an ``image_size`` input (pixels)."""
-        s = min(self.backbone.strides)
-        return int(math.ceil(image_size / s))
+        """Side of the patch grid for an ``image_size`` input side (pixels)."""
+        return int(math.ceil(image_size / self.stride))
 
     def backbone_forward(self, x01: torch.Tensor) -> list[torch.Tensor]:
         """Normalise, reflect-pad and run the backbone: the raw per-layer maps (padding included).
@@ -89,7 +127,9 @@ class PatchFeatureExtractor(nn.Module):
         feats = self.backbone_forward(x01)
         if self.patch_size > 1:
             p = self.patch_size
-            feats = [F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=False) for f in feats]
+            # zero padding counted in the border average, as in the PatchCore paper's code and anomalib
+            # (on transistor at 256 px: 93.0 -> 100 image AUROC against averaging valid pixels only)
+            feats = [F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=True) for f in feats]
         if pad:
             feats = [f[..., pad // s : f.shape[-2] - pad // s, pad // s : f.shape[-1] - pad // s] for f, s in zip(feats, self.backbone.strides)]
         h, w = feats[int(np.argmin(self.backbone.strides))].shape[-2:]
@@ -106,21 +146,24 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
 
 
 class AnomalyMapHead(nn.Module):
-    """Patch-score grid ``(B, h, w)`` -> smoothed anomaly map ``(B, S, S)``, ``float32``.
+    """Patch-score grid ``(B, h, w)`` -> smoothed anomaly map ``(B, h * stride, w * stride)``, ``float32``.
 
-    Bilinear upsampling to the model input size ``S`` followed by a separable Gaussian blur with
-    ``sigma`` pixels (PatchCore uses sigma = 4) with reflect padding. ``sigma = 0`` disables the blur.
+    Bilinear upsampling by the patch ``stride`` (pixels per patch: 8 for the CNNs' default layers) to
+    the model input size, then a separable Gaussian blur of ``sigma`` pixels (PatchCore uses sigma = 4)
+    with reflect padding. ``sigma = 0`` disables the blur.
     """
 
-    def __init__(self, image_size: int, sigma: float = 4.0):
+    def __init__(self, stride: int, sigma: float = 4.0):
         super().__init__()
-        self.image_size = int(image_size)
+        self.stride = int(stride)
         self.sigma = float(sigma)
         k = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", k, persistent=False)
 
     def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        m = F.interpolate(patch_scores[:, None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        m = patch_scores[:, None]
+        if self.stride > 1:
+            m = F.interpolate(m, scale_factor=float(self.stride), mode="bilinear", align_corners=False)
         if self.sigma > 0:
             r = self.kernel.numel() // 2
             m = F.pad(m, (r, r, 0, 0), mode="reflect")

@@ -153,3 +153,17 @@ def training_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     if not paths:
         raise DatasetError("no training images given")
     return paths
+
+
+def normal_images(images) -> list:
+    """Normal images as a list: an :class:`MVTecCategory` or its path gives its ``train/good``, a
+    folder its images; a list of paths, PIL images or arrays is kept as it is.
+
+    Raises:
+        DatasetError: a folder that does not exist or holds no image.
+    """
+    if isinstance(images, MVTecCategory):
+        return images.train_paths()
+    if isinstance(images, (str, os.PathLike)):
+        return training_paths(images)
+    return list(images)

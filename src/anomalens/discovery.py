@@ -101,8 +101,8 @@ def region_descriptors(
             regs = regs[:1]
         img = p.image if p.image is not None else read_image(p.image_path)  # type: ignore[arg-type]
         with torch.inference_mode():
-            feats = detector.extract([img])  # (1, D, h, w)
-            resid = detector._residuals(feats)[0]  # (D, h, w)
+            feats = [f[0][None] for f in detector.extract([img])]  # per scale (1, D, h, w)
+            resid = detector._residuals(feats)[0]  # (D, h, w) at the last scale
         d, h, w = resid.shape
         amap = torch.from_numpy(np.ascontiguousarray(p.anomaly_map, dtype=np.float32))[None, None]
         small = torch.nn.functional.interpolate(amap, size=(h, w), mode="area")[0, 0]

@@ -1,12 +1,14 @@
 """ONNX export of a fitted detector's whole inference path, and an ONNX Runtime inferencer.
 
-The exported graph takes ``uint8`` RGB images ``(B, H, W, 3)`` of any size (one size per call) and
-returns ``pred_score`` ``float32`` ``(B,)`` and ``anomaly_map`` ``float32`` ``(B, H, W)``. Inside:
-resizing to the model's square input (bilinear with antialiasing, ONNX opset 18 ``Resize``), the
-backbone's normalisation and reflected border, the backbone, patch aggregation, the scoring (PatchCore:
-exact nearest-neighbour distance to the memory bank as a matrix product and a minimum; PaDiM:
-Mahalanobis distance per position), the anomaly-map upsampling and Gaussian smoothing, and the
-resizing back to ``H x W``. Thresholds, calibration scores and the model's parameters travel in the
+The exported graph takes the model input, ``float32`` ``(B, 3, h, w)`` in [0, 1] with ``h`` and ``w``
+any multiples of 16 (one shape per call), and returns ``pred_score`` ``float32`` ``(B,)`` and
+``anomaly_map`` ``float32`` ``(B, h, w)``. Inside: the backbone's normalisation and reflected border,
+the backbone, patch aggregation, the scoring (PatchCore: exact nearest-neighbour distance to the memory
+bank as a matrix product and a minimum; PaDiM: Mahalanobis distance per position), and the anomaly-map
+upsampling and Gaussian smoothing. Outside the graph, :class:`OnnxDetector` resizes each image to its
+model-input shape (short side ``image_size``, aspect ratio kept: :func:`~anomalens.common.model_input_hw`;
+the ``geometry`` entry of the metadata) and the map back to the image's size, with the same functions
+as the Python path, so both give the same scores and maps for images of any shape. Thresholds, calibration scores and the model's parameters travel in the
 ONNX file's metadata (``anomalens`` key, JSON), so the file alone gives the same decisions, masks,
 p-values and regions as the Python model (:class:`OnnxDetector`). The graph is produced by
 ``torch.onnx.export`` (the dynamo exporter) and checked against the Python path in the tests.
@@ -28,16 +30,16 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
 from .calibration import Calibration
+from .common import group_by_shape, model_input_hw, resize_map, to_model_input
 from .errors import ConfigError, ModelFileError
 from .io import ImageLike
 from .prediction import Prediction
 
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 2  # 2: model-input tensor in, aspect-kept geometry in the metadata
 OPSET = 18
 
 
@@ -49,26 +51,19 @@ class _InferenceGraph(nn.Module):
         self.det = detector
         self.extractor = detector.extractor
         self.head = detector.map_head
-        self.size = detector.image_size
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = image.shape[1], image.shape[2]
-        x = image.permute(0, 3, 1, 2).float() / 255.0
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
-        feats = self.extractor(x)
+    def forward(self, image: torch.Tensor, image_1: torch.Tensor | None = None, image_2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = [self.extractor(x) for x in (image, image_1, image_2) if x is not None]
         scores, grid = self.det._export_scores(feats)
-        amap = self.head(grid)
-        amap = F.interpolate(amap[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        return scores, amap
+        return scores, self.head(grid)
 
 
-def export_onnx(detector, path: str | os.PathLike, example_size: int = 256, source_config_sha256: str | None = None) -> Path:
+def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | None = None) -> Path:
     """Write ``detector``'s inference path to an ONNX file (dynamic batch, height and width).
 
     Args:
         detector: a fitted PatchCore (image score "max") or PaDiM.
         path: the ``.onnx`` file to write.
-        example_size: side of the random example image used to trace the graph (pixels).
         source_config_sha256: the ``config_sha256`` of the model directory exported from, stored so
             that a stale export (the directory was refitted since) can be recognised.
 
@@ -87,8 +82,15 @@ def export_onnx(detector, path: str | os.PathLike, example_size: int = 256, sour
     old = detector.extractor.micro_batch
     detector.extractor.micro_batch = 1 << 30  # one backbone call for the whole batch: no Python loop in the graph
     try:
-        example = torch.randint(0, 256, (2, example_size, example_size, 3), dtype=torch.uint8)
-        dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("height", min=32, max=8192), 2: torch.export.Dim("width", min=32, max=8192)}
+        n_scales = len(detector.image_sizes)
+        names = ["image"] + [f"image_{k}" for k in range(1, n_scales)]
+        examples = tuple(torch.rand(2, 3, *hw) for hw in detector.input_shapes((240, 300)))
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        if getattr(detector, "grid", None) is not None:  # PaDiM: one fixed geometry
+            dims = ({0: batch},)
+        else:
+            dims = tuple({0: batch, 2: 16 * torch.export.Dim(f"h16_{k}", min=4, max=512), 3: 16 * torch.export.Dim(f"w16_{k}", min=4, max=512)}
+                         for k in range(n_scales))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         traced = path.with_name(f"{path.name}.trace-{os.getpid()}")
@@ -98,8 +100,8 @@ def export_onnx(detector, path: str | os.PathLike, example_size: int = 256, sour
         with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation chatter
             torch.onnx.export(
-                graph, (example,), str(traced), dynamo=True, dynamic_shapes={"image": dims},
-                input_names=["image"], output_names=["pred_score", "anomaly_map"], opset_version=OPSET, verbose=False,
+                graph, examples, str(traced), dynamo=True, dynamic_shapes=dims,
+                input_names=names, output_names=["pred_score", "anomaly_map"], opset_version=OPSET, verbose=False,
             )
     finally:
         detector.extractor.micro_batch = old
@@ -113,6 +115,7 @@ def export_onnx(detector, path: str | os.PathLike, example_size: int = 256, sour
         "anomalens_version": __version__,
         "detector": detector.name,
         "params": detector.get_params(),
+        "geometry": geometry_of(detector),
         "source_config_sha256": source_config_sha256,
         "threshold": cal.threshold,
         "pixel_threshold": cal.pixel_threshold,
@@ -187,18 +190,29 @@ class OnnxDetector:
     def pixel_threshold(self) -> float:
         return self.calibration.pixel_threshold
 
+    def input_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Model-input ``(height, width)`` for an image of ``hw`` pixels (the exported model's geometry)."""
+        return self.input_shapes(hw)[0]
+
+    def input_shapes(self, hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        """Model-input shapes, one per scale, for an image of ``hw`` pixels (the exported geometry)."""
+        g = self.meta["geometry"]
+        if g.get("fixed_hw"):
+            return ((int(g["fixed_hw"][0]), int(g["fixed_hw"][1])),)
+        return tuple(model_input_hw(hw, int(size), bool(g["keep_aspect"])) for size in g["image_sizes"])
+
     def score_batch(self, images: list[np.ndarray]) -> tuple[list[float], list[np.ndarray]]:
-        """Image scores and maps for ``uint8`` RGB images ``(H_i, W_i, 3)`` (one session call per size)."""
+        """Image scores and maps (at each image's size) for ``uint8`` RGB images ``(H_i, W_i, 3)``;
+        one session call per model-input shape."""
         scores: list[float] = [0.0] * len(images)
         maps: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            by_size.setdefault(img.shape[:2], []).append(i)
-        for idx in by_size.values():
-            batch = np.stack([np.ascontiguousarray(images[i], dtype=np.uint8) for i in idx])
-            s, m = self.session.run(None, {"image": batch})
+        for shapes, idx in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
+            group = [images[i] for i in idx]
+            feeds = {("image" if k == 0 else f"image_{k}"): to_model_input(group, hw).numpy() for k, hw in enumerate(shapes)}
+            s, m = self.session.run(None, feeds)
             for k, i in enumerate(idx):
-                scores[i], maps[i] = float(s[k]), m[k]
+                scores[i] = float(s[k])
+                maps[i] = resize_map(torch.from_numpy(m[k]), images[i].shape[:2])
         return scores, maps
 
     def _scorer(self, images: list[np.ndarray]):
@@ -207,13 +221,20 @@ class OnnxDetector:
 
     def predict(self, images: Iterable[ImageLike], *, keep_images: bool = False, progress=None) -> list[Prediction]:
         """Same contract as :meth:`anomalens.detectors.base.Detector.predict` (no evidence)."""
-        from .detectors.base import run_predictions
+        from .inference import run_predictions
 
         return run_predictions(images, self._scorer, self.calibration, self.batch_size, keep_images=keep_images, progress=progress)
 
     def decision_function(self, images: Iterable[ImageLike]) -> np.ndarray:
         """Image anomaly scores, ``float64`` ``(N,)``; NaN for unreadable images."""
         return np.array([p.pred_score for p in self.predict(images)], dtype=np.float64)
+
+
+def geometry_of(detector) -> dict:
+    """How images are resized for ``detector``: ``{"image_sizes", "keep_aspect", "fixed_hw"}`` (the
+    last for PaDiM, whose fitted grid fixes one model-input shape; else None)."""
+    fixed = detector.input_hw((1, 1)) if getattr(detector, "grid", None) is not None else None
+    return {"image_sizes": list(detector.image_sizes), "keep_aspect": detector.keep_aspect, "fixed_hw": list(fixed) if fixed else None}
 
 
 def check_exportable(detector) -> None:

@@ -219,7 +219,7 @@ def render_report(
     parts = [
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p class='sub'>{html.escape(detector.name)} · {html.escape(detector.backbone_name)} · {detector.image_size} px · "
+        f"<p class='sub'>{html.escape(detector.name)} · {html.escape(detector.backbone_name)} · {detector.size_label} · "
         f"data {html.escape(str(data))} · {result.n_images} images ({result.n_errors} unreadable) · {result.to_dict()['ms_per_image']} ms/image</p>",
         "<h2>Decision threshold</h2>",
         f"<p>Image threshold <b>{cal.threshold:.4f}</b>, pixel threshold {cal.pixel_threshold:.4f}: {html.escape(cal.note)}.</p>",

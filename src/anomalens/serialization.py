@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import ModelFileError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: zero padding counted in patch averages, aspect-kept inputs (1 is refused: refit)
 CONFIG_NAME = "config.json"
 TENSORS_NAME = "model.safetensors"
 

@@ -164,9 +164,12 @@ def create_app(
 
     @app.get("/model")
     def model_info(name: str | None = Query(None, description="model name (default: the first)")) -> dict:
-        """A model's configuration, calibration and fit statistics."""
+        """A model's configuration, calibration and fit statistics; ``threshold_note`` says how the
+        threshold was set (and when the normal images supported only a higher false-alarm rate than asked)."""
         m = _model(name)
-        return {"name": m.name, "engine": m.engine, **m.config}
+        cal = m.config.get("calibration") or {}
+        return {"name": m.name, "engine": m.engine, "threshold_note": cal.get("note", ""),
+                "false_alarm_rate": cal.get("false_alarm_rate"), **m.config}
 
     @app.get("/recent")
     def recent_results() -> dict:

@@ -89,7 +89,7 @@ class MuSc:
         self.neighbours = tuple(int(k) for k in neighbours)
         self.chunk = max(1, int(chunk))
         self.z = float(z)
-        self.head = AnomalyMapHead(self.backbone.size, blur_sigma)
+        self.head = AnomalyMapHead(self.backbone.patch, blur_sigma)
         self.reference_backbone = reference_backbone
         self.reference_augment = reference_augment
 
@@ -157,9 +157,9 @@ class MuSc:
             (an empty folder). ConfigError: unknown backbone.
         """
         from .detectors import create_detector
-        from .detectors.base import _normal_images
+        from .data import normal_images
 
-        refs = _normal_images(references)
+        refs = normal_images(references)
         det = create_detector("patchcore", backbone=self.reference_backbone)
         det.fit(refs, shots=len(refs), augment=self.reference_augment)
         scores, maps = [], []
@@ -188,7 +188,7 @@ class MuSc:
             AnomalensError: fewer than 3 readable images (mutual scoring needs others to compare
             with); ImageReadError / DatasetError: an unreadable or missing reference image.
         """
-        from .detectors.base import read_input
+        from .inference import read_input
 
         items = list(images)
         out: list[Prediction | None] = [None] * len(items)

@@ -7,55 +7,57 @@ A detector is used like a scikit-learn / PyOD estimator::
     scores = det.decision_function(images)     # float64 (N,) image scores
     det.save("model_dir"); det = load_detector("model_dir")
 
-``images`` may be file paths, PIL images or ``uint8`` numpy arrays of any size and mode; each is
-resized to ``image_size x image_size`` for the backbone, and maps are returned at its own size.
+``images`` may be file paths, PIL images or ``uint8`` numpy arrays of any size and mode. Each is
+resized so that its short side is ``image_size`` and its aspect ratio is kept
+(:func:`~anomalens.common.model_input_hw`); maps are returned at the image's own size.
+The fit modes live in :mod:`~anomalens.detectors.fitting`, the prediction loop in
+:mod:`anomalens.inference`, saving and loading in :mod:`~anomalens.detectors.persistence`.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from ..backbones import get_spec, make_backbone
-from ..augment import AUGMENTATIONS, apply_view, check_augment
-from ..calibration import BATCH_Z, MIN_BATCH, Calibration, batch_thresholds, check_calibration_size, min_calibration_images
-from ..common import AnomalyMapHead, PatchFeatureExtractor, resize_map, to_tensor_batch
-from ..data import Sample
-from ..errors import AnomalensError, CalibrationError, ConfigError, DatasetError, ImageReadError, ModelFileError, NotFittedError
-from ..io import ImageLike, image_name, read_mask, to_rgb_array
-from ..explain import Evidence, Region, find_regions
+from ..backbones import DEFAULT_IMAGE_SIZE, get_spec, make_backbone
+from ..calibration import Calibration, supported_false_alarm_rate
+from ..common import AnomalyMapHead, PatchFeatureExtractor, group_by_shape, model_input_hw, resize_map, to_model_input
+from ..data import Sample, normal_images
+from ..errors import AnomalensError, ConfigError, NotFittedError
+from ..explain import Evidence, Region
+from ..inference import EvidenceFn, Progress, no_progress, run_predictions
+from ..io import ImageLike
 from ..prediction import Prediction
-from ..serialization import load_model, read_config, save_model
-
-#: ``progress(stage, done, total)``: called during long steps (stage names: "features", "coreset",
-#: "calibration", "predict").
-Progress = Callable[[str, int, int], None]
+from . import fitting
+from .options import check_options
+from .thresholds import Thresholds
 
 
-def _noop(stage: str, done: int, total: int) -> None:
-    return None
-
-
-class Detector(ABC):
+class Detector(Thresholds, ABC):
     """Base class: backbone features, calibration, prediction, saving. Subclasses add the scoring.
 
     Args:
         backbone: backbone name (see :data:`anomalens.backbones.BACKBONES`).
         layers: backbone layers to take features from; None = the backbone's defaults.
-        image_size: side in pixels of the square the images are resized to (multiple of 16 within
-            [64, 1024]; default 320, and 224 for the ViT, which accepts nothing else). Larger finds
-            smaller defects and costs time roughly quadratically.
+        image_size: short side in pixels the images are resized to (multiple of 16 within [64, 1024]),
+            or several (up to 3) for multi-scale scoring (PatchCore: one bank per scale, scores fused
+            on a common scale learned from the normal images). Default: :attr:`default_image_sizes`
+            (224 for the ViT, which accepts nothing else). Larger finds smaller defects and costs
+            time roughly quadratically.
+        keep_aspect: keep each image's aspect ratio (the long side follows the short one, see
+            :func:`~anomalens.common.model_input_hw`); False squashes every image to a square.
         patch_size: local neighbourhood averaged into each patch feature (PatchCore's ``p``).
-        border_pad: reflected border in pixels (at ``image_size``; default 32, 0 for the ViT) added
-            before the backbone and cropped from its features, so that border patches do not see zero padding (see
-            :class:`~anomalens.common.PatchFeatureExtractor`).
-        blur_sigma: Gaussian smoothing of the anomaly map, in pixels at ``image_size``.
-        false_alarm_rate: target fraction of normal images flagged (the conformal ``alpha``).
+        border_pad: reflected border in pixels (at model input size; default 0) added before the
+            backbone and cropped from its features (see :class:`~anomalens.common.PatchFeatureExtractor`).
+        blur_sigma: Gaussian smoothing of the anomaly map, in pixels at model input size.
+        false_alarm_rate: target fraction of normal images flagged (the conformal ``alpha``). None
+            (default): 1%, or the smallest rate the calibration images support when they are fewer
+            than 99, with a note (:func:`~anomalens.calibration.supported_false_alarm_rate`). A rate
+            given explicitly is strict: too few images raise :class:`CalibrationError`.
         batch_size: images per backbone forward pass.
         pretrained: use the shipped ImageNet weights; False gives random weights (tests only).
 
@@ -68,44 +70,41 @@ class Detector(ABC):
     supports_few_shot: ClassVar[bool] = False
     #: how :meth:`fit` gets out-of-sample calibration scores without a hold-out (see :mod:`anomalens.calibration`)
     calibration_source: ClassVar[str] = "leave-one-out"
+    #: default short sides (pixels) for the CNN backbones; more than one only where :attr:`max_scales` allows
+    default_image_sizes: ClassVar[tuple[int, ...]] = (DEFAULT_IMAGE_SIZE,)
+    #: how many image sizes the detector can fuse
+    max_scales: ClassVar[int] = 1
 
     def __init__(
         self,
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
-        image_size: int | None = None,
+        image_size: int | Sequence[int] | None = None,
+        keep_aspect: bool = True,
         patch_size: int = 3,
-        border_pad: int | None = None,
+        border_pad: int = 0,
         blur_sigma: float = 4.0,
-        false_alarm_rate: float = 0.01,
+        false_alarm_rate: float | None = None,
         batch_size: int = 8,
         pretrained: bool = True,
     ):
         spec = get_spec(backbone)
-        image_size = spec.default_image_size if image_size is None else image_size
-        border_pad = spec.default_border_pad if border_pad is None else border_pad
-        if spec.fixed_size and (image_size != spec.fixed_size or border_pad):
-            raise ConfigError(f"backbone {backbone} takes {spec.fixed_size} px inputs without border padding "
-                              f"(image_size={spec.fixed_size}, border_pad=0), got {image_size} and {border_pad}")
-        if not isinstance(image_size, int) or image_size % 16 or not 64 <= image_size <= 1024:
-            raise ConfigError(f"image_size must be a multiple of 16 in [64, 1024] pixels, got {image_size!r}")
-        if patch_size < 1 or patch_size % 2 == 0:
-            raise ConfigError(f"patch_size must be an odd number >= 1, got {patch_size}")
-        if not 0.0 < false_alarm_rate < 1.0:
-            raise ConfigError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if border_pad < 0 or border_pad % 16 or border_pad >= image_size:
-            raise ConfigError(f"border_pad must be a multiple of 16 in [0, image_size) pixels, got {border_pad}")
-        if blur_sigma < 0:
-            raise ConfigError(f"blur_sigma must be >= 0 pixels, got {blur_sigma}")
+        sizes = check_options(
+            spec, self, image_size=image_size, patch_size=patch_size, border_pad=border_pad, blur_sigma=blur_sigma,
+            false_alarm_rate=false_alarm_rate, batch_size=batch_size,
+        )
         self.backbone_name = backbone
-        self.layers = tuple(layers) if layers else get_spec(backbone).default_layers
-        self.image_size = int(image_size)
+        self.layers = tuple(layers) if layers else spec.default_layers
+        #: short sides of the model input, one per scale, ascending (pixels)
+        self.image_sizes = tuple(sorted(int(x) for x in sizes))
+        self.keep_aspect = bool(keep_aspect) and not spec.fixed_size
         self.patch_size = int(patch_size)
         self.border_pad = int(border_pad)
         self.blur_sigma = float(blur_sigma)
-        self.false_alarm_rate = float(false_alarm_rate)
+        #: the rate asked for (None: the default, relaxed to what the calibration images support)
+        self.requested_false_alarm_rate = None if false_alarm_rate is None else float(false_alarm_rate)
+        #: the rate the thresholds are set for (after fit: possibly relaxed, see ``calibration.note``)
+        self.false_alarm_rate = supported_false_alarm_rate(1 << 30, self.requested_false_alarm_rate)[0]
         self.batch_size = int(batch_size)
         self.pretrained = bool(pretrained)
         self.calibration: Calibration | None = None
@@ -125,11 +124,12 @@ class Detector(ABC):
         return {
             "backbone": self.backbone_name,
             "layers": list(self.layers),
-            "image_size": self.image_size,
+            "image_size": self.image_sizes[0] if len(self.image_sizes) == 1 else list(self.image_sizes),
+            "keep_aspect": self.keep_aspect,
             "patch_size": self.patch_size,
             "border_pad": self.border_pad,
             "blur_sigma": self.blur_sigma,
-            "false_alarm_rate": self.false_alarm_rate,
+            "false_alarm_rate": self.requested_false_alarm_rate,
             "batch_size": self.batch_size,
             "pretrained": self.pretrained,
         }
@@ -145,80 +145,67 @@ class Detector(ABC):
 
     @property
     def map_head(self) -> AnomalyMapHead:
+        """Patch-score grid -> smoothed map at model input size (:class:`~anomalens.common.AnomalyMapHead`)."""
         if self._map_head is None:
-            self._map_head = AnomalyMapHead(self.image_size, self.blur_sigma)
+            self._map_head = AnomalyMapHead(self.extractor.stride, self.blur_sigma)
         return self._map_head
+
+    @property
+    def image_size(self) -> int:
+        """The largest short side (pixels): the scale the anomaly maps and evidence are computed at."""
+        return self.image_sizes[-1]
+
+    @property
+    def size_label(self) -> str:
+        """The image sizes for people, e.g. ``"256+320 px"``."""
+        return "+".join(str(x) for x in self.image_sizes) + " px"
+
+    def input_hw(self, hw: tuple[int, int], scale: int = 0) -> tuple[int, int]:
+        """Model-input ``(height, width)`` in pixels for an image of ``hw`` pixels at scale ``scale``."""
+        return model_input_hw(hw, self.image_sizes[scale], self.keep_aspect)
+
+    def input_shapes(self, hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        """Model-input shapes of an image of ``hw`` pixels, one per scale."""
+        return tuple(self.input_hw(hw, k) for k in range(len(self.image_sizes)))
 
     @property
     def is_fitted(self) -> bool:
         return self.calibration is not None
-
-    @property
-    def threshold(self) -> float:
-        """Image-level decision threshold (``pred_label = pred_score > threshold``); for a
-        batch-relative (one-shot) model, that of the last predicted batch (NaN before any)."""
-        self._check_fitted()
-        if self.calibration.is_batch_relative and self.batch_thresholds:  # type: ignore[union-attr]
-            return self.batch_thresholds[0]
-        return self.calibration.threshold  # type: ignore[union-attr]
-
-    @property
-    def pixel_threshold(self) -> float:
-        """Pixel-level threshold (``pred_mask = anomaly_map > pixel_threshold``); batch-relative models:
-        as :attr:`threshold`."""
-        self._check_fitted()
-        if self.calibration.is_batch_relative and self.batch_thresholds:  # type: ignore[union-attr]
-            return self.batch_thresholds[1]
-        return self.calibration.pixel_threshold  # type: ignore[union-attr]
-
-    def set_false_alarm_rate(self, alpha: float) -> None:
-        """Re-derive both thresholds for a new target false-alarm rate ``alpha`` (no refit)."""
-        self._check_fitted()
-        cal = self.calibration
-        self.calibration = Calibration.from_scores(cal.scores, cal.map_maxima, alpha, cal.source)  # type: ignore[union-attr]
-        self.false_alarm_rate = float(alpha)
-
-    def set_f1_threshold(self, labels: Sequence[int], scores: Sequence[float]) -> float:
-        """Use the best-F1 image threshold on labelled images (1 = defective) instead of the conformal one.
-
-        p-values and the pixel threshold stay conformal. :meth:`set_false_alarm_rate` goes back.
-
-        Returns:
-            The best F1.
-
-        Raises:
-            CalibrationError: the labels lack normal or defective images.
-        """
-        self._check_fitted()
-        self.calibration, f1 = self.calibration.with_f1_threshold(np.asarray(labels), np.asarray(scores))  # type: ignore[union-attr]
-        return f1
 
     def _check_fitted(self) -> None:
         if self.calibration is None:
             raise NotFittedError(f"this {type(self).__name__} is not fitted: call fit() or load a model first")
 
     # ------------------------------------------------------------------ subclass hooks
-    @abstractmethod
-    def _fit_features(self, features: torch.Tensor, progress: Progress, keep_all: bool = False) -> None:
-        """Learn from ``float32`` ``(N, D, h, w)`` patch features of the normal images (``keep_all``:
-        few-shot, keep every patch)."""
+    def _start_fit(self, first_hw: tuple[int, int]) -> None:
+        """Called with the first training image's ``(H, W)`` before any feature is extracted."""
 
     @abstractmethod
-    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(B, D, h, w)`` features -> ``(image_scores (B,), patch_scores (B, h, w))`` ``float32``, and
-        for memory-bank detectors the ``int64`` ``(B, h, w)`` bank row nearest to each patch (else None)."""
+    def _fit_features(
+        self, features: list[list[torch.Tensor]], progress: Progress, keep_all: bool = False, groups: torch.Tensor | None = None
+    ) -> None:
+        """Learn from the normal images' patch features: ``features[k][i]`` is image ``i``'s ``float32``
+        ``(D, h_ik, w_ik)`` at scale ``k`` (``keep_all``: few images, keep every patch; ``groups``: as
+        in :meth:`_out_of_sample_scores`)."""
 
-    def _export_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @abstractmethod
+    def _score_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per scale ``(B, D, h_k, w_k)`` features -> ``(image_scores (B,), patch_scores (B, h, w))``
+        ``float32`` on the last (largest) scale's grid, and for memory-bank detectors the ``int64``
+        ``(B, h, w)`` bank row nearest to each patch (else None)."""
+
+    def _export_scores(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image scores, patch scores)`` in plain tensor ops that ``torch.onnx.export`` can trace."""
         raise ConfigError(f"{type(self).__name__} cannot be exported to ONNX")
 
-    def _residuals(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, D, h, w)`` features minus the normal features they are compared with (same shape).
+    def _residuals(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Per scale ``(B, D, h_k, w_k)`` features -> the last scale's features minus the normal features
+        they are compared with, ``(B, D, h, w)``.
 
         Used to describe what is abnormal in a region (:mod:`anomalens.discovery`). Default: the
         features themselves (no normal reference).
         """
-        return features
+        return features[-1]
 
     def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, nearest: torch.Tensor | None) -> Evidence | None:
         """Nearest normal patch for ``region`` of an image of shape ``hw`` (memory-bank detectors only)."""
@@ -226,12 +213,12 @@ class Detector(ABC):
 
     @abstractmethod
     def _out_of_sample_scores(
-        self, features: torch.Tensor, progress: Progress, groups: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores ``(n,)`` and patch-score grids ``(n, h, w)`` of the training images by a model that did
-        not learn from each of them (for calibration). ``groups`` (few-shot): ``int64`` ``(N,)`` source
-        image of each feature row (its augmented views share it, the original view first); then one
-        score per source image, from its original view, with all its views left out."""
+        self, features: list[list[torch.Tensor]], progress: Progress, groups: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Scores ``(n,)`` and patch-score grids ``(h_i, w_i)`` of the training images by a model that
+        did not learn from each of them (for calibration). ``groups`` (few-shot): ``int64`` ``(N,)``
+        source image of each feature map (its augmented views share it, the original view first);
+        then one score per source image, from its original view, with all its views left out."""
 
     @abstractmethod
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -247,9 +234,19 @@ class Detector(ABC):
 
     # ------------------------------------------------------------------ features
     @torch.inference_mode()
-    def extract(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Patch features of ``uint8`` RGB images: ``float32`` ``(B, D, h, w)``."""
-        return self.extractor(to_tensor_batch(images, self.image_size))
+    def extract(self, images: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
+        """Patch features of ``uint8`` RGB images: ``out[k][i]`` is image ``i``'s ``float32``
+        ``(D, h, w)`` at scale ``k``, ``(h, w)`` its model-input size divided by the patch stride."""
+        out: list[list[torch.Tensor]] = [[None] * len(images) for _ in self.image_sizes]  # type: ignore[misc]
+        for shapes, idx in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
+            for k, feats in enumerate(self._group_features([images[i] for i in idx], shapes)):
+                for j, i in enumerate(idx):
+                    out[k][i] = feats[j]
+        return out
+
+    def _group_features(self, images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per scale ``(B, D, h_k, w_k)`` features of images that share the model-input ``shapes``."""
+        return [self.extractor(to_model_input(images, hw)) for hw in shapes]
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -264,18 +261,21 @@ class Detector(ABC):
     ) -> "Detector":
         """Fit on normal images and calibrate the thresholds on normal images the model did not learn from.
 
+        The fit modes (:mod:`~anomalens.detectors.fitting`): all images, calibrated out of sample
+        (default); a hold-out (``holdout``); few-shot (``shots``); one image (decisions relative to
+        each predicted batch).
+
         Args:
             images: normal images (paths, PIL images or arrays), a folder, or an MVTec category (path
-                or :class:`~anomalens.data.MVTecCategory`: its ``train/good``).
+                or :class:`~anomalens.data.MVTecCategory`: its ``train/good``). One image is enough.
             progress: optional ``progress(stage, done, total)`` callback.
             holdout: fraction of ``images`` kept out of fitting for split-conformal calibration
                 (exact guarantee). 0 = calibrate on all of them out of sample (``calibration_source``).
             seed: seed of the hold-out draw, or of the draw of the ``shots`` images.
             shots: few-shot: fit on ``shots`` images drawn at random (``seed``) from ``images``
                 (pass exactly ``shots`` images to choose them). Memory-bank detectors only; every
-                patch of every view is kept (no coreset). The threshold follows the few-shot rule of
-                :mod:`anomalens.calibration`: the largest leave-one-shot-out score (false-alarm rate
-                ``max(false_alarm_rate, 1 / (shots + 1))``), or batch-relative decisions for one shot.
+                patch of every view is kept (no coreset); threshold: the largest leave-one-shot-out
+                score (rate ``max(false_alarm_rate, 1 / (shots + 1))``), batch-relative for one shot.
             augment: few-shot views of each shot added to the bank (:data:`~anomalens.augment.AUGMENTATIONS`:
                 ``"none"``, ``"flips"``, ``"rotations"``, ``"dihedral"``); only for orientation-free products.
 
@@ -286,162 +286,39 @@ class Detector(ABC):
             DatasetError: no images, or an empty folder.
             ConfigError: ``shots`` larger than the images given, ``shots`` with ``holdout``, ``augment``
                 without ``shots``, or ``shots`` on a detector without a memory bank.
-            CalibrationError: too few (held-out) normal images for ``false_alarm_rate``; raised before
-                any work, saying how many are needed.
+            CalibrationError: an explicit ``false_alarm_rate`` the (held-out) normal images cannot
+                support; raised before any work, saying how many are needed.
             ImageReadError: a training image cannot be read (the message names it; training stops,
                 since a model silently fitted on fewer images than given is worse than an error).
         """
-        progress = progress or _noop
-        images = _normal_images(images)
-        if not images:
-            raise DatasetError("no training images given")
-        if not 0.0 <= holdout < 1.0:
-            raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
-        views = check_augment(augment)
-        held: list = []
-        groups: torch.Tensor | None = None
-        if shots is not None:
-            if not self.supports_few_shot:
-                raise ConfigError(f"{type(self).__name__} has no memory bank to fit from a few shots; use PatchCore")
-            if holdout:
-                raise ConfigError("few-shot fitting (shots) and holdout exclude each other: calibrate later with new normal images")
-            if not 1 <= shots <= len(images):
-                raise ConfigError(f"shots must be in [1, {len(images)}] (the images given), got {shots}")
-            pick = np.random.default_rng(seed).choice(len(images), size=shots, replace=False) if shots < len(images) else np.arange(shots)
-            images = [images[i] for i in sorted(pick)]
-            groups = torch.arange(shots).repeat_interleave(len(views))
-        elif augment != "none":
-            raise ConfigError("augment applies to few-shot fitting: give shots as well")
-        elif holdout > 0:
-            n_held = int(round(holdout * len(images)))
-            check_calibration_size(n_held, self.false_alarm_rate)
-            if n_held >= len(images):
-                raise CalibrationError(f"holdout {holdout} of {len(images)} images leaves none to fit on")
-            perm = np.random.default_rng(seed).permutation(len(images))
-            held = [images[i] for i in sorted(perm[:n_held])]
-            images = [images[i] for i in sorted(perm[n_held:])]
-        else:
-            check_calibration_size(len(images), self.false_alarm_rate)
-        self.train_images = [os.path.abspath(x) if isinstance(x, (str, os.PathLike)) else None for x in images]
-        self.train_views = list(views) if shots is not None else ["id"]
-        t0 = time.perf_counter()
-        feats = []
-        n = len(images)
-        for s in range(0, n, self.batch_size):
-            batch = [to_rgb_array(img) for img in images[s : s + self.batch_size]]
-            if len(views) > 1:
-                batch = [apply_view(img, v) for img in batch for v in views]
-            feats.append(self.extract(batch))
-            progress("features", min(n, s + self.batch_size), n)
-        features = torch.cat(feats)
-        del feats
-        t1 = time.perf_counter()
-        alpha = self.false_alarm_rate
-        with torch.inference_mode():
-            self._fit_features(features, progress, keep_all=shots is not None)
-            t2 = time.perf_counter()
-            if held:
-                scores, maxima = self._calibration_scores(held, progress)
-                source = "held-out"
-            elif shots == 1:
-                scores = maxima = np.zeros(0)
-                source = "batch"
-            else:
-                oos, grids = self._out_of_sample_scores(features, progress, groups)
-                scores = oos.double().numpy()
-                maxima = torch.stack([self.map_head(grids[i : i + 1])[0].max() for i in range(grids.shape[0])]).double().numpy()
-                source = self.calibration_source if shots is None else "few-shot"
-        if source == "batch":
-            self.calibration = Calibration.batch_relative(
-                "one normal image gives no out-of-sample score: each predicted batch of at least "
-                f"{MIN_BATCH} images sets its own thresholds (median + {BATCH_Z:g} robust SD); no false-alarm guarantee"
-            )
-        elif source == "few-shot":
-            alpha = max(alpha, 1.0 / (len(scores) + 1))
-            self.calibration = Calibration.from_scores(scores, maxima, alpha, source)
-            self.calibration.note = (
-                f"few-shot: the largest of {len(scores)} leave-one-shot-out scores, a false-alarm rate of {alpha:.3g} at most "
-                f"(requested {self.false_alarm_rate:g}, which needs {min_calibration_images(self.false_alarm_rate)} normal images: "
-                "add them with anomalens calibrate)"
-            )
-        else:
-            self.calibration = Calibration.from_scores(scores, maxima, alpha, source)
-        t3 = time.perf_counter()
-        self.fit_info = {
-            "n_train_images": n,
-            "n_calibration_images": int(len(scores)),
-            "calibration_source": source,
-            "feature_dim": int(features.shape[1]),
-            "grid": list(features.shape[-2:]),
-            "seconds_features": round(t1 - t0, 3),
-            "seconds_fit": round(t2 - t1, 3),
-            "seconds_calibration": round(t3 - t2, 3),
-            "seconds_total": round(t3 - t0, 3),
-        }
-        if shots is not None:
-            self.fit_info.update(shots=int(shots), augment=augment, requested_false_alarm_rate=self.false_alarm_rate, seed=int(seed))
-            self.false_alarm_rate = alpha
-        return self
-
-    def _calibration_scores(self, images: Sequence[ImageLike], progress: Progress) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores and anomaly-map maxima (``float64`` ``(n,)`` each) of held-out normal images."""
-        scores, maxima = [], []
-        for s in range(0, len(images), self.batch_size):
-            batch = [to_rgb_array(img) for img in images[s : s + self.batch_size]]
-            sc, maps, _, _ = self._score_batch(batch)
-            scores.extend(sc.tolist())
-            maxima.extend(float(m.max()) for m in maps)
-            progress("calibration", min(len(images), s + self.batch_size), len(images))
-        return np.asarray(scores, dtype=np.float64), np.asarray(maxima, dtype=np.float64)
-
-    def calibrate(
-        self, images: Iterable[ImageLike] | str | os.PathLike, false_alarm_rate: float | None = None, progress: Progress | None = None
-    ) -> "Detector":
-        """Re-calibrate a fitted model on held-out normal images (split conformal; exact guarantee).
-
-        Use it when new good images arrive from the line, or to replace the out-of-sample calibration
-        of :meth:`fit` by a strict hold-out. The model itself is unchanged.
-
-        Args:
-            images: normal images the model was *not* fitted on (paths, arrays, a folder, or an MVTec
-                category's ``train/good``).
-            false_alarm_rate: new target ``alpha``; None keeps the model's.
-
-        Raises:
-            NotFittedError: not fitted.
-            CalibrationError: fewer images than ``1/alpha - 1``, or images the model was fitted on.
-            ImageReadError: an image cannot be read (calibration never silently drops an image).
-        """
-        self._check_fitted()
-        alpha = self.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
-        images = _normal_images(images)
-        check_calibration_size(len(images), alpha)
-        fitted = {os.path.realpath(p) for p in self.train_images if p}
-        reused = [x for x in images if isinstance(x, (str, os.PathLike)) and os.path.realpath(x) in fitted]
-        if reused:
-            raise CalibrationError(
-                f"{len(reused)} of the {len(images)} calibration images were used to fit the model (e.g. {reused[0]}); "
-                "calibrate on normal images the model has not seen, or the threshold will be too low"
-            )
-        scores, maxima = self._calibration_scores(images, progress or _noop)
-        self.calibration = Calibration.from_scores(scores, maxima, alpha, "held-out")
-        self.false_alarm_rate = alpha
-        return self
+        return fitting.fit_detector(
+            self, normal_images(images), progress or no_progress, holdout=holdout, seed=seed, shots=shots, augment=augment
+        )
 
     # ------------------------------------------------------------------ predict
     @torch.inference_mode()
-    def _score_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray], torch.Tensor, torch.Tensor | None]:
-        feats = self.extract(images)
-        scores, grids, nearest = self._score_features(feats)
-        maps = self.map_head(grids)
-        return scores, [resize_map(maps[i], img.shape[:2]) for i, img in enumerate(images)], grids, nearest
+    def _score_batch(self, images: Sequence[np.ndarray]) -> tuple[list[float], list[np.ndarray], list[torch.Tensor], list[torch.Tensor | None]]:
+        """Scores, maps at each image's size, patch-score grids and nearest bank rows, per image."""
+        n = len(images)
+        scores: list[float] = [0.0] * n
+        maps: list[np.ndarray] = [None] * n  # type: ignore[list-item]
+        grids: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        nearest: list[torch.Tensor | None] = [None] * n
+        for shapes, idx in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
+            sc, gr, nn = self._score_features(self._group_features([images[i] for i in idx], shapes))
+            mp = self.map_head(gr)
+            for k, i in enumerate(idx):
+                scores[i], grids[i] = float(sc[k]), gr[k]
+                maps[i] = resize_map(mp[k], images[i].shape[:2])
+                nearest[i] = None if nn is None else nn[k]
+        return scores, maps, grids, nearest
 
-    def score_batch(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray]]:
+    def score_batch(self, images: Sequence[np.ndarray]) -> tuple[list[float], list[np.ndarray]]:
         """Score ``uint8`` RGB images ``(H_i, W_i, 3)``.
 
         Returns:
-            ``(scores, maps)``: ``float32`` ``(B,)`` image scores and one ``float32`` ``(H_i, W_i)``
-            anomaly map per image at its own resolution.
+            ``(scores, maps)``: one image score per image and one ``float32`` ``(H_i, W_i)`` anomaly
+            map per image at its own resolution.
 
         Raises:
             NotFittedError: not fitted.
@@ -484,9 +361,9 @@ class Detector(ABC):
         scores, maps, grids, nearest = self._score_batch(images)
 
         def evidence(j: int, hw: tuple[int, int], region: Region) -> Evidence | None:
-            return self._evidence(hw, region, grids[j], None if nearest is None else nearest[j])
+            return self._evidence(hw, region, grids[j], nearest[j])
 
-        return scores.tolist(), maps, evidence
+        return scores, maps, evidence
 
     def decision_function(self, images: Iterable[ImageLike]) -> np.ndarray:
         """Image anomaly scores, ``float64`` ``(N,)``; NaN for unreadable images (PyOD's convention)."""
@@ -494,205 +371,27 @@ class Detector(ABC):
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the fitted model to ``directory`` (see :mod:`anomalens.serialization`).
+        """Write the fitted model to ``directory`` (:func:`~anomalens.detectors.persistence.save_detector`).
 
         Raises:
             NotFittedError: not fitted.
         """
+        from .persistence import save_detector
+
         self._check_fitted()
-        cal = self.calibration
-        assert cal is not None
-        tensors = dict(self._state_tensors())
-        tensors["calibration.scores"] = torch.from_numpy(np.asarray(cal.scores, dtype=np.float64))
-        tensors["calibration.map_maxima"] = torch.from_numpy(np.asarray(cal.map_maxima, dtype=np.float64))
-        config = {
-            "detector": self.name,
-            "params": self.get_params(),
-            "threshold": None if cal.is_batch_relative else cal.threshold,
-            "pixel_threshold": None if cal.is_batch_relative else cal.pixel_threshold,
-            "calibration": {"source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size)},
-            "train_images": self.train_images,
-            "train_views": self.train_views,
-            "fit_info": self.fit_info,
-        }
-        save_model(directory, config, tensors)
-
-    @classmethod
-    def _from_loaded(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "Detector":
-        try:
-            det = cls(**config["params"])
-        except (TypeError, KeyError) as exc:
-            raise ModelFileError(f"model config has invalid parameters ({exc})") from None
-        expected = det._expected_shapes(config)
-        if expected:
-            for key, shape in expected.items():
-                if key not in tensors or list(tensors[key].shape) != list(shape):
-                    got = list(tensors[key].shape) if key in tensors else None
-                    raise ModelFileError(f"tensor {key!r} has shape {got}, but the model's parameters require {shape}")
-        scores = tensors.pop("calibration.scores").numpy()
-        maxima = tensors.pop("calibration.map_maxima").numpy()
-        det._load_state_tensors(tensors)
-        cal_cfg = config.get("calibration") or {}
-        det.calibration = Calibration.restore(
-            scores, maxima, det.false_alarm_rate, source=cal_cfg.get("source", det.calibration_source),
-            mode=cal_cfg.get("mode", "conformal"), threshold=config["threshold"], pixel_threshold=config["pixel_threshold"],
-            note=str(cal_cfg.get("note", "")),
-        )
-        det.fit_info = config.get("fit_info", {})
-        views = config.get("train_views") or ["id"]
-        if not (isinstance(views, list) and all(v in AUGMENTATIONS["dihedral"] for v in views)):
-            raise ModelFileError(f"model config has invalid train_views {views!r}")
-        det.train_views = views
-        train = config.get("train_images") or []
-        det.train_images = [str(x) if isinstance(x, str) else None for x in train] if isinstance(train, list) else []
-        return det
-
-
-def _normal_images(images) -> list:
-    """Normal images as a list: an :class:`~anomalens.data.MVTecCategory` or its path gives its
-    ``train/good``, a folder its images; a list of paths, PIL images or arrays is kept as it is."""
-    from ..data import MVTecCategory, training_paths
-
-    if isinstance(images, MVTecCategory):
-        return images.train_paths()
-    if isinstance(images, (str, os.PathLike)):
-        return training_paths(images)
-    return list(images)
-
-
-#: ``evidence(index in batch, (H, W), region) -> Evidence | None``
-EvidenceFn = Callable[[int, tuple[int, int], Region], Evidence | None]
-#: ``scorer(uint8 RGB images) -> (image scores, anomaly maps at each image's size, evidence function)``
-Scorer = Callable[[list[np.ndarray]], tuple[list[float], list[np.ndarray], EvidenceFn | None]]
-
-
-def read_input(item: ImageLike | Sample, i: int) -> tuple[np.ndarray, dict[str, Any]] | Prediction:
-    """Read one input of :meth:`Detector.predict`: ``(uint8 RGB image, ground-truth fields)``, or a
-    failed :class:`Prediction` naming it when it (or its mask) cannot be read.
-
-    The fields are ``image_path`` and, for a :class:`~anomalens.data.Sample`, ``gt_label``,
-    ``defect_type`` and ``gt_mask`` (``bool`` ``(H, W)``; all False for a good image).
-    """
-    gt: dict[str, Any] = {}
-    src: Any = item
-    if isinstance(item, Sample):
-        src = item.path
-        gt = {"gt_label": item.gt_label, "defect_type": item.defect_type}
-    name = image_name(src, i)
-    try:
-        img = to_rgb_array(src)
-        if isinstance(item, Sample):
-            gt["gt_mask"] = read_mask(item.mask_path, img.shape[:2]) if item.mask_path is not None else np.zeros(img.shape[:2], bool)
-    except (ImageReadError, DatasetError) as exc:
-        return Prediction.failed(name if isinstance(src, (str, os.PathLike)) else None, str(exc), **{k: v for k, v in gt.items() if k != "gt_mask"})
-    gt["image_path"] = str(src) if isinstance(src, (str, os.PathLike)) else None
-    return img, gt
-
-
-def run_predictions(
-    images: Iterable[ImageLike | Sample],
-    scorer: Scorer,
-    cal: Calibration,
-    batch_size: int,
-    *,
-    keep_images: bool = False,
-    progress: Progress | None = None,
-    on_batch_thresholds: Callable[[float, float], None] | None = None,
-) -> list[Prediction]:
-    """The prediction loop shared by every inference engine (torch detectors, ONNX Runtime).
-
-    Reads each input (an unreadable one becomes a failed :class:`Prediction`, the rest go on), scores
-    batches with ``scorer``, and turns scores and maps into decisions, masks, p-values, regions and,
-    for flagged images, evidence, all from the calibration ``cal``. A batch-relative calibration
-    (one-shot models) decides once every image is scored, from :func:`~anomalens.calibration.batch_thresholds`
-    of all of them, and reports the thresholds to ``on_batch_thresholds(image, pixel)``.
-
-    Raises:
-        CalibrationError: batch-relative calibration and fewer than
-            :data:`~anomalens.calibration.MIN_BATCH` readable images.
-    """
-    progress = progress or _noop
-    items = list(images)
-    out: list[Prediction | None] = [None] * len(items)
-    pending: list[tuple[int, np.ndarray, dict]] = []
-    #: scored, not yet decided: (index, image, ground truth, score, map, evidence function, index in its batch)
-    scored: list[tuple[int, np.ndarray, dict, float, np.ndarray, EvidenceFn | None, int]] = []
-
-    def decide(threshold: float, pixel_threshold: float) -> None:
-        for i, img, gt, score, amap, evidence_fn, j in scored:
-            mask = amap > pixel_threshold
-            label = int(score > threshold)
-            regions = find_regions(amap, mask)
-            evidence = evidence_fn(j, img.shape[:2], regions[0]) if (label and regions and evidence_fn) else None
-            out[i] = Prediction(
-                image_path=gt.pop("image_path"),
-                pred_score=float(score),
-                pred_label=label,
-                anomaly_map=amap,
-                pred_mask=mask,
-                p_value=None if cal.is_batch_relative else cal.p_value(float(score)),
-                threshold=threshold,
-                regions=regions,
-                evidence=evidence,
-                image=img if keep_images else None,
-                **gt,
-            )
-        scored.clear()
-
-    def flush() -> None:
-        if not pending:
-            return
-        scores, maps, evidence_fn = scorer([p[1] for p in pending])
-        for j, ((i, img, gt), score, amap) in enumerate(zip(pending, scores, maps)):
-            scored.append((i, img, gt, float(score), amap, evidence_fn, j))
-        pending.clear()
-        if not cal.is_batch_relative:
-            decide(cal.threshold, cal.pixel_threshold)
-
-    done = 0
-    for i, item in enumerate(items):
-        read = read_input(item, i)
-        if isinstance(read, Prediction):
-            out[i] = read
-            done += 1
-            progress("predict", done, len(items))
-            continue
-        img, gt = read
-        pending.append((i, img, gt))
-        if len(pending) >= batch_size:
-            n_flush = len(pending)
-            flush()
-            done += n_flush
-            progress("predict", done, len(items))
-    n_flush = len(pending)
-    flush()
-    done += n_flush
-    progress("predict", done, len(items))
-    if cal.is_batch_relative:
-        t, tp = batch_thresholds(np.array([x[3] for x in scored]), [x[4] for x in scored])
-        if on_batch_thresholds is not None:
-            on_batch_thresholds(t, tp)
-        decide(t, tp)
-    return out  # type: ignore[return-value]
+        save_detector(self, directory)
 
 
 def load_detector(directory: str | os.PathLike) -> Detector:
-    """Load any saved detector (PatchCore, PaDiM, ...) from a model directory.
+    """Load any saved detector (PatchCore, PaDiM, ...) from a model directory
+    (:func:`~anomalens.detectors.persistence.load_detector`).
 
     Raises:
-        ModelFileError: missing, incompatible, corrupt or modified model files (see
-            :func:`anomalens.serialization.load_model`), or an unknown detector type.
+        ModelFileError: missing, incompatible, corrupt or modified model files, or an unknown detector type.
     """
-    from . import DETECTORS
+    from .persistence import load_detector as load
 
-    config = read_config(directory)
-    name = config.get("detector")
-    if name == "video":
-        raise ModelFileError(f"{directory} is a video model: use anomalens video predict / VideoDetector.load")
-    if name not in DETECTORS:
-        raise ModelFileError(f"model in {directory} is of unknown detector type {name!r}; known: {sorted(DETECTORS)}")
-    config, tensors = load_model(directory)
-    return DETECTORS[name]._from_loaded(config, tensors)
+    return load(directory)
 
 
 __all__ = ["Detector", "Progress", "load_detector", "AnomalensError"]

@@ -4,6 +4,8 @@ Anomaly Detection and Localization", ICPR 2021 (arXiv:2011.08785).
 Fit: at every position ``(y, x)`` of the patch grid, a multivariate Gaussian ``N(mu_yx, Sigma_yx)``
 of the normal images' features, on a random subset of ``n_features`` channels (the paper's random
 dimensionality reduction), with ``Sigma + eps I`` regularisation (eps = 0.01).
+Every position has its own Gaussian, so all images share one input geometry: the first training
+image's (short side ``image_size``, its aspect ratio kept); images of another shape are resized to it.
 Predict: the patch score is the Mahalanobis distance ``sqrt((f - mu)^T Sigma^-1 (f - mu))``; the map
 is upsampled and smoothed (sigma 4); the image score is the map's maximum patch score.
 """
@@ -59,6 +61,7 @@ class PaDiM(Detector):
         self.mean: torch.Tensor | None = None
         self.precision: torch.Tensor | None = None
         self.grid: tuple[int, int] | None = None
+        self._fit_hw: tuple[int, int] | None = None
         self._chol: torch.Tensor | None = None  # Cholesky factors of the precisions, for _residuals
 
     def get_params(self) -> dict:
@@ -66,13 +69,27 @@ class PaDiM(Detector):
         p.update(n_features=self.n_features, eps=self.eps, cv_folds=self.cv_folds, seed=self.seed)
         return p
 
+    def input_hw(self, hw: tuple[int, int], scale: int = 0) -> tuple[int, int]:
+        """The one model-input ``(height, width)`` of this model (that of its first training image)."""
+        if self.grid is not None:
+            s = self.extractor.stride
+            return self.grid[0] * s, self.grid[1] * s
+        return self._fit_hw or super().input_hw(hw)
+
+    def _start_fit(self, first_hw: tuple[int, int]) -> None:
+        self.grid = None
+        self._fit_hw = super().input_hw(first_hw)
+
     def _select(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, D, h, w)`` -> ``(N, h*w, d)`` float64 on the selected channels."""
         assert self.channels is not None
         f = features.index_select(1, self.channels)
         return f.flatten(2).transpose(1, 2).double()
 
-    def _fit_features(self, features: torch.Tensor, progress: Progress, keep_all: bool = False) -> None:
+    def _fit_features(
+        self, features: list[list[torch.Tensor]], progress: Progress, keep_all: bool = False, groups: torch.Tensor | None = None
+    ) -> None:
+        features = torch.stack(features[0])  # one scale, one geometry for all (input_hw)
         n, dim, h, w = features.shape
         d = min(self.n_features, dim)
         g = torch.Generator().manual_seed(self.seed)
@@ -81,7 +98,8 @@ class PaDiM(Detector):
         x = self._select(features)
         s1, s2 = x.sum(0), torch.einsum("npi,npj->pij", x, x)
         mean, prec = _precision(s1, s2, n, self.eps)
-        self.mean, self.precision = mean.float(), prec.float()
+        # contiguous like a loaded model (linalg.inv returns column-major), so both sum in the same order
+        self.mean, self.precision = mean.float().contiguous(), prec.float().contiguous()
         self._chol = None
         self._sums = (s1, s2, n)
 
@@ -92,8 +110,9 @@ class PaDiM(Detector):
         m = torch.einsum("bpi,pij,bpj->bp", diff, prec, diff)
         return m.clamp_(min=0).sqrt_()
 
-    def _score_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def _score_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, None]:
         assert self.mean is not None and self.precision is not None and self.grid is not None
+        features = features[0]
         b, _, h, w = features.shape
         if (h, w) != self.grid:
             raise ConfigError(f"feature grid {h}x{w} differs from the fitted {self.grid}")
@@ -101,12 +120,12 @@ class PaDiM(Detector):
         dist = self._mahalanobis(x, self.mean, self.precision).view(b, h, w)
         return dist.flatten(1).max(1).values, dist, None
 
-    def _export_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _export_scores(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores in plain tensor ops for ONNX export (the same as :meth:`_score_features`)."""
         scores, dist, _ = self._score_features(features)
         return scores, dist
 
-    def _residuals(self, features: torch.Tensor) -> torch.Tensor:
+    def _residuals(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Whitened residuals ``L^T (x - mean)`` with ``precision = L L^T`` per position, ``(B, d, h, w)``.
 
         Their norm is the Mahalanobis distance PaDiM scores with, just as PatchCore's residual's norm
@@ -116,20 +135,22 @@ class PaDiM(Detector):
         assert self.mean is not None and self.precision is not None
         if self._chol is None:
             self._chol = torch.linalg.cholesky(self.precision.double()).float()  # (P, d, d)
+        features = features[0]
         b, _, h, w = features.shape
         z = torch.einsum("bpi,pij->bpj", self._select(features).float() - self.mean[None], self._chol)
         return z.transpose(1, 2).reshape(b, -1, h, w)
 
     def _out_of_sample_scores(
-        self, features: torch.Tensor, progress: Progress, groups: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, features: list[list[torch.Tensor]], progress: Progress, groups: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """K-fold cross-fitting: each image scored by the Gaussians fitted without its fold."""
+        features = torch.stack(features[0])
         n, _, h, w = features.shape
         x = self._select(features)
         s1, s2, _ = self.__dict__.pop("_sums")  # the fit's sums (128 MB at a 40x40 grid) are not kept
         if n < 3:  # too few images to leave any out: score in-sample (optimistic; noted in calibration)
             dist = self._mahalanobis(x.float(), self.mean, self.precision).view(n, h, w)
-            return dist.flatten(1).max(1).values, dist
+            return dist.flatten(1).max(1).values, list(dist)
         folds = torch.tensor_split(torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)), min(self.cv_folds, n))
         scores = torch.empty(n)
         grids = torch.empty(n, h, w)
@@ -140,16 +161,16 @@ class PaDiM(Detector):
             grids[fold] = dist
             scores[fold] = dist.flatten(1).max(1).values
             progress("calibration", k + 1, len(folds))
-        return scores, grids
+        return scores, list(grids)
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         assert self.mean is not None and self.precision is not None and self.channels is not None and self.grid is not None
         return {"mean": self.mean, "precision": self.precision, "channels": self.channels, "grid": torch.tensor(self.grid)}
 
     def _expected_shapes(self, config: dict) -> dict[str, list[int]]:
-        g = self.extractor.grid_size(self.image_size)
+        p = config["tensors"].get("mean", {}).get("shape", [0, 0])[0]
         d = min(self.n_features, self.extractor.feature_dim)
-        return {"mean": [g * g, d], "precision": [g * g, d, d], "channels": [d], "grid": [2]}
+        return {"mean": [p, d], "precision": [p, d, d], "channels": [d], "grid": [2]}
 
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.mean = tensors["mean"].float()
@@ -157,6 +178,10 @@ class PaDiM(Detector):
         self._chol = None
         self.channels = tensors["channels"].long()
         self.grid = tuple(int(v) for v in tensors["grid"].tolist())  # type: ignore[assignment]
+        if self.grid[0] * self.grid[1] != self.mean.shape[0] or min(self.grid) < 1:
+            from ..errors import ModelFileError
+
+            raise ModelFileError(f"PaDiM grid {self.grid} does not match its {self.mean.shape[0]} Gaussians")
         if int(self.channels.max()) >= self.extractor.feature_dim or int(self.channels.min()) < 0:
             from ..errors import ModelFileError
 

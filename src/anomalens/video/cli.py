@@ -11,15 +11,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..cli_common import console, fail as _fail, out_console, progress_bars
 from ..errors import AnomalensError
 
 video_app = typer.Typer(no_args_is_help=True, help="Video anomaly detection for fixed cameras (UCSD Ped2 layout or video files).")
-
-
-def _ui():
-    from ..cli import _fail, console, out_console, progress_bars
-
-    return _fail, console, out_console, progress_bars
 
 
 @video_app.command("fit")
@@ -37,7 +32,6 @@ def fit(
     """Learn normal appearance and motion of one camera view, and calibrate the frame threshold."""
     from .detector import VideoDetector
 
-    _fail, console, _, progress_bars = _ui()
     try:
         det = VideoDetector(
             backbone=backbone, image_size=image_size, appearance=appearance, motion=motion, temporal_sigma=temporal_sigma,
@@ -87,7 +81,6 @@ def predict(
     from .evaluate import read_frame_labels
     from .io import list_videos, video_name
 
-    _fail, console, out_console, _ = _ui()
     failed = []
     try:
         det = VideoDetector.load(model_dir)
@@ -123,7 +116,6 @@ def evaluate(
     from .evaluate import evaluate_videos, read_frame_labels
     from .io import video_name
 
-    _fail, console, out_console, _ = _ui()
     try:
         det = VideoDetector.load(model_dir)
         gt = read_frame_labels(labels)

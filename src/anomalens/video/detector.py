@@ -245,7 +245,8 @@ class VideoDetector:
     def extractor(self) -> PatchFeatureExtractor:
         if self._extractor is None:
             spec = get_spec(self.backbone_name)
-            self._extractor = PatchFeatureExtractor(make_backbone(self.backbone_name, None, self.pretrained), 3, spec.default_border_pad)
+            # frames keep the 32 px reflected border their settings were chosen with
+            self._extractor = PatchFeatureExtractor(make_backbone(self.backbone_name, None, self.pretrained), 3, 0 if spec.fixed_size else 32)
         return self._extractor
 
     @property

@@ -1,0 +1,57 @@
+"""What every command-line module shares: the consoles, progress bars, error exit and number formats."""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+# wide enough for the metrics table when the output is a file or a pipe (CI logs)
+out_console = Console(width=None if sys.stdout.isatty() else 140)
+
+STAGE_LABELS = {
+    "features": "extracting features",
+    "coreset": "selecting coreset",
+    "calibration": "calibrating threshold",
+    "predict": "predicting",
+    "fit": "fitting models",
+    "frames": "reading training videos",
+}
+
+
+@contextmanager
+def progress_bars() -> Iterator:
+    """A ``progress(stage, done, total)`` callback drawing one rich bar per stage."""
+    with Progress(
+        TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    ) as prog:
+        tasks: dict[str, int] = {}
+
+        def cb(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(STAGE_LABELS.get(stage, stage), total=total)
+            prog.update(tasks[stage], completed=done, total=total)
+
+        yield cb
+
+
+def fail(exc: BaseException) -> None:
+    console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def fmt_pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def fmt_threshold(v: float) -> str:
+    """A threshold for people: 4 decimals, or "set per batch" (batch-relative one-shot models)."""
+    return "set per batch" if math.isnan(v) else f"{v:.4f}"

@@ -1,0 +1,54 @@
+"""Checks of the options every detector takes (:class:`~anomalens.detectors.base.Detector`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..backbones import BackboneSpec
+from ..errors import ConfigError
+
+
+def check_options(
+    spec: BackboneSpec,
+    detector,
+    *,
+    image_size: int | Sequence[int] | None,
+    patch_size: int,
+    border_pad: int,
+    blur_sigma: float,
+    false_alarm_rate: float | None,
+    batch_size: int,
+) -> tuple[int, ...]:
+    """Validate a detector's options; return its image sizes (short sides in pixels, ascending).
+
+    ``image_size`` None gives the backbone's fixed size (the ViT's 224) or ``detector.default_image_sizes``.
+
+    Raises:
+        ConfigError: a size that is not a multiple of 16 in [64, 1024], more sizes than
+            ``detector.max_scales``, a size or border the backbone does not take, or another invalid value.
+    """
+    if image_size is None:
+        sizes: tuple = (spec.fixed_size,) if spec.fixed_size else tuple(detector.default_image_sizes)
+    elif isinstance(image_size, (list, tuple)):
+        sizes = tuple(image_size)
+    else:
+        sizes = (image_size,)
+    if spec.fixed_size and (sizes != (spec.fixed_size,) or border_pad):
+        raise ConfigError(f"backbone {spec.name} takes {spec.fixed_size} px inputs without border padding "
+                          f"(image_size={spec.fixed_size}, border_pad=0), got {image_size} and {border_pad}")
+    if not sizes or len(sizes) > detector.max_scales or len(set(sizes)) != len(sizes):
+        raise ConfigError(f"{type(detector).__name__} takes 1 to {detector.max_scales} different image sizes, got {image_size!r}")
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size % 16 or not 64 <= size <= 1024:
+            raise ConfigError(f"image_size must be a multiple of 16 in [64, 1024] pixels, got {size!r}")
+    if patch_size < 1 or patch_size % 2 == 0:
+        raise ConfigError(f"patch_size must be an odd number >= 1, got {patch_size}")
+    if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:
+        raise ConfigError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if border_pad < 0 or border_pad % 16 or border_pad >= min(sizes):
+        raise ConfigError(f"border_pad must be a multiple of 16 in [0, image_size) pixels, got {border_pad}")
+    if blur_sigma < 0:
+        raise ConfigError(f"blur_sigma must be >= 0 pixels, got {blur_sigma}")
+    return tuple(sorted(int(x) for x in sizes))

@@ -1,0 +1,94 @@
+"""Saving and loading fitted detectors (the file format itself is :mod:`anomalens.serialization`)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..augment import AUGMENTATIONS
+from ..calibration import Calibration
+from ..errors import ModelFileError
+from ..serialization import load_model, read_config, save_model
+
+
+def save_detector(det, directory: str | os.PathLike) -> None:
+    """Write a fitted detector: its learned tensors and calibration scores (safetensors) and a JSON
+    config with its parameters, thresholds, calibration note, training images and fit information."""
+    cal = det.calibration
+    tensors = dict(det._state_tensors())
+    tensors["calibration.scores"] = torch.from_numpy(np.asarray(cal.scores, dtype=np.float64))
+    tensors["calibration.map_maxima"] = torch.from_numpy(np.asarray(cal.map_maxima, dtype=np.float64))
+    config = {
+        "detector": det.name,
+        "params": det.get_params(),
+        "threshold": None if cal.is_batch_relative else cal.threshold,
+        "pixel_threshold": None if cal.is_batch_relative else cal.pixel_threshold,
+        "calibration": {
+            "source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size),
+            "false_alarm_rate": None if cal.is_batch_relative else cal.false_alarm_rate,
+        },
+        "train_images": det.train_images,
+        "train_views": det.train_views,
+        "fit_info": det.fit_info,
+    }
+    save_model(directory, config, tensors)
+
+
+def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
+    """A ``cls`` detector rebuilt from a model's config and tensors.
+
+    Raises:
+        ModelFileError: invalid parameters, tensors whose shapes the parameters do not allow, or a
+            calibration whose thresholds do not follow from its scores.
+    """
+    try:
+        det = cls(**config["params"])
+    except (TypeError, KeyError) as exc:
+        raise ModelFileError(f"model config has invalid parameters ({exc})") from None
+    expected = det._expected_shapes(config)
+    if expected:
+        for key, shape in expected.items():
+            if key not in tensors or list(tensors[key].shape) != list(shape):
+                got = list(tensors[key].shape) if key in tensors else None
+                raise ModelFileError(f"tensor {key!r} has shape {got}, but the model's parameters require {shape}")
+    scores = tensors.pop("calibration.scores").numpy()
+    maxima = tensors.pop("calibration.map_maxima").numpy()
+    det._load_state_tensors(tensors)
+    cal_cfg = config.get("calibration") or {}
+    alpha = cal_cfg.get("false_alarm_rate") or det.false_alarm_rate
+    det.calibration = Calibration.restore(
+        scores, maxima, float(alpha), source=cal_cfg.get("source", det.calibration_source),
+        mode=cal_cfg.get("mode", "conformal"), threshold=config["threshold"], pixel_threshold=config["pixel_threshold"],
+        note=str(cal_cfg.get("note", "")),
+    )
+    if not det.calibration.is_batch_relative:
+        det.false_alarm_rate = det.calibration.false_alarm_rate
+    det.fit_info = config.get("fit_info", {})
+    views = config.get("train_views") or ["id"]
+    if not (isinstance(views, list) and all(v in AUGMENTATIONS["dihedral"] for v in views)):
+        raise ModelFileError(f"model config has invalid train_views {views!r}")
+    det.train_views = views
+    train = config.get("train_images") or []
+    det.train_images = [str(x) if isinstance(x, str) else None for x in train] if isinstance(train, list) else []
+    return det
+
+
+def load_detector(directory: str | os.PathLike):
+    """Load any saved detector (PatchCore, PaDiM, ...) from a model directory.
+
+    Raises:
+        ModelFileError: missing, incompatible, corrupt or modified model files (see
+            :func:`anomalens.serialization.load_model`), or an unknown detector type.
+    """
+    from . import DETECTORS
+
+    config = read_config(directory)
+    name = config.get("detector")
+    if name == "video":
+        raise ModelFileError(f"{directory} is a video model: use anomalens video predict / VideoDetector.load")
+    if name not in DETECTORS:
+        raise ModelFileError(f"model in {directory} is of unknown detector type {name!r}; known: {sorted(DETECTORS)}")
+    config, tensors = load_model(directory)
+    return detector_from_files(DETECTORS[name], config, tensors)
