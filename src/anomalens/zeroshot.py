@@ -166,9 +166,9 @@ class MuSc:
         size = (self.backbone.size, self.backbone.size)
         for s in range(0, len(arrays), det.batch_size):
             sc, mp = det.score_batch(list(arrays[s : s + det.batch_size]))
-            scores.append(sc)
+            scores.extend(sc)
             maps.extend(torch.from_numpy(resize_map(torch.from_numpy(m), size)) for m in mp)
-        return torch.cat(scores).float(), torch.stack(maps)
+        return torch.tensor(scores, dtype=torch.float32), torch.stack(maps)
 
     def predict(self, images: Iterable[ImageLike | Sample], references=None, progress=None) -> list[Prediction]:
         """Score a batch of unlabeled images against each other (and, if given, against known-good

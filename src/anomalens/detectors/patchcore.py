@@ -13,7 +13,9 @@ at different sizes are not on one scale, so each scale's scores are standardised
 standard deviation of its leave-one-out image scores of the normal training images (no defective
 image involved), then averaged: image score = mean over scales of the standardised image scores;
 patch scores = mean of the standardised score grids, bilinearly resized to the largest scale's grid.
-The fused score is in units of normal-image standard deviations. On the benchmark suite this kept
+The fused score is in units of normal-image standard deviations. With fewer than 10 normal images
+(few-shot), the mean and deviation of their leave-one-out *patch* scores standardise instead; with one
+image (nothing to leave out) the raw distances are averaged. On the benchmark suite this kept
 the best single size's accuracy on every category (README, "Choosing the defaults").
 """
 
@@ -32,6 +34,9 @@ from ..sampler import greedy_coreset
 from .base import Detector, Progress
 
 IMAGE_SCORES = ("max", "reweighted")
+#: fewest normal images whose leave-one-out image scores standardise a scale; with fewer (few-shot),
+#: their leave-one-out patch scores do (thousands of values instead of a handful)
+MIN_IMAGES_FOR_IMAGE_STATS = 10
 
 
 class ScaleBank:
@@ -150,7 +155,9 @@ class PatchCore(Detector):
         if len(self.banks) > 1 and n_sources > 1:
             # each scale's leave-one-out scores set its standardisation; kept for the calibration
             self._loo = [self._loo_scale(k, f, groups, progress) for k, f in enumerate(features)]
-            stats = [[float(s.double().mean()), max(float(s.double().std(unbiased=False)), 1e-6)] for s, _ in self._loo]
+            # image scores when there are enough of them; a few shots: all their patch scores instead
+            pooled = [s if n_sources >= MIN_IMAGES_FOR_IMAGE_STATS else torch.cat([g.flatten() for g in grids]) for s, grids in self._loo]
+            stats = [[float(v.double().mean()), max(float(v.double().std(unbiased=False)), 1e-6)] for v in pooled]
         self.scale_stats = torch.tensor(stats, dtype=torch.float64)
 
     def _fit_scale(self, features: list[torch.Tensor], progress: Progress, keep_all: bool) -> ScaleBank:
