@@ -74,16 +74,16 @@ def run_one(category_dir: str, detector: str, backbone: str, sizes: list[int] | 
     ext = det.extractor
     with torch.inference_mode():
         # backbone-only: the backbone's forward passes as the model runs them (every scale)
-        def backbone(img):
+        def run_backbone(img):
             for hw in det.input_shapes(img.shape[:2]):
                 ext.backbone_forward(to_model_input([img], hw))
 
         for _ in range(3):
-            backbone(imgs[0])
+            run_backbone(imgs[0])
         n1 = min(20, len(imgs))
         t = time.perf_counter()
         for img in imgs[:n1]:
-            backbone(img)
+            run_backbone(img)
         backbone_ms = (time.perf_counter() - t) / n1 * 1e3
         for _ in range(2):
             det.score_batch(imgs[:1])

@@ -82,13 +82,16 @@ class _StaticSamePadConv(nn.Module):
         for k, st, d in zip(reversed(conv.weight.shape[-2:]), reversed(conv.stride), reversed(conv.dilation)):
             total = max((k - 1) * d + 1 - st, 0)  # "same" padding for an input divisible by the stride
             pads += [total // 2, total - total // 2]
-        self.pads = pads
+        # symmetric padding (most convs) is the convolution's own zero padding: no padded copy of the input
+        symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+        self.conv_padding = (pads[2], pads[0]) if symmetric else (0, 0)
+        self.pads = None if symmetric else pads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if any(self.pads):
+        if self.pads is not None:
             x = torch.nn.functional.pad(x, self.pads)
-        return torch.nn.functional.conv2d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+        return torch.nn.functional.conv2d(x, c.weight, c.bias, c.stride, self.conv_padding, c.dilation, c.groups)
 
 
 def _static_padding(module: nn.Module, stride_in: int) -> None:
