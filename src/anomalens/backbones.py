@@ -49,10 +49,6 @@ class BackboneSpec:
     #: the only input side the network accepts (pixels), or None for any multiple of 16
     fixed_size: int | None = None
 
-    @property
-    def default_image_size(self) -> int:
-        return self.fixed_size or DEFAULT_IMAGE_SIZE
-
 
 def _load_state_dict(path: str) -> dict:
     # weights_only=True: never unpickle arbitrary objects, even from a trusted package.

@@ -102,10 +102,6 @@ class PatchFeatureExtractor(nn.Module):
         """Pixels of model input per patch (the finest chosen layer's stride)."""
         return int(min(self.backbone.strides))
 
-    def grid_size(self, image_size: int) -> int:
-        """Side of the patch grid for an ``image_size`` input side (pixels)."""
-        return int(math.ceil(image_size / self.stride))
-
     def backbone_forward(self, x01: torch.Tensor) -> list[torch.Tensor]:
         """Normalise, reflect-pad and run the backbone: the raw per-layer maps (padding included).
 

@@ -86,7 +86,7 @@ def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | N
         names = ["image"] + [f"image_{k}" for k in range(1, n_scales)]
         examples = tuple(torch.rand(2, 3, *hw) for hw in detector.input_shapes((240, 300)))
         batch = torch.export.Dim("batch", min=1, max=1024)
-        if getattr(detector, "grid", None) is not None:  # PaDiM: one fixed geometry
+        if detector.fixed_input_hw is not None:  # PaDiM: one fixed geometry
             dims = ({0: batch},)
         else:
             dims = tuple({0: batch, 2: 16 * torch.export.Dim(f"h16_{k}", min=4, max=512), 3: 16 * torch.export.Dim(f"w16_{k}", min=4, max=512)}
@@ -190,10 +190,6 @@ class OnnxDetector:
     def pixel_threshold(self) -> float:
         return self.calibration.pixel_threshold
 
-    def input_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
-        """Model-input ``(height, width)`` for an image of ``hw`` pixels (the exported model's geometry)."""
-        return self.input_shapes(hw)[0]
-
     def input_shapes(self, hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
         """Model-input shapes, one per scale, for an image of ``hw`` pixels (the exported geometry)."""
         g = self.meta["geometry"]
@@ -233,7 +229,7 @@ class OnnxDetector:
 def geometry_of(detector) -> dict:
     """How images are resized for ``detector``: ``{"image_sizes", "keep_aspect", "fixed_hw"}`` (the
     last for PaDiM, whose fitted grid fixes one model-input shape; else None)."""
-    fixed = detector.input_hw((1, 1)) if getattr(detector, "grid", None) is not None else None
+    fixed = detector.fixed_input_hw
     return {"image_sizes": list(detector.image_sizes), "keep_aspect": detector.keep_aspect, "fixed_hw": list(fixed) if fixed else None}
 
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ..backbones import DEFAULT_IMAGE_SIZE, get_spec, make_backbone
-from ..calibration import Calibration, supported_false_alarm_rate
+from ..calibration import DEFAULT_FALSE_ALARM_RATE, Calibration
 from ..common import AnomalyMapHead, PatchFeatureExtractor, group_by_shape, model_input_hw, resize_map, to_model_input
 from ..data import Sample, normal_images
-from ..errors import AnomalensError, ConfigError, NotFittedError
+from ..errors import AnomalensError, ConfigError
 from ..explain import Evidence, Region
 from ..inference import EvidenceFn, Progress, no_progress, run_predictions
 from ..io import ImageLike
@@ -104,7 +104,7 @@ class Detector(Thresholds, ABC):
         #: the rate asked for (None: the default, relaxed to what the calibration images support)
         self.requested_false_alarm_rate = None if false_alarm_rate is None else float(false_alarm_rate)
         #: the rate the thresholds are set for (after fit: possibly relaxed, see ``calibration.note``)
-        self.false_alarm_rate = supported_false_alarm_rate(1 << 30, self.requested_false_alarm_rate)[0]
+        self.false_alarm_rate = DEFAULT_FALSE_ALARM_RATE if false_alarm_rate is None else float(false_alarm_rate)
         self.batch_size = int(batch_size)
         self.pretrained = bool(pretrained)
         self.calibration: Calibration | None = None
@@ -160,6 +160,12 @@ class Detector(Thresholds, ABC):
         """The image sizes for people, e.g. ``"256+320 px"``."""
         return "+".join(str(x) for x in self.image_sizes) + " px"
 
+    @property
+    def fixed_input_hw(self) -> tuple[int, int] | None:
+        """The one model-input ``(height, width)`` every image is resized to, for detectors that model
+        each grid position (PaDiM, once fitted); None when each image keeps its own shape."""
+        return None
+
     def input_hw(self, hw: tuple[int, int], scale: int = 0) -> tuple[int, int]:
         """Model-input ``(height, width)`` in pixels for an image of ``hw`` pixels at scale ``scale``."""
         return model_input_hw(hw, self.image_sizes[scale], self.keep_aspect)
@@ -171,10 +177,6 @@ class Detector(Thresholds, ABC):
     @property
     def is_fitted(self) -> bool:
         return self.calibration is not None
-
-    def _check_fitted(self) -> None:
-        if self.calibration is None:
-            raise NotFittedError(f"this {type(self).__name__} is not fitted: call fit() or load a model first")
 
     # ------------------------------------------------------------------ subclass hooks
     def _start_fit(self, first_hw: tuple[int, int]) -> None:

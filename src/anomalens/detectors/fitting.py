@@ -121,7 +121,7 @@ def target_false_alarm_rate(plan: FitPlan, requested: float | None) -> tuple[flo
     return supported_false_alarm_rate(plan.n_calibration, requested, strict=False if plan.mode == "few-shot" else None)
 
 
-def batch_calibration(plan: FitPlan) -> Calibration:
+def batch_calibration() -> Calibration:
     """The calibration of a one-image model: thresholds set by each predicted batch."""
     return Calibration.batch_relative(
         "one normal image gives no out-of-sample score: each predicted batch of at least "
@@ -197,7 +197,7 @@ def training_features(det, images: list, views: Sequence[str], progress: Progres
 def fit_calibration(det, plan: FitPlan, features: list, alpha: float, note: str, progress: Progress) -> Calibration:
     """The calibration of one fit mode: batch-relative, held-out, or out of sample (module docstring)."""
     if plan.mode == "batch":
-        return batch_calibration(plan)
+        return batch_calibration()
     if plan.mode == "holdout":
         scores, maxima = calibration_scores(det, plan.held, progress)
         return finish_calibration(scores, maxima, alpha, "held-out", note)

@@ -69,12 +69,16 @@ class PaDiM(Detector):
         p.update(n_features=self.n_features, eps=self.eps, cv_folds=self.cv_folds, seed=self.seed)
         return p
 
+    @property
+    def fixed_input_hw(self) -> tuple[int, int] | None:
+        """The fitted grid times the patch stride (None before fitting)."""
+        if self.grid is None:
+            return None
+        return self.grid[0] * self.extractor.stride, self.grid[1] * self.extractor.stride
+
     def input_hw(self, hw: tuple[int, int], scale: int = 0) -> tuple[int, int]:
         """The one model-input ``(height, width)`` of this model (that of its first training image)."""
-        if self.grid is not None:
-            s = self.extractor.stride
-            return self.grid[0] * s, self.grid[1] * s
-        return self._fit_hw or super().input_hw(hw)
+        return self.fixed_input_hw or self._fit_hw or super().input_hw(hw)
 
     def _start_fit(self, first_hw: tuple[int, int]) -> None:
         self.grid = None

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..calibration import Calibration
 from ..data import normal_images
+from ..errors import NotFittedError
 from ..inference import Progress, no_progress
 from ..io import ImageLike
 from . import fitting
@@ -26,8 +27,10 @@ class Thresholds:
     false_alarm_rate: float
     requested_false_alarm_rate: float | None
 
-    def _check_fitted(self) -> None:  # pragma: no cover - defined by Detector
-        raise NotImplementedError
+    def _check_fitted(self) -> None:
+        """Raise :class:`~anomalens.errors.NotFittedError` before fit or load."""
+        if self.calibration is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted: call fit() or load a model first")
 
     @property
     def threshold(self) -> float:
