@@ -1,13 +1,20 @@
-"""Zero-shot and few-shot rows: image AUROC / pixel AUROC / AUPRO for k = 0 (MuSc) and k = 1, 2, 4, 8
-normal images (PatchCore on every patch of the k images), mean and spread over ``--draws`` random
-draws of the k images, on the CNN and the ViT, with and without augmentation; plus the observed
-false-alarm rate on the good test images at the few-shot threshold and the rate it promises.
-Rows "MuSc + k references" score the test set as one batch with the k images as known-good
-references (``MuSc().predict(test, references=...)``; the mutual part is computed once per category).
+"""Zero-shot and few-shot benchmark over every MVTec-layout category under ``--data``.
 
-Each draw runs the real ``fit(category, shots=k, seed=draw)`` and ``predict``; the backbone features
-of the test images are computed once per backbone and reused across draws (``--no-cache`` turns that
-off; the scores are the same, only the time differs).
+Rows (image AUROC / pixel AUROC / AUPRO in %, mean ± SD over ``--draws`` random draws of the k images):
+
+* ``MuSc zero-shot`` (k = 0): the test set scored as one batch against itself, on the ViT at 224 px
+  and 448 px (``--musc-sizes``; 448 only on test sets of at most 150 images, the pairwise work grows
+  16-fold), to show what the resolution buys;
+* ``AnomalyDINO`` (k = 1, 2, 4, 8): ViT tokens at 448 px, cosine distance, top-1% image score; with
+  ``rotations45`` for the smaller k (``--rot-shots``);
+* ``PatchCore`` (k = 1, 2, 4, 8): the CNN (EfficientNet-Lite0, 256 + 320 px), every patch kept.
+
+Each few-shot draw runs the real ``fit(category, shots=k, seed=draw)`` and ``predict``. The backbone
+features of each image are computed once per detector configuration and reused across k and draws
+(keyed by the image's bytes; the scores are the same as without the cache, only the time differs).
+The published anchors are printed beside: AnomalyDINO (WACV 2025) 1-shot, MuSc (ICLR 2024) zero-shot.
+Times: ``fit_s`` is one fit (features of the k images included), ``ms_per_image`` the prediction
+time per test image without the cache (the ViT pass measured once per category, plus the scoring).
 
     python benchmarks/fewshot.py --data ../shared/data --out benchmarks/results/fewshot.jsonl
 """
@@ -20,46 +27,61 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from run import find_categories  # noqa: E402
 from tables import append_jsonl, print_markdown  # noqa: E402
 
 from anomalens.data import MVTecCategory  # noqa: E402
 from anomalens.detectors import create_detector  # noqa: E402
 from anomalens.evaluation import compute_metrics  # noqa: E402
+from anomalens.io import to_rgb_array  # noqa: E402
 from anomalens.zeroshot import MuSc  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
+#: published numbers (image AUROC %), MVTec AD; "-" where the paper has no such category
+ANCHORS = {
+    ("AnomalyDINO", 1): "96.6 MVTec mean (DINOv2 ViT-S/14, 448 px)",
+    ("MuSc zero-shot", 0): "97.8 MVTec mean; transistor 99.4, screw 82.2 (CLIP ViT-L/14, 518 px)",
+}
+METHODS = {
+    "anomalydino": ("AnomalyDINO", "anomalydino", {}),
+    "patchcore": ("PatchCore", "patchcore", {"backbone": "efficientnet_lite0"}),
+}
 
 
-def cached_extract(det, cache: dict):
-    """Wrap ``det.extract`` so that training images already seen (by content) reuse their features
-    (``extract`` returns ``[scale][image]``)."""
-    raw = det.extract
+def cache_features(det, cache: dict):
+    """Wrap ``det._group_features`` so that images already seen (by content and model-input shape)
+    reuse their features; returns ``det``."""
+    import torch
 
-    def extract(images):
-        keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16).hexdigest() for im in images]
+    raw = det._group_features
+
+    def group_features(images, shapes):
+        keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16).hexdigest() + str(shapes) for im in images]
         missing = [i for i, k in enumerate(keys) if k not in cache]
         if missing:
-            feats = raw([images[i] for i in missing])
+            feats = raw([images[i] for i in missing], shapes)
             for j, i in enumerate(missing):
-                cache[keys[i]] = [f[j] for f in feats]
-        return [[cache[k][s] for k in keys] for s in range(len(det.image_sizes))]
+                cache[keys[i]] = [f[j].clone() for f in feats]
+        return [torch.stack([cache[k][s] for k in keys]) for s in range(len(shapes))]
 
-    det.extract = extract
+    det._group_features = group_features
     return det
 
 
-def few_shot_row(cat: MVTecCategory, backbone: str, k: int, augment: str, draws: int, cache: dict | None) -> dict:
+def few_shot_row(cat: MVTecCategory, method: str, k: int, augment: str, draws: int, cache: dict, masking: bool = False) -> dict:
+    label, name, params = METHODS[method]
+    if masking:
+        params = dict(params, masking=True)
     samples = cat.test_samples()
     per = {m: [] for m in METRICS}
-    fars, fits, preds_s = [], [], []
+    fars, fits, scoring = [], [], []
     for seed in range(draws):
-        det = create_detector("patchcore", backbone=backbone)
-        if cache is not None:
-            cached_extract(det, cache)
+        det = cache_features(create_detector(name, **params), cache)
         t0 = time.perf_counter()
         det.fit(cat, shots=k, augment=augment, seed=seed)
         t1 = time.perf_counter()
@@ -71,61 +93,42 @@ def few_shot_row(cat: MVTecCategory, backbone: str, k: int, augment: str, draws:
         good = [p for p in preds if p.ok and p.gt_label == 0]
         fars.append(100 * sum(p.pred_label for p in good) / len(good))
         fits.append(t1 - t0)
-        preds_s.append(len(samples) / (t2 - t1))
+        scoring.append(1000 * (t2 - t1) / len(samples))
     row = {
-        "category": cat.name, "method": "PatchCore few-shot", "backbone": backbone, "k": k, "augment": augment, "draws": draws,
+        "category": cat.name, "method": label + (" masked" if masking else ""), "backbone": det.backbone_name,
+        "image_size": det.size_label, "k": k, "augment": augment, "draws": draws,
         "promised_far": 100.0 / (k + 1) if k > 1 else math.nan, "observed_far": fars,
-        "fit_s": float(np.mean(fits)),
+        "fit_s": float(np.mean(fits)), "scoring_ms_per_image": float(np.mean(scoring[1:] or scoring)),
     }
     for key in METRICS:
         row[key] = per[key]
     return row
 
 
-def zero_shot_row(cat: MVTecCategory) -> dict:
+def feature_ms(cat: MVTecCategory, method: str, n: int = 4) -> float:
+    """Backbone features of ``n`` test images, ms per image (uncached; after one warm-up image)."""
+    _, name, params = METHODS[method]
+    det = create_detector(name, **params)
+    imgs = [to_rgb_array(s.path) for s in cat.test_samples()[: n + 1]]
+    det.extract(imgs[:1])
+    t0 = time.perf_counter()
+    det.extract(imgs[1:])
+    return 1000 * (time.perf_counter() - t0) / max(1, len(imgs) - 1)
+
+
+def zero_shot_row(cat: MVTecCategory, size: int, max_references: int | None) -> dict:
     samples = cat.test_samples()
     t0 = time.perf_counter()
-    preds = MuSc().predict(samples)
+    preds = MuSc(image_size=size, max_references=max_references).predict(samples)
     dt = time.perf_counter() - t0
     m = compute_metrics(preds)
     good = [p for p in preds if p.gt_label == 0]
-    row = {"category": cat.name, "method": "MuSc zero-shot", "backbone": "vit_small_focus", "k": 0, "augment": "none", "draws": 1,
-           "promised_far": math.nan, "observed_far": [100 * sum(p.pred_label for p in good) / len(good)], "fit_s": 0.0,
-           "seconds": dt}
+    row = {"category": cat.name, "method": "MuSc zero-shot", "backbone": "vit_small_focus", "image_size": f"{size} px",
+           "k": 0, "augment": "none", "draws": 1, "promised_far": math.nan,
+           "observed_far": [100 * sum(p.pred_label for p in good) / len(good)], "fit_s": 0.0,
+           "ms_per_image": 1000 * dt / len(samples), "max_references": max_references}
     for key in METRICS:
         row[key] = [100 * m[key]]
-    return row
-
-
-def reference_row(cat: MVTecCategory, k: int, augment: str, draws: int, mutual: dict) -> dict:
-    samples = cat.test_samples()
-    model = MuSc(reference_augment=augment)
-    raw_score_batch = model.score_batch
-
-    def cached(arrays):  # the mutual part does not depend on the references: once per category
-        if "scores" not in mutual:
-            mutual["scores"] = raw_score_batch(arrays)
-        return mutual["scores"]
-
-    model.score_batch = cached
-    per = {m: [] for m in METRICS}
-    fars, secs = [], []
-    train = cat.train_paths()
-    for seed in range(draws):
-        refs = [train[i] for i in np.random.default_rng(seed).choice(len(train), size=k, replace=False)]
-        t0 = time.perf_counter()
-        preds = model.predict(samples, references=refs)
-        secs.append(time.perf_counter() - t0)
-        m = compute_metrics(preds)
-        for name in METRICS:
-            per[name].append(100 * m[name])
-        good = [p for p in preds if p.gt_label == 0]
-        fars.append(100 * sum(p.pred_label for p in good) / len(good))
-    row = {"category": cat.name, "method": "MuSc + k references", "backbone": "vit_small_focus+efficientnet_lite0", "k": k,
-           "augment": augment, "draws": draws, "promised_far": math.nan, "observed_far": fars, "fit_s": 0.0,
-           "seconds": float(np.mean(secs[1:] or secs))}
-    for name in METRICS:
-        row[name] = per[name]
     return row
 
 
@@ -137,45 +140,74 @@ def _promise(far: float) -> str:
     return "-" if math.isnan(far) else f"≤ {far:.0f}"
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data")
-    ap.add_argument("--categories", default="transistor,hazelnut_reduced")
-    ap.add_argument("--backbones", default="efficientnet_lite0,vit_small_focus")
+    ap.add_argument("--categories", default=None, help="comma-separated folder names (default: every category found)")
+    ap.add_argument("--methods", default="anomalydino,patchcore")
     ap.add_argument("--shots", default="1,2,4,8")
-    ap.add_argument("--augments", default="none,rotations")
+    ap.add_argument("--rot-shots", default="1", help="k for which AnomalyDINO also runs with rotations45 ('' = none)")
+    ap.add_argument("--masking", action="store_true", help="also AnomalyDINO with background masking")
     ap.add_argument("--draws", type=int, default=5)
-    ap.add_argument("--no-zero-shot", action="store_true")
-    ap.add_argument("--no-cache", action="store_true")
-    ap.add_argument("--no-references", action="store_true", help="skip the MuSc + k references rows")
+    ap.add_argument("--musc-sizes", default="224,448", help="ViT sizes of the zero-shot rows ('' = no zero-shot)")
+    ap.add_argument("--max-references", type=int, default=32)
+    ap.add_argument("--musc-max-images-448", type=int, default=150,
+                    help="skip zero-shot above 224 px on test sets larger than this (the pairwise work grows 16-fold)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    cats = find_categories(Path(args.data))
+    if args.categories:
+        wanted = args.categories.split(",")
+        cats = sorted((c for c in cats if c.name in wanted), key=lambda c: wanted.index(c.name))  # in the order given
     rows = []
-    for name in args.categories.split(","):
-        cat = MVTecCategory(os.path.join(args.data, "mvtec_ad", name))
-        if not args.no_zero_shot:
-            rows.append(zero_shot_row(cat))
-            print(rows[-1], flush=True)
-        if not args.no_references:
-            mutual: dict = {}  # this category's MuSc scores and maps
-            for augment in args.augments.split(","):
-                for k in (int(x) for x in args.shots.split(",")):
-                    rows.append(reference_row(cat, k, augment, args.draws, mutual))
-                    print({key: rows[-1][key] for key in ("category", "method", "k", "augment")},
-                          {m: _ms(rows[-1][m]) for m in METRICS}, flush=True)
-        for backbone in filter(None, args.backbones.split(",")):
-            cache = None if args.no_cache else {}
-            for augment in args.augments.split(","):
-                for k in (int(x) for x in args.shots.split(",")):
-                    rows.append(few_shot_row(cat, backbone, k, augment, args.draws, cache))
-                    print({key: rows[-1][key] for key in ("category", "backbone", "k", "augment")},
-                          {m: _ms(rows[-1][m]) for m in METRICS}, flush=True)
+
+    def show(r: dict) -> None:
+        print({key: r.get(key) for key in ("category", "method", "image_size", "k", "augment")},
+              {m: _ms(r[m]) for m in METRICS}, flush=True)
+
+    for path in cats:
+        cat = MVTecCategory(path)
+        for size in _ints(args.musc_sizes):
+            if size > 224 and len(cat.test_samples()) > args.musc_max_images_448:
+                print(f"{cat.name}: zero-shot at {size} px skipped ({len(cat.test_samples())} test images)", flush=True)
+                continue
+            rows.append(zero_shot_row(cat, size, args.max_references))
+            show(rows[-1])
+        for method in filter(None, args.methods.split(",")):
+            cache: dict = {}
+            ms = feature_ms(cat, method)
+            variants = [(k, "none", False) for k in _ints(args.shots)]
+            if method == "anomalydino":
+                variants += [(k, "rotations45", False) for k in _ints(args.rot_shots)]
+                if args.masking:
+                    variants += [(k, "none", True) for k in _ints(args.shots)]
+            for k, augment, masking in variants:
+                r = few_shot_row(cat, method, k, augment, args.draws, cache, masking)
+                r["ms_per_image"] = ms + r["scoring_ms_per_image"]
+                rows.append(r)
+                show(r)
+            cache.clear()
     append_jsonl(args.out, rows)
     print_markdown(
-        ["category", "method", "backbone", "k", "augment", "image AUROC", "pixel AUROC", "AUPRO", "false alarms % (promised)", "fit s"],
-        [[r["category"], r["method"], r["backbone"], r["k"], r["augment"], _ms(r["image_auroc"]), _ms(r["pixel_auroc"]), _ms(r["aupro"]),
-          f"{_ms(r['observed_far'])} ({_promise(r['promised_far'])})", f"{r['fit_s']:.1f}"]
+        ["category", "method", "input", "k", "augment", "image AUROC", "pixel AUROC", "AUPRO", "false alarms % (promised)",
+         "fit s", "ms / image", "published"],
+        [[r["category"], r["method"], r["image_size"], r["k"], r["augment"], _ms(r["image_auroc"]), _ms(r["pixel_auroc"]), _ms(r["aupro"]),
+          f"{_ms(r['observed_far'])} ({_promise(r['promised_far'])})", f"{r['fit_s']:.1f}", f"{r['ms_per_image']:.0f}",
+          ANCHORS.get((r["method"], r["k"]), "")]
          for r in rows],
+    )
+    # the worst category of each (method, k, augment): the number the targets are about
+    summary = {}
+    for r in rows:
+        summary.setdefault((r["method"], r["image_size"], r["k"], r["augment"]), []).append((np.mean(r["image_auroc"]), r["category"]))
+    print()
+    print_markdown(
+        ["method", "input", "k", "augment", "mean image AUROC", "worst category"],
+        [[m, s, k, a, f"{np.mean([v for v, _ in vals]):.1f}", "{1} {0:.1f}".format(*min(vals))] for (m, s, k, a), vals in summary.items()],
     )
 
 

@@ -115,14 +115,54 @@ def test_few_shot_refusals(hazelnut):
         PatchCore().fit(hazelnut, shots=2, augment="rot45")
 
 
-@pytest.mark.parametrize("view", ["id", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"])
+@pytest.mark.parametrize("view", ["id", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose", "rot45", "rot315"])
 def test_view_maps_back_to_source(view):
     """A marked pixel of a non-square image, found in the view, maps back to where it was."""
     from anomalens.augment import apply_view, view_to_source
 
-    img = np.zeros((6, 10), np.uint8)
-    img[1, 7] = 1  # row 1, column 7: centre (7.5, 1.5)
+    img = np.zeros((60, 100), np.uint8)
+    img[25:31, 55:61] = 255  # a 6 x 6 square centred at (58, 28)
     v = apply_view(img, view)
-    (r, c), = np.argwhere(v == 1)
-    x, y = view_to_source(view, c + 0.5, r + 0.5, 10, 6)
-    assert (x, y) == (7.5, 1.5)
+    ys, xs = np.nonzero(v > 127)
+    x, y = view_to_source(view, xs.mean() + 0.5, ys.mean() + 0.5, 100, 60)
+    tol = 0.01 if view in ("rot45", "rot315") else 0  # 45-degree views are interpolated
+    assert abs(x - 58) <= 0.5 + tol and abs(y - 28) <= 0.5 + tol and (tol or (x, y) == (58.0, 28.0))
+
+
+def test_anomalydino_few_shot_end_to_end(hazelnut, tmp_path):
+    """AnomalyDINO from the CLI on 2 good images at 448 px, its references rotated in 45-degree steps:
+    ranks and localises hazelnut's defects, saves, loads and scores the same; masking keeps the nut."""
+    import json
+
+    from anomalens import AnomalyDINO, load_detector
+    from anomalens.data import MVTecCategory
+    from anomalens.evaluation import evaluate
+
+    model = tmp_path / "dino"
+    r = CliRunner().invoke(app, ["fit", str(hazelnut), "--model", "anomalydino", "--shots", "2", "--augment", "rotations45", "--out", str(model)])
+    assert r.exit_code == 0, r.output
+    assert "vit_small_focus, 448 px" in r.output
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["fit_info"]["grid"] == [32, 32] and len(cfg["train_views"]) == 8
+    det = load_detector(model)
+    assert isinstance(det, AnomalyDINO) and det.memory_bank.shape == (2 * 8 * 32 * 32, 384)
+    res = evaluate(det, hazelnut)
+    assert res.metrics["image_auroc"] >= 0.95 and res.metrics["pixel_auroc"] >= 0.97, res.metrics
+    assert 0.0 <= min(p.pred_score for p in res.predictions) and max(p.pred_score for p in res.predictions) <= 2.0  # cosine
+    # evidence comes from a (possibly rotated) view of a reference image
+    flagged = [p for p in res.predictions if p.pred_label and p.evidence is not None]
+    assert flagged
+    for p in flagged:
+        assert p.evidence.train_view in cfg["train_views"] and p.evidence.train_image in det.train_images
+        x0, y0, x1, y1 = p.evidence.train_box
+        assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+
+    masked = AnomalyDINO(masking=True).fit(hazelnut, shots=2)
+    from anomalens.detectors.anomalydino import foreground_mask
+    from anomalens.io import read_image
+
+    fg = foreground_mask(masked.extract([read_image(MVTecCategory(hazelnut).train_paths()[0])])[0][0])
+    assert 0.2 < float(fg.float().mean()) < 0.9  # the nut, not the whole image nor nothing
+    assert masked.memory_bank.shape[0] < 2 * 32 * 32  # background patches left out of the bank
+    m = evaluate(masked, hazelnut).metrics
+    assert m["image_auroc"] >= 0.95, m

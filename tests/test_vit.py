@@ -12,7 +12,7 @@ def test_patchcore_on_vit_tokens(hazelnut, tmp_path):
     from anomalens.evaluation import evaluate
     from anomalens.export import export_onnx, load_inference_model
 
-    det = PatchCore(backbone="vit_small_focus", false_alarm_rate=0.05).fit(hazelnut)
+    det = PatchCore(backbone="vit_small_focus", image_size=224, false_alarm_rate=0.05).fit(hazelnut)
     assert (det.image_sizes, det.border_pad, det.fit_info["grid"]) == ((224,), 0, [16, 16])  # 224 px, 14 px patches
     assert det.extractor.feature_dim == 384
     res = evaluate(det, hazelnut)
@@ -28,10 +28,19 @@ def test_patchcore_on_vit_tokens(hazelnut, tmp_path):
     assert load_detector(tmp_path / "vit").backbone_name == "vit_small_focus"
 
 
-def test_vit_input_size_is_fixed():
+def test_vit_takes_multiples_of_14():
+    """The shipped graph is exported at 224 px; freed, it takes any multiple of 14 (448 px: 32 x 32 tokens)."""
+    import numpy as np
+
     from anomalens import PatchCore
 
-    with pytest.raises(ConfigError, match="takes 224 px inputs without border padding"):
+    det = PatchCore(backbone="vit_small_focus")
+    assert det.image_sizes == (448,) and det.input_hw((300, 600)) == (448, 896)
+    feats = det.extract([np.zeros((256, 256, 3), np.uint8), np.zeros((300, 600, 3), np.uint8)])
+    assert [tuple(f.shape) for f in feats[0]] == [(384, 32, 32), (384, 32, 64)]
+    with pytest.raises(ConfigError, match="multiple of 14"):
         PatchCore(backbone="vit_small_focus", image_size=320)
+    with pytest.raises(ConfigError, match="no border padding"):
+        PatchCore(backbone="vit_small_focus", border_pad=16)
     with pytest.raises(ConfigError, match="valid layers: layer.0"):
         PatchCore(backbone="vit_small_focus", layers=["blocks.4"]).extractor

@@ -27,6 +27,9 @@ def test_zero_shot_ranks_defects_and_localises(hazelnut):
     # bounded memory: a chunk of 3 query images gives the same scores as one block of all 10
     small = MuSc(chunk=3).predict(paths)
     np.testing.assert_allclose([p.pred_score for p in small], [p.pred_score for p in preds], rtol=1e-5)
+    # comparing each image with 4 others drawn at random (large batches) still ranks the defects
+    sampled = MuSc(chunk=3, max_references=4).predict(paths)
+    assert image_auroc(labels, [p.pred_score for p in sampled]) >= 0.9
 
 
 def test_zero_shot_cli(hazelnut, tmp_path):

@@ -10,7 +10,7 @@ Quick start::
 
 __version__ = "0.1.0"
 
-from .detectors import DETECTORS, Detector, PaDiM, PatchCore, create_detector, load_detector  # noqa: E402
+from .detectors import DETECTORS, AnomalyDINO, Detector, PaDiM, PatchCore, create_detector, load_detector  # noqa: E402
 from .prediction import Prediction  # noqa: E402
 
-__all__ = ["DETECTORS", "Detector", "PaDiM", "PatchCore", "Prediction", "create_detector", "load_detector", "__version__"]
+__all__ = ["AnomalyDINO", "DETECTORS", "Detector", "PaDiM", "PatchCore", "Prediction", "create_detector", "load_detector", "__version__"]

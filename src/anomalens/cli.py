@@ -45,12 +45,18 @@ def _sizes(text: str | None) -> int | list[int] | None:
 def fit(
     data: Path = typer.Argument(..., help="Normal training images: an MVTec AD category folder (uses train/good), a folder, or an image file."),
     out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
-    model: str = typer.Option("patchcore", "--model", "-m", help="Detector: patchcore or padim."),
-    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="efficientnet_lite0, efficientnet_lite2, mobilenet_v2 or vit_small_focus."),
+    model: str = typer.Option(
+        "patchcore", "--model", "-m",
+        help="Detector: patchcore, padim or anomalydino (few-shot on ViT tokens: cosine distance, top-1% score).",
+    ),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", "-b",
+        help="efficientnet_lite0, efficientnet_lite2, mobilenet_v2 or vit_small_focus (default: efficientnet_lite0; anomalydino: vit_small_focus).",
+    ),
     layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. blocks.4,blocks.10 (default: the backbone's)."),
     image_size: Optional[str] = typer.Option(
-        None, help="Short side in pixels images are resized to, aspect ratio kept (multiple of 16); several, comma-separated, "
-        "are fused (PatchCore). Default: 256,320 for PatchCore, 256 for PaDiM, 224 for the ViT."
+        None, help="Short side in pixels images are resized to, aspect ratio kept (multiple of 16; 14 for the ViT); several, "
+        "comma-separated, are fused (PatchCore). Default: 256,320 for PatchCore, 256 for PaDiM, 448 for the ViT."
     ),
     squash: bool = typer.Option(False, "--squash", help="Resize every image to a square instead of keeping its aspect ratio."),
     coreset_ratio: float = typer.Option(0.01, help="PatchCore: fraction of training patches kept in the memory bank."),
@@ -67,7 +73,11 @@ def fit(
         None, "--shots", "-k", help="Few-shot: fit PatchCore on K normal images drawn at random (--seed) from DATA; every patch is kept."
     ),
     augment: str = typer.Option(
-        "none", help="Few-shot views added to the bank: none, flips, rotations or dihedral (only for products whose orientation does not matter)."
+        "none", help="Few-shot views added to the bank: none, flips, rotations, dihedral or rotations45 (45-degree steps); "
+        "only for products whose orientation does not matter."
+    ),
+    masking: bool = typer.Option(
+        False, "--masking", help="anomalydino: score only the object (background masked by the first principal component of the tokens)."
     ),
     seed: int = typer.Option(0, help="Seed of the --shots draw and of the --holdout split."),
 ) -> None:
@@ -81,17 +91,23 @@ def fit(
 
     try:
         params = dict(
-            backbone=backbone, image_size=_sizes(image_size), keep_aspect=not squash, border_pad=border_pad,
+            image_size=_sizes(image_size), keep_aspect=not squash, border_pad=border_pad,
             false_alarm_rate=false_alarm_rate, batch_size=batch_size,
         )
+        if backbone:
+            params["backbone"] = backbone
         if layers:
             params["layers"] = [x.strip() for x in layers.split(",") if x.strip()]
         if model == "patchcore":
             params["coreset_ratio"] = coreset_ratio
+        if masking:
+            if model != "anomalydino":
+                raise typer.BadParameter("--masking applies to --model anomalydino")
+            params["masking"] = True
         det = create_detector(model, **params)
         paths = training_paths(data)
         what = f"{shots} of {len(paths)} images (few-shot, augment {augment})" if shots else f"{len(paths)} images"
-        console.print(f"fitting [bold]{model}[/] on {what} ({backbone}, {det.size_label})")
+        console.print(f"fitting [bold]{model}[/] on {what} ({det.backbone_name}, {det.size_label})")
         with progress_bars() as cb:
             det.fit(paths, progress=cb, holdout=holdout, seed=seed, shots=shots, augment=augment)
         det.save(out)
@@ -315,7 +331,9 @@ def zero_shot(
         None, "--reference", "-r",
         help="Known-good images (files/folders; repeatable): few-shot, their PatchCore score is added to the mutual score.",
     ),
-    augment: str = typer.Option("none", help="Augmentation of the --reference images: none, flips, rotations, dihedral."),
+    augment: str = typer.Option("none", help="Augmentation of the --reference images: none, flips, rotations, dihedral, rotations45."),
+    image_size: int = typer.Option(224, help="Side in pixels the ViT sees (multiple of 14; 448 = 32 x 32 tokens at 4x the ViT time)."),
+    max_references: int = typer.Option(32, help="Other images each image is compared with at most (0 = every pair; cost grows with the batch squared)."),
 ) -> None:
     """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT.
 
@@ -326,7 +344,7 @@ def zero_shot(
 
     try:
         paths = expand_inputs(images)
-        model = MuSc(chunk=chunk, reference_augment=augment)
+        model = MuSc(chunk=chunk, reference_augment=augment, image_size=image_size, max_references=max_references or None)
         refs = expand_inputs(reference) if reference else None
         preds = model.predict(paths, references=refs)
         rows = [p.summary(detail=True) for p in preds]

@@ -23,19 +23,20 @@ from .backbones import Backbone
 MAX_ASPECT = 4.0
 
 
-def model_input_hw(hw: tuple[int, int], size: int, keep_aspect: bool = True) -> tuple[int, int]:
+def model_input_hw(hw: tuple[int, int], size: int, keep_aspect: bool = True, multiple: int = 16) -> tuple[int, int]:
     """Model-input ``(height, width)`` in pixels for an image of ``hw = (H, W)`` pixels.
 
     With ``keep_aspect``, the short side becomes ``size`` and the long side keeps the aspect ratio,
-    rounded to a multiple of 16 (the backbones' coarsest stride; at most 8 px off, under 3% at
-    ``size = 256``) and capped at :data:`MAX_ASPECT` times ``size``. Without it: ``(size, size)``.
+    rounded to a multiple of ``multiple`` (16: the CNNs' coarsest stride, at most 8 px off, under 3%
+    at ``size = 256``; 14: the ViT's patch) and capped at :data:`MAX_ASPECT` times ``size``.
+    Without it: ``(size, size)``.
     """
     if not keep_aspect:
         return size, size
     h, w = int(hw[0]), int(hw[1])
     short, long_ = min(h, w), max(h, w)
-    side = int(round(long_ * size / short / 16.0)) * 16
-    side = int(min(max(side, size), MAX_ASPECT * size) // 16 * 16)
+    side = int(round(long_ * size / short / multiple)) * multiple
+    side = int(min(max(side, size), MAX_ASPECT * size) // multiple * multiple)
     return (size, side) if h <= w else (side, size)
 
 

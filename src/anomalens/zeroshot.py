@@ -5,14 +5,20 @@ ICLR 2024).
 No normal image is needed: in a batch of unlabeled test images of one product, most patches are
 normal and find close matches in the *other* images, while a defect's patches do not.
 
-1. Patch tokens of the ViT-S/14 (``vit_small_focus``) at several layers, 16 x 16 per image.
+1. Patch tokens of the ViT-S/14 (``vit_small_focus``) at several layers, on the image resized to
+   ``image_size`` (224 px: 16 x 16 tokens; 448 px gives 32 x 32 at 4 times the ViT time and 16 times
+   the pairwise work; the paper feeds CLIP ViT-L/14 518 px). 224 stays the default: on transistor
+   448 px did not score higher (``benchmarks/fewshot.py --musc-sizes 224,448``, README).
 2. Local neighbourhood aggregation with several degrees ``r`` (r x r average of the token map; the
    paper's LNAMD), so that both small and larger defects stand out.
 3. Mutual scoring (MSM): for image ``i`` and patch ``p``, the distance to the closest patch of each
    other image ``j``; the patch score is the mean of the lowest ``lower`` fraction of these distances
    (an abnormal patch may find a look-alike in one other defective image, not in most). Averaged over
    layers and degrees. The pairwise work is chunked over query images: memory is
-   ``O(chunk x 256 x N x 256)`` floats, not ``O((N x 256)^2)``.
+   ``O(chunk x P x N x P)`` floats (``P`` tokens per image), not ``O((N x P)^2)``. The work grows as
+   ``N^2 P^2``: at 448 px a batch of 100 images would take minutes per layer on a CPU, so with more
+   than ``max_references + 1`` images each chunk of query images is compared with
+   ``max_references`` other images drawn at random (our addition; the paper compares with all).
 4. Image score: the maximum patch score, re-scored on the image-level similarity graph (the paper's
    RsCIN, simplified): averaged with the scores of the ``k`` most similar images (mean patch token
    as image feature), for several ``k``.
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 
 from .calibration import robust_center_scale, robust_threshold
 from .common import AnomalyMapHead, resize_map, to_tensor_batch
-from .errors import AnomalensError
+from .errors import AnomalensError, ConfigError
 from .explain import find_regions
 from .data import Sample
 from .io import ImageLike
@@ -52,12 +58,15 @@ class MuSc:
 
     Args:
         layers: ViT layers (``layer.0`` .. ``layer.11``).
+        image_size: side in pixels the images are resized to (square, multiple of 14).
+        max_references: other images each image is compared with at most (drawn at random, seed 0);
+            None compares every pair (the paper; cost grows with the square of the batch).
         degrees: aggregation degrees ``r`` (odd).
         lower: fraction of the other images whose closest-patch distances are averaged (paper: 0.3).
         neighbours: ``k`` values of the image-level re-scoring (0 = off).
         chunk: query images per block of the pairwise computation (bounds memory).
         z: robust z-score above the batch median that flags an image (and a pixel) NG.
-        blur_sigma: Gaussian smoothing of the map, pixels at 224.
+        blur_sigma: Gaussian smoothing of the map, pixels at ``image_size``.
         reference_backbone: backbone of the PatchCore bank built from ``references`` in :meth:`predict`.
         reference_augment: augmentation of the reference images (see :mod:`anomalens.augment`).
 
@@ -70,6 +79,8 @@ class MuSc:
         self,
         layers: Sequence[str] = ("layer.2", "layer.5", "layer.8"),
         degrees: Sequence[int] = (1, 3, 5),
+        image_size: int = 224,
+        max_references: int | None = 32,
         lower: float = 0.3,
         neighbours: Sequence[int] = (1, 3),
         chunk: int = 8,
@@ -82,8 +93,14 @@ class MuSc:
         from .backbones import OnnxViTBackbone
 
         check_augment(reference_augment)
+        if image_size % OnnxViTBackbone.patch or not 56 <= image_size <= 1024:
+            raise ConfigError(f"image_size must be a multiple of 14 in [56, 1024] pixels, got {image_size}")
+        if max_references is not None and max_references < 2:
+            raise ConfigError(f"max_references must be >= 2 (or None for all), got {max_references}")
 
         self.backbone = OnnxViTBackbone(layers)
+        self.image_size = int(image_size)
+        self.max_references = None if max_references is None else int(max_references)
         self.degrees = tuple(int(r) for r in degrees)
         self.lower = float(lower)
         self.neighbours = tuple(int(k) for k in neighbours)
@@ -95,32 +112,43 @@ class MuSc:
 
     @torch.inference_mode()
     def features(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Per layer, ``float32`` ``(N, 384, 16, 16)`` patch-token maps of ``uint8`` RGB images."""
+        """Per layer, ``float32`` ``(N, 384, S / 14, S / 14)`` patch-token maps of ``uint8`` RGB images
+        (``S = image_size``)."""
         maps: list[list[torch.Tensor]] = []
         for s in range(0, len(images), 8):
-            x = to_tensor_batch(images[s : s + 8], self.backbone.size)
+            x = to_tensor_batch(images[s : s + 8], self.image_size)
             maps.append(self.backbone(self.backbone.normalize(x)))
         return [torch.cat(level) for level in zip(*maps)]
 
     @torch.inference_mode()
     def mutual_scores(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``(N, 16, 16)`` patch scores from per-layer token maps (MSM over layers and degrees)."""
+        """``(N, h, w)`` patch scores from per-layer token maps (MSM over layers and degrees)."""
         n, _, h, w = feats[0].shape
-        keep = max(1, int(math.ceil(self.lower * (n - 1))))
+        sampled = self.max_references is not None and n - 1 > self.max_references
+        n_others = self.max_references if sampled else n - 1
+        keep = max(1, int(math.ceil(self.lower * n_others)))
+        rng = torch.Generator().manual_seed(0)
+        # the images each chunk of query images is compared with: all (own image masked), or a random
+        # draw of ``max_references`` from outside the chunk (same draw for every layer and degree)
+        refs = []
+        for s in range(0, n, self.chunk):
+            outside = torch.cat([torch.arange(0, s), torch.arange(min(n, s + self.chunk), n)])
+            refs.append(outside[torch.randperm(outside.numel(), generator=rng)[: self.max_references]].sort().values if sampled else torch.arange(n))
         total = torch.zeros(n, h * w)
         count = 0
         for f in feats:
             for r in self.degrees:
                 g = F.avg_pool2d(f, r, stride=1, padding=r // 2, count_include_pad=False) if r > 1 else f
                 tok = F.normalize(g.flatten(2).transpose(1, 2), dim=2)  # (N, P, D), unit length
-                flat = tok.reshape(n * h * w, -1)
-                for s in range(0, n, self.chunk):
+                for j, s in enumerate(range(0, n, self.chunk)):
                     q = tok[s : s + self.chunk].reshape(-1, tok.shape[2])  # (c*P, D)
-                    d = (2.0 - 2.0 * (q @ flat.T)).clamp_(min=0).sqrt_()  # (c*P, N*P)
-                    per_image = d.view(q.shape[0], n, h * w).amin(2)  # (c*P, N): closest patch in each image
+                    ref = refs[j]
+                    d = (2.0 - 2.0 * (q @ tok[ref].reshape(-1, tok.shape[2]).T)).clamp_(min=0).sqrt_()  # (c*P, R*P)
+                    per_image = d.view(q.shape[0], ref.numel(), h * w).amin(2)  # (c*P, R): closest patch in each image
                     c = q.shape[0] // (h * w)
-                    own = torch.arange(s, s + c).repeat_interleave(h * w)
-                    per_image[torch.arange(q.shape[0]), own] = math.inf  # not against itself
+                    if not sampled:
+                        own = torch.arange(s, s + c).repeat_interleave(h * w)
+                        per_image[torch.arange(q.shape[0]), own] = math.inf  # not against itself
                     low = per_image.topk(keep, dim=1, largest=False).values.mean(1)
                     total[s : s + c] += low.view(c, h * w)
                 count += 1
@@ -142,15 +170,15 @@ class MuSc:
 
     def score_batch(self, arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """MuSc scores of a batch of ``uint8`` RGB images: ``float32`` ``(N,)`` image scores (re-scored)
-        and ``(N, 224, 224)`` anomaly maps."""
+        and ``(N, S, S)`` anomaly maps (``S = image_size``)."""
         feats = self.features(arrays)
         grids = self.mutual_scores(feats)
         return self.rescore(grids.flatten(1).amax(1), feats), self.head(grids)
 
     def reference_scores(self, arrays: Sequence[np.ndarray], references) -> tuple[torch.Tensor, torch.Tensor]:
         """PatchCore scores of ``arrays`` against every patch of the ``references`` (few-shot bank):
-        ``float32`` ``(N,)`` image scores and ``(N, 224, 224)`` maps (the image resized whole, as for
-        the ViT).
+        ``float32`` ``(N,)`` image scores and ``(N, S, S)`` maps (``S = image_size``; the image resized
+        whole, as for the ViT).
 
         Raises:
             ImageReadError: a reference image cannot be read. DatasetError: no reference image
@@ -163,7 +191,7 @@ class MuSc:
         det = create_detector("patchcore", backbone=self.reference_backbone)
         det.fit(refs, shots=len(refs), augment=self.reference_augment)
         scores, maps = [], []
-        size = (self.backbone.size, self.backbone.size)
+        size = (self.image_size, self.image_size)
         for s in range(0, len(arrays), det.batch_size):
             sc, mp = det.score_batch(list(arrays[s : s + det.batch_size]))
             scores.extend(sc)

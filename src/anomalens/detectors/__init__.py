@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .anomalydino import AnomalyDINO
 from .base import Detector, load_detector
 from .padim import PaDiM
 from .patchcore import PatchCore
 
-DETECTORS: dict[str, type[Detector]] = {"patchcore": PatchCore, "padim": PaDiM}
+DETECTORS: dict[str, type[Detector]] = {"patchcore": PatchCore, "padim": PaDiM, "anomalydino": AnomalyDINO}
 
 
 def create_detector(name: str, **params) -> Detector:
-    """A new, unfitted detector called ``name`` ("patchcore" or "padim") with ``params``.
+    """A new, unfitted detector called ``name`` ("patchcore", "padim" or "anomalydino") with ``params``.
 
     Raises:
         ConfigError: unknown name (the message lists the known ones) or invalid parameters.
@@ -23,4 +24,4 @@ def create_detector(name: str, **params) -> Detector:
     return cls(**params)
 
 
-__all__ = ["DETECTORS", "Detector", "PaDiM", "PatchCore", "create_detector", "load_detector"]
+__all__ = ["AnomalyDINO", "DETECTORS", "Detector", "PaDiM", "PatchCore", "create_detector", "load_detector"]

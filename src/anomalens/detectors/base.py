@@ -43,10 +43,10 @@ class Detector(Thresholds, ABC):
     Args:
         backbone: backbone name (see :data:`anomalens.backbones.BACKBONES`).
         layers: backbone layers to take features from; None = the backbone's defaults.
-        image_size: short side in pixels the images are resized to (multiple of 16 within [64, 1024]),
-            or several (up to 3) for multi-scale scoring (PatchCore: one bank per scale, scores fused
-            on a common scale learned from the normal images). Default: :attr:`default_image_sizes`
-            (224 for the ViT, which accepts nothing else). Larger finds smaller defects and costs
+        image_size: short side in pixels the images are resized to (multiple of 16 within [56, 1024];
+            of 14 for the ViT), or several (up to 3) for multi-scale scoring (PatchCore: one bank per
+            scale, scores fused on a common scale learned from the normal images). Default:
+            :attr:`default_image_sizes` (448 for the ViT). Larger finds smaller defects and costs
             time roughly quadratically.
         keep_aspect: keep each image's aspect ratio (the long side follows the short one, see
             :func:`~anomalens.common.model_input_hw`); False squashes every image to a square.
@@ -97,7 +97,9 @@ class Detector(Thresholds, ABC):
         self.layers = tuple(layers) if layers else spec.default_layers
         #: short sides of the model input, one per scale, ascending (pixels)
         self.image_sizes = tuple(sorted(int(x) for x in sizes))
-        self.keep_aspect = bool(keep_aspect) and not spec.fixed_size
+        self.keep_aspect = bool(keep_aspect)
+        #: model-input sides are multiples of this (pixels; 14 for the ViT)
+        self.size_multiple = spec.size_multiple
         self.patch_size = int(patch_size)
         self.border_pad = int(border_pad)
         self.blur_sigma = float(blur_sigma)
@@ -168,7 +170,7 @@ class Detector(Thresholds, ABC):
 
     def input_hw(self, hw: tuple[int, int], scale: int = 0) -> tuple[int, int]:
         """Model-input ``(height, width)`` in pixels for an image of ``hw`` pixels at scale ``scale``."""
-        return model_input_hw(hw, self.image_sizes[scale], self.keep_aspect)
+        return model_input_hw(hw, self.image_sizes[scale], self.keep_aspect, self.size_multiple)
 
     def input_shapes(self, hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
         """Model-input shapes of an image of ``hw`` pixels, one per scale."""

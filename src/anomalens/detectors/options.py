@@ -21,26 +21,27 @@ def check_options(
 ) -> tuple[int, ...]:
     """Validate a detector's options; return its image sizes (short sides in pixels, ascending).
 
-    ``image_size`` None gives the backbone's fixed size (the ViT's 224) or ``detector.default_image_sizes``.
+    ``image_size`` None gives the backbone's default size (the ViT's 448) or ``detector.default_image_sizes``.
 
     Raises:
-        ConfigError: a size that is not a multiple of 16 in [64, 1024], more sizes than
-            ``detector.max_scales``, a size or border the backbone does not take, or another invalid value.
+        ConfigError: a size that is not a multiple of the backbone's ``size_multiple`` (16 for the
+            CNNs, 14 for the ViT) in [56, 1024], more sizes than ``detector.max_scales``, a border on
+            the ViT, or another invalid value.
     """
     if image_size is None:
-        sizes: tuple = (spec.fixed_size,) if spec.fixed_size else tuple(detector.default_image_sizes)
+        sizes: tuple = (spec.default_size,) if spec.default_size else tuple(detector.default_image_sizes)
     elif isinstance(image_size, (list, tuple)):
         sizes = tuple(image_size)
     else:
         sizes = (image_size,)
-    if spec.fixed_size and (sizes != (spec.fixed_size,) or border_pad):
-        raise ConfigError(f"backbone {spec.name} takes {spec.fixed_size} px inputs without border padding "
-                          f"(image_size={spec.fixed_size}, border_pad=0), got {image_size} and {border_pad}")
+    if spec.size_multiple != 16 and border_pad:
+        raise ConfigError(f"backbone {spec.name} takes no border padding (border_pad=0), got {border_pad}")
     if not sizes or len(sizes) > detector.max_scales or len(set(sizes)) != len(sizes):
         raise ConfigError(f"{type(detector).__name__} takes 1 to {detector.max_scales} different image sizes, got {image_size!r}")
+    m = spec.size_multiple
     for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int) or size % 16 or not 64 <= size <= 1024:
-            raise ConfigError(f"image_size must be a multiple of 16 in [64, 1024] pixels, got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size % m or not 56 <= size <= 1024:
+            raise ConfigError(f"image_size for {spec.name} must be a multiple of {m} in [56, 1024] pixels, got {size!r}")
     if patch_size < 1 or patch_size % 2 == 0:
         raise ConfigError(f"patch_size must be an odd number >= 1, got {patch_size}")
     if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:

@@ -33,7 +33,9 @@ from ..knn import BACKENDS, NearestNeighbours, pairwise_sq_dists
 from ..sampler import greedy_coreset
 from .base import Detector, Progress
 
-IMAGE_SCORES = ("max", "reweighted")
+IMAGE_SCORES = ("max", "reweighted", "mean_top1")
+#: fraction of a grid's highest patch scores averaged by ``image_score="mean_top1"`` (AnomalyDINO)
+TOP_FRACTION = 0.01
 #: fewest normal images whose leave-one-out image scores standardise a scale; with fewer (few-shot),
 #: their leave-one-out patch scores do (thousands of values instead of a handful)
 MIN_IMAGES_FOR_IMAGE_STATS = 10
@@ -75,7 +77,8 @@ class PatchCore(Detector):
         coreset_ratio: fraction of all training patches kept in each memory bank, in (0, 1].
         projection_dim: random-projection dimension used only to *select* the coreset (paper: 128).
         knn_backend: ``"faiss"`` (``IndexFlatL2``, faster here) or ``"torch"`` (chunked matmul): same results.
-        image_score: ``"max"`` (max patch distance) or ``"reweighted"`` (paper Eq. 7; one scale only).
+        image_score: ``"max"`` (max patch distance), ``"reweighted"`` (paper Eq. 7; one scale only) or
+            ``"mean_top1"`` (mean of the highest 1% of the patch scores, as AnomalyDINO).
         num_neighbours: support-set size ``b`` of the re-weighting (paper: 9).
         **kwargs: see :class:`~anomalens.detectors.base.Detector` (backbone, layers, image_size, ...).
 
@@ -163,17 +166,30 @@ class PatchCore(Detector):
     def _fit_scale(self, features: list[torch.Tensor], progress: Progress, keep_all: bool) -> ScaleBank:
         d = features[0].shape[0]
         flat = torch.cat([f.permute(1, 2, 0).reshape(-1, d) for f in features])
+        rows = self._bank_candidates(features)  # rows of ``flat`` the bank may hold (None: all)
+        pool = flat if rows is None else flat[rows]
         ratio = 1.0 if keep_all else self.coreset_ratio
-        n_select = max(1, min(flat.shape[0], int(round(ratio * flat.shape[0]))))
-        if n_select < flat.shape[0]:
+        n_select = max(1, min(pool.shape[0], int(round(ratio * pool.shape[0]))))
+        if n_select < pool.shape[0]:
             idx = greedy_coreset(
-                flat, n_select, projection_dim=self.projection_dim, progress=lambda a, b: progress("coreset", a, b)
+                pool, n_select, projection_dim=self.projection_dim, progress=lambda a, b: progress("coreset", a, b)
             )
         else:
-            idx = torch.arange(flat.shape[0])
+            idx = torch.arange(pool.shape[0])
         idx, _ = torch.sort(idx)
+        if rows is not None:
+            idx = rows[idx]
         grids = torch.tensor([list(f.shape[-2:]) for f in features], dtype=torch.int64)
         return self._make_bank(flat[idx].clone(), idx.long(), grids)
+
+    def _bank_candidates(self, features: list[torch.Tensor]) -> torch.Tensor | None:
+        """``int64`` rows (image by image, row-major) of the training patches the bank may hold; None: all."""
+        return None
+
+    def _patch_scores(self, dist: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Patch scores ``(b, h * w)`` from the L2 distances ``(b, h * w)`` of the patches of
+        ``features`` ``(b, D, h, w)`` to their nearest bank features. PatchCore: the distances."""
+        return dist
 
     def _make_bank(self, bank: torch.Tensor, index: torch.Tensor, grids: torch.Tensor, support: torch.Tensor | None = None) -> ScaleBank:
         sb = ScaleBank(bank, index, grids, self.knn_backend, support)
@@ -186,6 +202,9 @@ class PatchCore(Detector):
     def _image_scores(self, k: int, q: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale ``k``'s raw image scores ``(b,)`` and flat score grids ``(b, h * w)``."""
         grid_scores = dist.view(b, -1)
+        if self.image_score == "mean_top1":
+            n_top = max(1, int(math.ceil(TOP_FRACTION * grid_scores.shape[1])))
+            return grid_scores.topk(n_top, dim=1).values.mean(1), grid_scores
         top, arg = grid_scores.max(1)
         if self.image_score == "max":
             return top, grid_scores
@@ -221,7 +240,7 @@ class PatchCore(Detector):
             b, d, h, w = f.shape
             q = f.permute(0, 2, 3, 1).reshape(-1, d)
             dist, idx = self.banks[k].nn.search(q, 1)
-            s, g = self._image_scores(k, q, dist[:, 0], idx[:, 0], b)
+            s, g = self._image_scores(k, q, self._patch_scores(dist[:, 0].view(b, -1), f), idx[:, 0], b)
             scores.append(s)
             grids.append(g.view(b, h, w))
             nearest = idx[:, 0].view(b, h, w)
@@ -328,7 +347,7 @@ class PatchCore(Detector):
             else:
                 dd[:, own] = math.inf
             v, idx = dd.min(1)
-            s, g = self._image_scores(k, q, v.sqrt(), idx, 1)
+            s, g = self._image_scores(k, q, self._patch_scores(v.sqrt()[None], features[i][None]), idx, 1)
             scores.append(s)
             grids.append(g.view(h, w))
             progress("calibration", done + 1, len(firsts))

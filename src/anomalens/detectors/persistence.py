@@ -67,7 +67,7 @@ def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
         det.false_alarm_rate = det.calibration.false_alarm_rate
     det.fit_info = config.get("fit_info", {})
     views = config.get("train_views") or ["id"]
-    if not (isinstance(views, list) and all(v in AUGMENTATIONS["dihedral"] for v in views)):
+    if not (isinstance(views, list) and all(v in set().union(*AUGMENTATIONS.values()) for v in views)):
         raise ModelFileError(f"model config has invalid train_views {views!r}")
     det.train_views = views
     train = config.get("train_images") or []

@@ -244,9 +244,8 @@ class VideoDetector:
     @property
     def extractor(self) -> PatchFeatureExtractor:
         if self._extractor is None:
-            spec = get_spec(self.backbone_name)
-            # frames keep the 32 px reflected border their settings were chosen with
-            self._extractor = PatchFeatureExtractor(make_backbone(self.backbone_name, None, self.pretrained), 3, 0 if spec.fixed_size else 32)
+            # frames keep the 32 px reflected border their settings were chosen with (CNN backbones only)
+            self._extractor = PatchFeatureExtractor(make_backbone(self.backbone_name, None, self.pretrained), 3, 32)
         return self._extractor
 
     @property
