@@ -70,7 +70,7 @@ def fit(
         0.0, help="Fraction of the normal images held out for split-conformal calibration (0 = calibrate out of sample on all)."
     ),
     shots: Optional[int] = typer.Option(
-        None, "--shots", "-k", help="Few-shot: fit PatchCore on K normal images drawn at random (--seed) from DATA; every patch is kept."
+        None, "--shots", "-k", help="Few-shot: fit the --model (PatchCore or AnomalyDINO) on K normal images drawn at random (--seed) from DATA; every patch is kept."
     ),
     augment: str = typer.Option(
         "none", help="Few-shot views added to the bank: none, flips, rotations, dihedral or rotations45 (45-degree steps); "
@@ -333,7 +333,7 @@ def zero_shot(
     ),
     augment: str = typer.Option("none", help="Augmentation of the --reference images: none, flips, rotations, dihedral, rotations45."),
     image_size: int = typer.Option(224, help="Side in pixels the ViT sees (multiple of 14; 448 = 32 x 32 tokens at 4x the ViT time)."),
-    max_references: int = typer.Option(32, help="Other images each image is compared with at most (0 = every pair; cost grows with the batch squared)."),
+    max_references: int = typer.Option(100, help="Other images each image is compared with at most (0 = every pair; cost grows with the batch squared)."),
 ) -> None:
     """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT.
 
