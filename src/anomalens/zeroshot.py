@@ -92,10 +92,10 @@ class MuSc:
     ):
         from .augment import check_augment
         from .backbones import OnnxViTBackbone
+        from .detectors.options import check_image_size
 
         check_augment(reference_augment)
-        if image_size % OnnxViTBackbone.patch or not 56 <= image_size <= 1024:
-            raise ConfigError(f"image_size must be a multiple of 14 in [56, 1024] pixels, got {image_size}")
+        check_image_size(image_size, OnnxViTBackbone.patch)
         if max_references is not None and max_references < 2:
             raise ConfigError(f"max_references must be >= 2 (or None for all), got {max_references}")
 
@@ -128,32 +128,36 @@ class MuSc:
         sampled = self.max_references is not None and n - 1 > self.max_references
         n_others = self.max_references if sampled else n - 1
         keep = max(1, int(math.ceil(self.lower * n_others)))
-        rng = torch.Generator().manual_seed(0)
         # the images each chunk of query images is compared with: all (own image masked), or a random
         # draw of ``max_references`` from outside the chunk (same draw for every layer and degree)
-        refs = []
-        for s in range(0, n, self.chunk):
-            outside = torch.cat([torch.arange(0, s), torch.arange(min(n, s + self.chunk), n)])
-            refs.append(outside[torch.randperm(outside.numel(), generator=rng)[: self.max_references]].sort().values if sampled else torch.arange(n))
+        starts = range(0, n, self.chunk)
+        rng = torch.Generator().manual_seed(0)
+        refs = [self._draw_references(n, s, rng) for s in starts] if sampled else None
         total = torch.zeros(n, h * w)
         count = 0
         for f in feats:
             for r in self.degrees:
                 g = F.avg_pool2d(f, r, stride=1, padding=r // 2, count_include_pad=False) if r > 1 else f
                 tok = F.normalize(g.flatten(2).transpose(1, 2), dim=2)  # (N, P, D), unit length
-                for j, s in enumerate(range(0, n, self.chunk)):
+                flat = tok.reshape(n * h * w, -1)
+                for j, s in enumerate(starts):
                     q = tok[s : s + self.chunk].reshape(-1, tok.shape[2])  # (c*P, D)
-                    ref = refs[j]
-                    d = (2.0 - 2.0 * (q @ tok[ref].reshape(-1, tok.shape[2]).T)).clamp_(min=0).sqrt_()  # (c*P, R*P)
-                    per_image = d.view(q.shape[0], ref.numel(), h * w).amin(2)  # (c*P, R): closest patch in each image
+                    bank = flat if refs is None else tok[refs[j]].reshape(-1, tok.shape[2])  # (R*P, D)
+                    d = (2.0 - 2.0 * (q @ bank.T)).clamp_(min=0).sqrt_()  # (c*P, R*P)
+                    per_image = d.view(q.shape[0], -1, h * w).amin(2)  # (c*P, R): closest patch in each image
                     c = q.shape[0] // (h * w)
-                    if not sampled:
+                    if refs is None:
                         own = torch.arange(s, s + c).repeat_interleave(h * w)
                         per_image[torch.arange(q.shape[0]), own] = math.inf  # not against itself
                     low = per_image.topk(keep, dim=1, largest=False).values.mean(1)
                     total[s : s + c] += low.view(c, h * w)
                 count += 1
         return (total / count).view(n, h, w)
+
+    def _draw_references(self, n: int, start: int, rng: torch.Generator) -> torch.Tensor:
+        """``max_references`` image indices drawn from outside the chunk starting at ``start``, ascending."""
+        outside = torch.cat([torch.arange(0, start), torch.arange(min(n, start + self.chunk), n)])
+        return outside[torch.randperm(outside.numel(), generator=rng)[: self.max_references]].sort().values
 
     def rescore(self, scores: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Image scores averaged over their ``k`` most similar images (image feature: mean token)."""

@@ -127,4 +127,4 @@ class AnomalyDINO(PatchCore):
         return scores
 
     def _export_scores(self, features):
-        raise ConfigError("AnomalyDINO cannot be exported to ONNX (its ViT is itself an ONNX model); serve the saved model")
+        raise ConfigError("AnomalyDINO's cosine scores are not in the ONNX export; serve the saved model (its ViT already runs on ONNX Runtime)")

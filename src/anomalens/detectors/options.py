@@ -8,6 +8,12 @@ from ..backbones import BackboneSpec
 from ..errors import ConfigError
 
 
+def check_image_size(size, multiple: int, what: str = "image_size") -> None:
+    """Raise :class:`ConfigError` unless ``size`` is an int multiple of ``multiple`` in [56, 1024] pixels."""
+    if isinstance(size, bool) or not isinstance(size, int) or size % multiple or not 56 <= size <= 1024:
+        raise ConfigError(f"{what} must be a multiple of {multiple} in [56, 1024] pixels, got {size!r}")
+
+
 def check_options(
     spec: BackboneSpec,
     detector,
@@ -38,10 +44,8 @@ def check_options(
         raise ConfigError(f"backbone {spec.name} takes no border padding (border_pad=0), got {border_pad}")
     if not sizes or len(sizes) > detector.max_scales or len(set(sizes)) != len(sizes):
         raise ConfigError(f"{type(detector).__name__} takes 1 to {detector.max_scales} different image sizes, got {image_size!r}")
-    m = spec.size_multiple
     for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int) or size % m or not 56 <= size <= 1024:
-            raise ConfigError(f"image_size for {spec.name} must be a multiple of {m} in [56, 1024] pixels, got {size!r}")
+        check_image_size(size, spec.size_multiple, f"image_size for {spec.name}")
     if patch_size < 1 or patch_size % 2 == 0:
         raise ConfigError(f"patch_size must be an odd number >= 1, got {patch_size}")
     if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:
