@@ -25,9 +25,11 @@ def fit(
     image_size: int = typer.Option(256, help="Frames are resized to this square size for the backbone (pixels)."),
     appearance: bool = typer.Option(True, "--appearance/--no-appearance", help="Score how patches look."),
     motion: bool = typer.Option(True, "--motion/--no-motion", help="Score how patches move (optical flow)."),
-    temporal_sigma: float = typer.Option(3.0, help="Smoothing of the frame scores in frames (the stream's delay is 3x this)."),
+    temporal_sigma: float = typer.Option(1.0, help="Smoothing of the frame scores in frames (the stream's delay is 3x this)."),
     false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal frames flagged."),
-    calibration_videos: Optional[int] = typer.Option(None, help="Normal videos held out to calibrate (default 25%, at least 1)."),
+    calibration: str = typer.Option("crossfit", help="crossfit: every video calibrates, scored against memories fitted without it (default); holdout: some videos are kept out of the memories to calibrate (faster)."),
+    folds: int = typer.Option(4, help="crossfit: groups of videos (a single video is cut into this many parts)."),
+    calibration_videos: Optional[int] = typer.Option(None, help="holdout: normal videos held out to calibrate (default 25%, at least 1)."),
 ) -> None:
     """Learn normal appearance and motion of one camera view, and calibrate the frame threshold."""
     from .detector import VideoDetector
@@ -35,7 +37,7 @@ def fit(
     try:
         det = VideoDetector(
             backbone=backbone, image_size=image_size, appearance=appearance, motion=motion, temporal_sigma=temporal_sigma,
-            false_alarm_rate=false_alarm_rate, calibration_videos=calibration_videos,
+            false_alarm_rate=false_alarm_rate, calibration=calibration, folds=folds, calibration_videos=calibration_videos,
         )
         with progress_bars() as cb:
             det.fit(train, progress=cb)
@@ -148,6 +150,28 @@ def evaluate(
         for e in result["errors"]:
             console.print(f"[bold red]error:[/] {escape(e)}", soft_wrap=True)
         raise typer.Exit(code=1)
+
+
+@video_app.command("synth")
+def synth(
+    videos: Path = typer.Argument(..., help="Normal videos of the camera (UCSD training/, a folder of frame folders or video files)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write: frames/<video>/NNN.png, frame_labels.json, events.json."),
+    kinds: str = typer.Option(",".join(("fast", "cross", "object", "still")), help="Event kinds (fast, cross, object, still), taken in turn across the videos."),
+    events_per_video: int = typer.Option(1, help="Events per video (each takes at most half of its share of the frames)."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same events)."),
+    duration: int = typer.Option(40, help="Frames per event."),
+) -> None:
+    """Insert synthetic abnormal events (people too fast or crossing, foreign objects) into normal video, with exact frame labels."""
+    from .synthetic import make_synthetic_set
+
+    try:
+        labels = make_synthetic_set(videos, out, [k.strip() for k in kinds.split(",") if k.strip()], seed=seed, duration=duration, events_per_video=events_per_video)
+    except AnomalensError as exc:
+        _fail(exc)
+    n = sum(len(v) for v in labels.values())
+    a = sum(sum(v) for v in labels.values())
+    console.print(f"wrote {len(labels)} video(s), {n} frames, {a} abnormal, to {out}")
+    console.print(f"evaluate with: anomalens video evaluate MODEL {out} {out / 'frame_labels.json'}")
 
 
 def _pct(v: float) -> str:

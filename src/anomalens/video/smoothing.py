@@ -4,8 +4,8 @@ Abnormal events last for many frames, while single-frame score spikes are mostly
 noise: the literature smooths the frame-score curve with a 1-D Gaussian before thresholding and
 before the frame AUC (e.g. Georgescu et al., "Anomaly Detection in Video via Self-Supervised and
 Multi-Task Learning", CVPR 2021). Here it is causal up to a fixed delay: the smoothed score of frame
-``t`` is known once frame ``t + radius`` has arrived (``radius = ceil(3 sigma)`` frames; 9 frames,
-0.9 s at 10 fps, for sigma = 3), so a stream is scored with that latency and never held in memory.
+``t`` is known once frame ``t + radius`` has arrived (``radius = ceil(3 sigma)`` frames; 3 frames,
+0.3 s at 10 fps, for the default sigma = 1), so a stream is scored with that latency and never held in memory.
 At the ends of a video the kernel is truncated and renormalised. The same code path serves fitting
 (calibration) and prediction, so both see the same numbers.
 """
