@@ -63,7 +63,7 @@ def _runs(flags) -> int:
     return sum(1 for i, x in enumerate(f) if x and (i == 0 or not f[i - 1]))
 
 
-def run_one(ped2: str, name: str, extra: dict) -> dict:
+def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1) -> dict:
     import numpy as np
 
     from anomalens.video import VideoDetector
@@ -93,7 +93,7 @@ def run_one(ped2: str, name: str, extra: dict) -> dict:
         return p
 
     with tempfile.TemporaryDirectory() as tmp:
-        labels = make_synthetic_set([os.path.join(frames, v) for v in HELD], tmp, seed=0)
+        labels = make_synthetic_set([os.path.join(frames, v) for v in HELD], tmp, seed=0, events_per_video=events_per_video)
         synth = evaluate_videos(det, tmp, labels, predict=keep_synth)
     clean_s = np.concatenate([p.pred_scores for p in clean.values()])
     # the temporal smoothing width, re-applied to the raw frame scores (AUC only: the threshold was calibrated at the default)
@@ -111,7 +111,7 @@ def run_one(ped2: str, name: str, extra: dict) -> dict:
     pooled_s = np.concatenate([clean_s, *(p.pred_scores for p in kept.values())])
     pooled_y = [0] * clean_s.size + test_y
     return {
-        "variant": name, "params": extra, "fit_videos": FIT, "held_out_videos": HELD,
+        "variant": name, "params": extra, "synthetic_events_per_video": events_per_video, "fit_videos": FIT, "held_out_videos": HELD,
         "test_auc_micro": 100 * test["frame_auc_micro"], "test_auc_macro": 100 * test["frame_auc_macro"],
         "test_per_video_auc": {p["video"]: round(100 * p["frame_auc"], 2) for p in test["per_video"]},
         "test_false_alarm_pct": 100 * test["false_alarm_rate"], "test_false_alarm_far_pct": 100 * test["false_alarm_rate_far_from_events"],
@@ -135,16 +135,17 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--extra", default="{}", help="JSON of VideoDetector arguments added to every variant (a probe)")
+    ap.add_argument("--events-per-video", type=int, default=1, help="synthetic events in each held-out video (one kind after another)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     ped2 = os.path.join(args.data, "ucsd_ped2")
     if args._one:
-        print(json.dumps(run_one(ped2, args._one, json.loads(args.extra))))
+        print(json.dumps(run_one(ped2, args._one, json.loads(args.extra), args.events_per_video)))
         return
     rows = []
     for name in args.variants.split(","):
-        p = subprocess.run([sys.executable, __file__, "--data", args.data, "--extra", args.extra, "--_one", name], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, __file__, "--data", args.data, "--extra", args.extra, "--events-per-video", str(args.events_per_video), "--_one", name], capture_output=True, text=True)
         if p.returncode:
             sys.exit(f"{name} failed:\n{p.stderr[-3000:]}")
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))

@@ -422,7 +422,8 @@ class VideoDetector:
             videos: a folder (see :func:`~anomalens.video.io.list_videos`: UCSD ``training/``, a folder
                 of frame folders or video files) or a list of videos.
             progress: optional ``progress(stage, done, total)``; stages ``"frames"``, ``"coreset"``,
-                ``"calibration"`` (counts in videos / parts, coreset points).
+                ``"calibration coreset"`` (the fold memories, cross-fit only), ``"calibration"``
+                (counts in videos / parts, coreset points).
 
         Returns:
             ``self``.
