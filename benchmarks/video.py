@@ -45,9 +45,10 @@ HELD = [f"{i:02d}" for i in range(13, 17)]
 
 
 def _auc(y, s) -> float:
-    from sklearn.metrics import roc_auc_score
+    """Frame AUC in % (NaN with one class only)."""
+    from anomalens.metrics import image_auroc
 
-    return 100 * roc_auc_score(y, s) if 0 < sum(y) < len(y) else math.nan
+    return 100 * image_auroc(y, s) if 0 < sum(y) < len(y) else math.nan
 
 
 def _smooth(raw, sigma):
@@ -77,39 +78,37 @@ def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1) -> dic
     fit_s = time.perf_counter() - t0
     # report: the real test videos (their frame scores kept for the pooled AUC)
     lab = read_frame_labels(os.path.join(ped2, "testing", "frame_labels.json"))
-    kept = {}
 
-    def keep(video):
-        kept[os.path.basename(str(video))] = p = det.predict(video)
-        return p
+    def keeping(store: dict):
+        """A predict function for evaluate_videos that also keeps each video's prediction in ``store``."""
+        def predict(video):
+            store[os.path.basename(str(video))] = p = det.predict(video)
+            return p
+        return predict
 
-    test = evaluate_videos(det, os.path.join(ped2, "testing"), lab, predict=keep)
+    kept: dict = {}
+    test = evaluate_videos(det, os.path.join(ped2, "testing"), lab, predict=keeping(kept))
     # selection: held-out normal videos, clean and with synthetic events
     clean = {v: det.predict(os.path.join(frames, v)) for v in HELD}
-    synth_pred = {}
-
-    def keep_synth(video):
-        synth_pred[os.path.basename(str(video))] = p = det.predict(video)
-        return p
-
+    synth_pred: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         labels = make_synthetic_set([os.path.join(frames, v) for v in HELD], tmp, seed=0, events_per_video=events_per_video)
-        synth = evaluate_videos(det, tmp, labels, predict=keep_synth)
+        synth = evaluate_videos(det, tmp, labels, predict=keeping(synth_pred))
     clean_s = np.concatenate([p.pred_scores for p in clean.values()])
+    synth_y = [y for v, p in synth_pred.items() for y in labels[v][: p.n_frames]]
+    test_y = [y for v, p in kept.items() for y in lab[v][: p.n_frames]]
+    pooled_y = [0] * clean_s.size + test_y
     # the temporal smoothing width, re-applied to the raw frame scores (AUC only: the threshold was calibrated at the default)
     sigma_auc = {}
     for sigma in (0.0, 1.0, 2.0, 3.0, 5.0):
-        sm = lambda raw: np.array([v for _, v in _smooth(raw, sigma)])  # noqa: E731
-        sy = [y for v, p in synth_pred.items() for y in labels[v][: p.n_frames]]
-        ty = [y for v, p in kept.items() for y in lab[v][: p.n_frames]]
+        def sm(preds):
+            return np.concatenate([[v for _, v in _smooth(p.raw_scores, sigma)] for p in preds])
         sigma_auc[str(sigma)] = {
-            "synthetic": _auc(sy, np.concatenate([sm(p.raw_scores) for p in synth_pred.values()])),
-            "test": _auc(ty, np.concatenate([sm(p.raw_scores) for p in kept.values()])),
-            "pooled": _auc([0] * clean_s.size + ty, np.concatenate([*(sm(p.raw_scores) for p in clean.values()), *(sm(p.raw_scores) for p in kept.values())])),
+            "synthetic": _auc(synth_y, sm(synth_pred.values())),
+            "test": _auc(test_y, sm(kept.values())),
+            "pooled": _auc(pooled_y, sm([*clean.values(), *kept.values()])),
         }
-    test_y = [y for v, p in kept.items() for y in lab[v][: p.n_frames]]
     pooled_s = np.concatenate([clean_s, *(p.pred_scores for p in kept.values())])
-    pooled_y = [0] * clean_s.size + test_y
     return {
         "variant": name, "params": extra, "synthetic_events_per_video": events_per_video, "fit_videos": FIT, "held_out_videos": HELD,
         "test_auc_micro": 100 * test["frame_auc_micro"], "test_auc_macro": 100 * test["frame_auc_macro"],

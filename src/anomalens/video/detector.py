@@ -47,7 +47,7 @@ from ..explain import Region, find_regions
 from ..knn import NearestNeighbours
 from ..sampler import greedy_coreset
 from ..serialization import load_model, save_model
-from .io import iter_frames, list_videos, video_name
+from .io import as_videos, iter_frames, video_name
 from .motion import FlowComputer, cell_distances, flow_descriptors, per_cell_memory
 from .smoothing import TemporalSmoother
 
@@ -385,11 +385,11 @@ class VideoDetector:
             return [_Segment(videos[0], 0, cuts[-2]), _Segment(videos[0], cuts[-2], None)]
         return [_Segment(videos[0], cuts[k], cuts[k + 1] if k + 1 < parts else None) for k in range(parts)]
 
-    def _groups(self, n_units: int) -> list[list[int]]:
+    def _groups(self, n_units: int, single_video: bool) -> list[list[int]]:
         """Indices of the units scored together (each against memories of the others)."""
         if self.calibration_mode == "holdout":
-            if n_units == 2 and self.calibration_videos is None:
-                return [[1]]
+            if single_video:  # its last quarter
+                return [[n_units - 1]]
             n_cal = self.calibration_videos or max(1, round(0.25 * n_units))
             if n_cal >= n_units:
                 raise ConfigError(f"calibration_videos={n_cal} leaves none of the {n_units} videos to fit on")
@@ -435,21 +435,21 @@ class VideoDetector:
             CalibrationError: too few calibration frames for ``false_alarm_rate``.
         """
         progress = progress or _noop
-        vids = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else [Path(v) for v in videos]
+        vids = as_videos(videos)
         if not vids:
             raise DatasetError("no training videos given")
         units = self._units(vids)
-        groups = self._groups(len(units))
+        groups = self._groups(len(units), single_video=len(vids) == 1)
         first = next(iter_frames(vids[0]))[1]
         self._set_work_size(*first.shape[:2])
         t0 = time.perf_counter()
-        # per unit: motion descriptors of every frame (frame 0 of a unit has none), appearance features of every step-th
+        # per unit: motion descriptors of every frame, appearance features of every step-th
         mdescs: list[list[torch.Tensor | None]] = []
         feats: list[list[torch.Tensor]] = []
         for k, seg in enumerate(units):
             md, ft = [], []
             for i, frame, mdesc, _ in self._raw_parts(seg, with_features=False):
-                md.append(mdesc if i > seg.start else None)
+                md.append(mdesc)
                 if self.appearance and (i - seg.start) % self.appearance_step == 0:
                     ft.append(self._features(frame))
             mdescs.append(md)
@@ -459,7 +459,8 @@ class VideoDetector:
 
         def parts(ids: Iterable[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
             ids = list(ids)
-            m = [d for u in ids for j, d in enumerate(mdescs[u]) if d is not None and j % self.motion_step == 0]
+            # (a unit's first frame is left out: its flow, if any, comes from before the unit)
+            m = [d for u in ids for j, d in enumerate(mdescs[u]) if d is not None and j > 0 and j % self.motion_step == 0]
             return m, [f for u in ids for f in feats[u]]
 
         calibrated = sorted(u for g in groups for u in g)
@@ -481,11 +482,10 @@ class VideoDetector:
                 seg = units[u]
                 rows = []
                 for j, (i, frame) in enumerate(_frames_of(seg)):
-                    md = mdescs[u][j]
-                    if md is None and self.motion:
-                        md = torch.zeros(*self.grid, self.flow_bins)
-                    ft = self._features(frame) if self.appearance else None
-                    rows.append((*self._part_grids(md, ft, mem), frame.shape[:2]))
+                    ft = None
+                    if self.appearance:  # every step-th frame's features were computed in the first pass
+                        ft = feats[u][j // self.appearance_step] if j % self.appearance_step == 0 else self._features(frame)
+                    rows.append((*self._part_grids(mdescs[u][j], ft, mem), frame.shape[:2]))
                 grids.append(rows)
                 progress("calibration", len(grids), len(calibrated))
         self.calibration = None

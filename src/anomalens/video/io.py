@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -63,6 +63,15 @@ def list_videos(root: str | os.PathLike) -> list[Path]:
     if not videos:
         raise DatasetError(f"{root} holds no video: expected frame folders, video files, or frames/")
     return sorted(videos, key=_natural_key)
+
+
+def as_videos(videos: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """A folder or file in a :func:`list_videos` layout, or a list of videos, as a list of paths.
+
+    Raises:
+        DatasetError: as :func:`list_videos`.
+    """
+    return list_videos(videos) if isinstance(videos, (str, os.PathLike)) else [Path(v) for v in videos]
 
 
 def video_name(video: str | os.PathLike) -> str:

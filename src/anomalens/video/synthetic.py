@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
-from .io import iter_frames, list_videos, video_name
+from .io import as_videos, iter_frames, video_name
 
 #: speed of each event kind, in body heights per frame (horizontal, vertical)
 KIND_SPEED = {"fast": (0.15, 0.0), "cross": (0.0, 0.08), "object": (0.06, 0.0), "still": (0.0, 0.0)}
@@ -55,10 +55,10 @@ class Perspective:
 
     a: float
     b: float
+    #: foot rows where people were seen (10th and 90th percentile), pixels
+    rows: tuple[float, float]
     min_height: float = 6.0
     max_height: float = 1e9
-    #: foot rows where people were seen (10th and 90th percentile), pixels
-    rows: tuple[float, float] = (0.45, 0.95)
 
     def height(self, y: float) -> float:
         return float(np.clip(self.a * y + self.b, self.min_height, self.max_height))
@@ -66,8 +66,8 @@ class Perspective:
 
 @dataclass
 class SyntheticEvent:
-    """One inserted event: frames ``[start, stop)`` of its video, the path of the object's foot point
-    (x0, y0) -> per-frame velocity (vx, vy) in pixels, and its labelled frames."""
+    """One inserted event: frames ``[start, stop)`` of its video, and the path of the object's foot
+    point: (x0, y0) at ``start``, then (vx, vy) pixels per frame."""
 
     video: str
     kind: str
@@ -261,7 +261,7 @@ def make_synthetic_set(
         ConfigError: unknown kinds, or a video too short.
         VideoReadError: a video cannot be read.
     """
-    vids = list_videos(videos) if isinstance(videos, (str, os.PathLike)) else [Path(v) for v in videos]
+    vids = as_videos(videos)
     if not vids:
         raise DatasetError("no normal videos given")
     out = Path(out)
