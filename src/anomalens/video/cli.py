@@ -25,6 +25,7 @@ def fit(
     image_size: int = typer.Option(256, help="Frames are resized to this square size for the backbone (pixels)."),
     appearance: bool = typer.Option(True, "--appearance/--no-appearance", help="Score how patches look."),
     motion: bool = typer.Option(True, "--motion/--no-motion", help="Score how patches move (optical flow)."),
+    motion_peak: bool = typer.Option(True, "--motion-peak/--no-motion-peak", help="Motion descriptor also holds the busiest cell of each 3x3 neighbourhood (small fast objects)."),
     temporal_sigma: float = typer.Option(1.0, help="Smoothing of the frame scores in frames (the stream's delay is 3x this)."),
     false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal frames flagged."),
     calibration: str = typer.Option("crossfit", help="crossfit: every video calibrates, scored against memories fitted without it (default); holdout: some videos are kept out of the memories to calibrate (faster)."),
@@ -36,8 +37,8 @@ def fit(
 
     try:
         det = VideoDetector(
-            backbone=backbone, image_size=image_size, appearance=appearance, motion=motion, temporal_sigma=temporal_sigma,
-            false_alarm_rate=false_alarm_rate, calibration=calibration, folds=folds, calibration_videos=calibration_videos,
+            backbone=backbone, image_size=image_size, appearance=appearance, motion=motion, motion_peak=motion_peak,
+            temporal_sigma=temporal_sigma, false_alarm_rate=false_alarm_rate, calibration=calibration, folds=folds, calibration_videos=calibration_videos,
         )
         with progress_bars() as cb:
             det.fit(train, progress=cb)
