@@ -50,9 +50,9 @@ HELD = [f"{i:02d}" for i in range(13, 17)]
 
 def _auc(y, s) -> float:
     """Frame AUC in % (NaN with one class only)."""
-    from anomalens.metrics import image_auroc
+    from anomalens.video.evaluate import frame_auc
 
-    return 100 * image_auroc(y, s) if 0 < sum(y) < len(y) else math.nan
+    return 100 * frame_auc(y, s)
 
 
 def _smooth(raw, sigma):

@@ -38,8 +38,11 @@ def read_frame_labels(path: str | os.PathLike) -> dict[str, list[int]]:
     return {str(k): [int(x) for x in v] for k, v in data.items()}
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    return image_auroc(labels, scores) if 0 < labels.sum() < labels.size else math.nan
+def frame_auc(labels, scores) -> float:
+    """Frame AUC (fraction) of 0/1 ``labels`` against ``scores`` (sequences of one length); NaN
+    when only one class is present."""
+    labels = np.asarray(labels)
+    return image_auroc(labels, np.asarray(scores)) if 0 < labels.sum() < labels.size else math.nan
 
 
 #: frames between an event and the normal frames whose false alarms are counted apart (1.8 s of Ped2 at 10 fps)
@@ -99,14 +102,14 @@ def evaluate_videos(
         all_y.append(y_arr)
         all_far.append(_far_from_events(y_arr, margin))
         per.append({
-            "video": video_name(video), "n_frames": n, "n_abnormal": int(y_arr.sum()), "frame_auc": _auc(y_arr, pred.pred_scores),
+            "video": video_name(video), "n_frames": n, "n_abnormal": int(y_arr.sum()), "frame_auc": frame_auc(y_arr, pred.pred_scores),
             "fps": pred.fps, "error": pred.error,
         })
     s, y, far = np.concatenate(all_s), np.concatenate(all_y), np.concatenate(all_far)
     macro = [p["frame_auc"] for p in per if not math.isnan(p["frame_auc"])]
     flagged = s > detector.threshold
     return {
-        "frame_auc_micro": _auc(y, s),
+        "frame_auc_micro": frame_auc(y, s),
         "frame_auc_macro": float(np.mean(macro)) if macro else math.nan,
         "per_video": per,
         "n_frames": int(s.size),

@@ -6,9 +6,10 @@ The descriptor of a cell is its histogram of flow *directions* weighted by flow 
 per frame, at the model's working resolution): a histogram of oriented optical flow (HOF; Laptev et
 al., "Learning realistic human actions from movies", CVPR 2008), averaged over the cell and its 3 x 3
 neighbourhood. Its length is the speed, its shape the direction. Beside it (``peak``) goes the
-histogram of the busiest cell of the neighbourhood, so that a small object is not averaged away. Velocity alone is a strong cue for
-abnormal events in surveillance video (Reiss & Hoshen, "Attribute-based Representations for Accurate
-and Interpretable Video Anomaly Detection", 2022), and it explains itself: "too fast here".
+histogram of the busiest cell of the neighbourhood, so that a small object is not averaged away.
+Velocity alone is a strong cue for abnormal events in surveillance video (Reiss & Hoshen,
+"Attribute-based Representations for Accurate and Interpretable Video Anomaly Detection", 2022), and
+it explains itself: "too fast here".
 
 Flow is DIS (Kroeger et al., "Fast Optical Flow using Dense Inverse Search", ECCV 2016) from OpenCV,
 about 14 ms per 360 x 240 frame on this CPU.
