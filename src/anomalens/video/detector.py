@@ -277,6 +277,7 @@ class VideoDetector:
         #: working size ``(h, w)`` in pixels (multiples of ``cell``), set by fit
         self.work_hw: tuple[int, int] | None = None
         self.motion_bank: torch.Tensor | None = None  # (cells, k, bins)
+        self._motion_sq: torch.Tensor | None = None  # (cells, k): squared lengths of motion_bank's descriptors
         self.appearance_bank: torch.Tensor | None = None  # (M, D)
         self.scales = (1.0, 1.0)  # (motion, appearance) typical frame maxima on held-out video
         self.calibration: Calibration | None = None
@@ -367,10 +368,11 @@ class VideoDetector:
         self, mdesc: torch.Tensor | None, feats: torch.Tensor | None, memories: tuple | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (unnormalised) ``(gh, gw)`` motion and appearance distance grids (zeros when off),
-        against the model's memories or ``memories = (motion_bank, appearance NearestNeighbours)``."""
-        motion_bank, nn = memories if memories is not None else (self.motion_bank, self._nn)
+        against the model's memories or ``memories = (motion_bank, its squared lengths, appearance
+        NearestNeighbours)``."""
+        motion_bank, motion_sq, nn = memories if memories is not None else (self.motion_bank, self._motion_sq, self._nn)
         gh, gw = self.grid
-        m = cell_distances(mdesc, motion_bank) if mdesc is not None else torch.zeros(gh, gw)  # type: ignore[arg-type]
+        m = cell_distances(mdesc, motion_bank, motion_sq) if mdesc is not None else torch.zeros(gh, gw)  # type: ignore[arg-type]
         if feats is not None:
             assert nn is not None
             d, h, w = feats.shape
@@ -501,6 +503,7 @@ class VideoDetector:
         fit_units = [u for u in range(len(units)) if not holdout or u not in calibrated]
         motion, app = parts(fit_units)
         self.motion_bank, self.appearance_bank = self._memories(motion, app, progress)
+        self._motion_sq = _squares(self.motion_bank)
         self._nn = NearestNeighbours(self.appearance_bank, "faiss") if self.appearance_bank is not None else None
         t2 = time.perf_counter()
         # score every calibration unit against memories that did not see it
@@ -508,11 +511,11 @@ class VideoDetector:
         gstore = _Rows()
         for gi, g in enumerate(groups):
             if holdout:
-                mem = (self.motion_bank, self._nn)
+                mem = (self.motion_bank, self._motion_sq, self._nn)
             else:
                 mb, ab = self._memories(*parts(u for u in range(len(units)) if u not in g), progress,
                                         stage=f"fold {gi + 1}/{len(groups)} coreset")
-                mem = (mb, NearestNeighbours(ab, "faiss") if ab is not None else None)
+                mem = (mb, _squares(mb), NearestNeighbours(ab, "faiss") if ab is not None else None)
             for u in g:
                 seg = units[u]
                 rows = []
@@ -675,6 +678,7 @@ class VideoDetector:
             if t is None or t.ndim != len(shape) or any(s is not None and s != v for s, v in zip(shape, t.shape)):
                 raise ModelFileError(f"{directory}: tensor {key!r} is missing or has shape {None if t is None else list(t.shape)}")
         det.motion_bank = tensors.get("motion_bank")
+        det._motion_sq = _squares(det.motion_bank)
         det.appearance_bank = tensors.get("appearance_bank")
         if det.appearance_bank is not None:
             det._nn = NearestNeighbours(det.appearance_bank.float(), "faiss")
@@ -686,6 +690,11 @@ class VideoDetector:
         )
         det.fit_info = config.get("fit_info", {})
         return det
+
+
+def _squares(bank: torch.Tensor | None) -> torch.Tensor | None:
+    """Squared lengths of a motion memory's descriptors, ``(cells, k)`` (None for None)."""
+    return None if bank is None else (bank * bank).sum(-1)
 
 
 def _frames_of(seg: _Segment) -> Iterator[tuple[int, np.ndarray]]:
