@@ -30,6 +30,25 @@ def test_zero_shot_ranks_defects_and_localises(hazelnut):
     # comparing each image with 4 others drawn at random (large batches) still ranks the defects
     sampled = MuSc(chunk=3, max_references=4).predict(paths)
     assert image_auroc(labels, [p.pred_score for p in sampled]) >= 0.9
+    # the ViT alone (no CNN mutual score) ranks them too
+    vit = MuSc(chunk=16, cnn_backbone=None).predict(paths)
+    assert image_auroc(labels, [p.pred_score for p in vit]) >= 0.9
+
+
+def test_closest_patch_in_blocks_matches_brute_force():
+    """The blockwise closest-patch search (bounded memory) gives the brute-force distances."""
+    import torch
+    import torch.nn.functional as F
+
+    from anomalens.zeroshot import MuSc
+
+    g = torch.Generator().manual_seed(0)
+    tok = F.normalize(torch.randn(7, 20, 16, generator=g), dim=2)
+    q = tok[2]
+    others = torch.tensor([0, 3, 4, 6])
+    brute = torch.cdist(q, tok[others].reshape(-1, 16)).view(20, 4, 20).amin(2)
+    for budget in (1, 50, 400, 1 << 26):  # one image per block .. all in one block
+        torch.testing.assert_close(MuSc._closest(q, tok, others, budget), brute, atol=1e-5, rtol=1e-5)
 
 
 def test_zero_shot_cli(hazelnut, tmp_path):
@@ -42,6 +61,8 @@ def test_zero_shot_cli(hazelnut, tmp_path):
     assert len(list((tmp_path / "zs" / "overlays").glob("*.png"))) == 10
     r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test" / "good"), "--out", str(tmp_path / "z2")])
     assert r.exit_code == 2 and "at least 3 readable images" in r.output
+    r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "--cnn", "resnet_nope", "--out", str(tmp_path / "z3")])
+    assert r.exit_code == 2 and "resnet_nope" in r.output, r.output
 
 
 def test_few_shot_references_with_the_batch(hazelnut, tmp_path):

@@ -334,8 +334,12 @@ def zero_shot(
     augment: str = typer.Option("none", help="Augmentation of the --reference images: none, flips, rotations, dihedral, rotations45."),
     image_size: int = typer.Option(224, help="Side in pixels the ViT sees (multiple of 14; 448 = 32 x 32 tokens at 4x the ViT time)."),
     max_references: int = typer.Option(100, help="Other images each image is compared with at most (0 = every pair; cost grows with the batch squared)."),
+    cnn: str = typer.Option(
+        "efficientnet_lite0", help="CNN whose patch features are scored mutually beside the ViT's (robust z-scores added); 'none' = the ViT alone."
+    ),
+    cnn_size: int = typer.Option(256, help="Side in pixels the CNN sees (multiple of 16)."),
 ) -> None:
-    """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT.
+    """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT and a CNN.
 
     With --reference (a few good images), few-shot: each image's mutual score and its distance to the
     good images' patches are combined (robust z-scores over the batch, added)."""
@@ -344,7 +348,10 @@ def zero_shot(
 
     try:
         paths = expand_inputs(images)
-        model = MuSc(chunk=chunk, reference_augment=augment, image_size=image_size, max_references=max_references or None)
+        model = MuSc(
+            chunk=chunk, reference_augment=augment, image_size=image_size, max_references=max_references or None,
+            cnn_backbone=None if cnn.lower() == "none" else cnn, cnn_size=cnn_size,
+        )
         refs = expand_inputs(reference) if reference else None
         preds = model.predict(paths, references=refs)
         rows = [p.summary(detail=True) for p in preds]
