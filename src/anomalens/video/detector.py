@@ -14,9 +14,11 @@ this environment ships:
 * **appearance**: frozen ImageNet CNN patch features of the frame against a PatchCore memory bank
   (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022) of patches of
   normal frames (a bicycle or a cart looks like nothing in the normal footage, even standing still);
-* each part is divided by its typical value on held-out normal video (the median frame maximum), so
-  that both are in "times normal" units and add; the frame score is the maximum of the sum over the
-  frame, smoothed in time (:mod:`anomalens.video.smoothing`); the map is the sum, upsampled and blurred.
+* each part is divided by the 95th percentile of its frame maxima on held-out normal video, so that
+  both are in "times a busy normal frame" units; the map is the larger of the two at each cell
+  (upsampled and blurred), the frame score its maximum, smoothed in time
+  (:mod:`anomalens.video.smoothing`). A frame is as abnormal as its most abnormal cue: a still object's
+  appearance is not hidden by the motion of normal walkers elsewhere in the frame.
 
 Calibration (cross-fit by default): the normal training videos are split into groups; each group is
 scored against memories built from the others, so every training frame is a calibration frame and the
@@ -67,7 +69,7 @@ class FramePrediction:
 
     Attributes:
         index: frame number in the video (0-based).
-        pred_score: temporally smoothed frame score (the decision uses it), in "times normal" units.
+        pred_score: temporally smoothed frame score (the decision uses it), in units of the part scales (default: times the 95th percentile of normal frame maxima).
         raw_score: the frame's own score before smoothing.
         pred_label: 1 = abnormal (``pred_score > threshold``).
         anomaly_map: ``float32`` ``(H, W)`` at the frame's size.
@@ -187,6 +189,18 @@ class VideoDetector:
             held-out normal Ped2 training video (frame AUC 98.3 at 1, 97.1 at 0, 97.2 at 3, 96.4 at 5;
             with two events per video 0 is ahead, 97.6 against 96.6) and confirmed on the real test
             videos 01-06 (99.4 at 1, 99.0 at 0, 99.3 at 3).
+        frame_rule: how the two normalised parts make the map and the frame score. ``"max"``
+            (default): the map is the larger of the two at each cell, so the frame score is the
+            larger of the two parts' frame maxima: a frame is as abnormal as its most abnormal cue,
+            and a normal walker's motion cannot hide a still object's appearance. ``"sum"``: the
+            map is motion + appearance (the rule before, and of models saved before the option).
+        scale_quantile: each part is divided by this quantile of its frame maxima on the
+            calibration frames. Default 0.95 ("times a busy normal frame"; 0.5, the median, before).
+            With ``"max"`` it sets how the cues weigh against each other: motion's frame maxima
+            have a long tail (people walking fast), so a high quantile keeps motion from drowning
+            appearance. Rule and quantile were chosen together on the synthetic selection sets
+            (frame AUC 98.3 / 96.6 with one / two events per held-out video for sum at the median,
+            98.9 / 97.4 for max at 0.95; no false alarm on the held-out normal video).
         blur_sigma: spatial smoothing of the anomaly map, in pixels at the working resolution.
         false_alarm_rate: target fraction of normal frames flagged.
         calibration: ``"crossfit"`` (default): the normal videos are split into ``folds`` groups;
@@ -223,6 +237,8 @@ class VideoDetector:
         appearance_step: int = 10,
         coreset_ratio: float = 0.01,
         temporal_sigma: float = 1.0,
+        frame_rule: str = "max",
+        scale_quantile: float = 0.95,
         blur_sigma: float = 4.0,
         false_alarm_rate: float = 0.01,
         calibration: str = "crossfit",
@@ -245,6 +261,10 @@ class VideoDetector:
             raise ConfigError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         if temporal_sigma < 0 or blur_sigma < 0:
             raise ConfigError("temporal_sigma and blur_sigma must be >= 0")
+        if frame_rule not in ("sum", "max"):
+            raise ConfigError(f"frame_rule must be 'sum' or 'max', got {frame_rule!r}")
+        if not 0.0 < scale_quantile < 1.0:
+            raise ConfigError(f"scale_quantile must be in (0, 1), got {scale_quantile}")
         if not 0.0 < false_alarm_rate < 1.0:
             raise ConfigError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
         if calibration not in ("crossfit", "holdout"):
@@ -267,6 +287,8 @@ class VideoDetector:
         self.appearance_step = int(appearance_step)
         self.coreset_ratio = float(coreset_ratio)
         self.temporal_sigma = float(temporal_sigma)
+        self.frame_rule = frame_rule
+        self.scale_quantile = float(scale_quantile)
         self.blur_sigma = float(blur_sigma)
         self.false_alarm_rate = float(false_alarm_rate)
         self.calibration_mode = calibration
@@ -290,6 +312,7 @@ class VideoDetector:
             "backbone": self.backbone_name, "image_size": self.image_size, "appearance": self.appearance, "motion": self.motion,
             "cell": self.cell, "flow_bins": self.flow_bins, "motion_peak": self.motion_peak, "motion_step": self.motion_step, "motion_memory": self.motion_memory,
             "appearance_step": self.appearance_step, "coreset_ratio": self.coreset_ratio, "temporal_sigma": self.temporal_sigma,
+            "frame_rule": self.frame_rule, "scale_quantile": self.scale_quantile,
             "blur_sigma": self.blur_sigma, "false_alarm_rate": self.false_alarm_rate, "calibration": self.calibration_mode, "folds": self.folds,
             "calibration_videos": self.calibration_videos,
             "seed": self.seed, "pretrained": self.pretrained,
@@ -383,10 +406,11 @@ class VideoDetector:
         return m, a
 
     def _combine(self, m: torch.Tensor, a: torch.Tensor) -> tuple[np.ndarray, float, float, str]:
-        """The normalised sum grid ``(gh, gw)``, the two parts' frame maxima (NaN when off), and the
-        cue that dominates at the grid's peak. A part that is off is a grid of zeros."""
+        """The combined grid ``(gh, gw)`` (sum or cell-wise maximum of the normalised parts, by
+        ``frame_rule``), the two parts' frame maxima (NaN when off), and the cue that dominates at
+        the grid's peak. A part that is off is a grid of zeros."""
         mn, an = m / self.scales[0], a / self.scales[1]
-        total = (mn + an).numpy().astype(np.float32)
+        total = (mn + an if self.frame_rule == "sum" else torch.maximum(mn, an)).numpy().astype(np.float32)
         peak = int(np.argmax(total))
         if self.motion and self.appearance:
             cause = "motion" if float(mn.flatten()[peak]) >= float(an.flatten()[peak]) else "appearance"
@@ -548,7 +572,9 @@ class VideoDetector:
         (per calibration video or part: a list of ``(motion, appearance, frame hw)``)."""
         allm = [float(m.max()) for g in grids for m, _, _ in g]
         alla = [float(a.max()) for g in grids for _, a, _ in g]
-        self.scales = (max(float(np.median(allm)), 1e-3) if self.motion else 1.0, max(float(np.median(alla)), 1e-6) if self.appearance else 1.0)
+        q = self.scale_quantile
+        self.scales = (max(float(np.quantile(allm, q)), 1e-3) if self.motion else 1.0,
+                       max(float(np.quantile(alla, q)), 1e-6) if self.appearance else 1.0)
         scores, maxima = [], []
         for g in grids:
             raw = []
@@ -662,7 +688,8 @@ class VideoDetector:
         if config.get("detector") != cls.name:
             raise ModelFileError(f"{directory} holds a {config.get('detector')!r} model, not a video model (use anomalens predict)")
         try:
-            det = cls(**{"motion_peak": False, **config["params"]})  # (saved before the option existed)
+            # options a model saved before they existed was fitted without
+            det = cls(**{"motion_peak": False, "frame_rule": "sum", "scale_quantile": 0.5, **config["params"]})
             det.work_hw = tuple(int(v) for v in config["work_hw"])  # type: ignore[assignment]
             det.scales = tuple(float(v) for v in config["scales"])  # type: ignore[assignment]
         except (TypeError, KeyError, ValueError) as exc:
