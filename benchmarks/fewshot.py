@@ -7,7 +7,9 @@ Rows (image AUROC / pixel AUROC / AUPRO in %, mean ± SD over ``--draws`` random
   16-fold), to show what the resolution buys;
 * ``AnomalyDINO`` (k = 1, 2, 4, 8): ViT tokens at 448 px, cosine distance, top-1% image score; with
   ``rotations45`` for the smaller k (``--rot-shots``);
-* ``PatchCore`` (k = 1, 2, 4, 8): the CNN (EfficientNet-Lite0, 256 + 320 px), every patch kept.
+* ``PatchCore`` (k = 1, 2, 4, 8): the CNN (EfficientNet-Lite0, 256 + 320 px), every patch kept;
+  ``--methods patchcore_vit`` on the ViT; ``--augments none,rotations`` adds the support-set
+  augmentations (RegAD's flips / 90-degree turns of the k images).
 
 Each few-shot draw runs the real ``fit(category, shots=k, seed=draw)`` and ``predict``. The backbone
 features of each image are computed once per detector configuration and reused across k and draws
@@ -50,6 +52,7 @@ ANCHORS = {
 METHODS = {
     "anomalydino": ("AnomalyDINO", "anomalydino", {}),
     "patchcore": ("PatchCore", "patchcore", {"backbone": "efficientnet_lite0"}),
+    "patchcore_vit": ("PatchCore", "patchcore", {"backbone": "vit_small_focus"}),
 }
 
 
@@ -203,6 +206,8 @@ def main() -> None:
     ap.add_argument("--shots", default="1,2,4,8")
     ap.add_argument("--rot-shots", default="1", help="k for which AnomalyDINO also runs with rotations45 ('' = none)")
     ap.add_argument("--masking", action="store_true", help="also AnomalyDINO with background masking")
+    ap.add_argument("--augments", default="none",
+                    help="support-set augmentations of the PatchCore rows, comma-separated (none, flips, rotations, dihedral)")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--musc-sizes", default="224,448", help="ViT sizes of the zero-shot rows ('' = no zero-shot)")
     ap.add_argument("--max-references", type=int, default=100)
@@ -239,7 +244,10 @@ def main() -> None:
         for method in filter(None, args.methods.split(",")):
             cache: dict = {}
             ms = feature_ms(cat, method)
-            variants = [(k, "none", False) for k in _ints(args.shots)]
+            if method.startswith("patchcore"):
+                variants = [(k, a, False) for a in args.augments.split(",") for k in _ints(args.shots)]
+            else:
+                variants = [(k, "none", False) for k in _ints(args.shots)]
             if method == "anomalydino":
                 variants += [(k, "rotations45", False) for k in _ints(args.rot_shots)]
                 if args.masking:
