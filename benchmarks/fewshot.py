@@ -244,7 +244,7 @@ def main() -> None:
         for method in filter(None, args.methods.split(",")):
             cache: dict = {}
             ms = feature_ms(cat, method)
-            if method.startswith("patchcore"):
+            if METHODS[method][1] == "patchcore":  # the support-set augmentations are PatchCore's
                 variants = [(k, a, False) for a in args.augments.split(",") for k in _ints(args.shots)]
             else:
                 variants = [(k, "none", False) for k in _ints(args.shots)]
