@@ -180,6 +180,17 @@ class VideoDetector:
             averaged away. Default True, chosen on the synthetic selection sets (frame AUC 97.6 ->
             98.3 with one event per held-out video, 96.0 -> 96.6 with two; no more false alarms on
             the held-out normal video); models saved before it existed load with False.
+        flow_finest_scale: the finest level of the optical flow's image pyramid (DIS, see
+            :class:`~anomalens.video.motion.FlowComputer`): 0 (default) = the working resolution,
+            1 = half of it (DIS's MEDIUM preset, and models saved before the option). At half
+            resolution a small far object loses most of its speed: a pasted person 20 px tall
+            crossing at 3.4 px per frame measured 1.1 (2.0 at full resolution). Chosen on the
+            synthetic selection sets (one / two events per held-out video: 98.9 / 97.4 at 1, 99.2 /
+            97.0 at 0, a tie on the mean broken by the worst video, 91.8 -> 93.0); it costs a
+            quarter of the speed (36 -> 26-29 fps) and, on the real test videos, 7-9 points of the
+            abnormal frames detected at the threshold (README, "Video").
+        flow_patch: DIS patch side in pixels (stride 3/8 of it); 8, the preset's, is the default
+            (4 was measured: no better on the selection sets, more false alarms).
         motion_step: every ``motion_step``-th training frame goes into the motion memory.
         motion_memory: normal motion descriptors kept per cell (greedy k-center).
         appearance_step: every ``appearance_step``-th training frame goes into the appearance bank.
@@ -232,6 +243,8 @@ class VideoDetector:
         cell: int = 8,
         flow_bins: int = 8,
         motion_peak: bool = True,
+        flow_finest_scale: int = 0,
+        flow_patch: int = 8,
         motion_step: int = 2,
         motion_memory: int = 64,
         appearance_step: int = 10,
@@ -282,6 +295,9 @@ class VideoDetector:
         self.cell = int(cell)
         self.flow_bins = int(flow_bins)
         self.motion_peak = bool(motion_peak)
+        self.flow_finest_scale = int(flow_finest_scale)
+        self.flow_patch = int(flow_patch)
+        FlowComputer(self.flow_finest_scale, self.flow_patch)  # validates both
         self.motion_step = int(motion_step)
         self.motion_memory = int(motion_memory)
         self.appearance_step = int(appearance_step)
@@ -310,7 +326,8 @@ class VideoDetector:
     def get_params(self) -> dict:
         return {
             "backbone": self.backbone_name, "image_size": self.image_size, "appearance": self.appearance, "motion": self.motion,
-            "cell": self.cell, "flow_bins": self.flow_bins, "motion_peak": self.motion_peak, "motion_step": self.motion_step, "motion_memory": self.motion_memory,
+            "cell": self.cell, "flow_bins": self.flow_bins, "motion_peak": self.motion_peak,
+            "flow_finest_scale": self.flow_finest_scale, "flow_patch": self.flow_patch, "motion_step": self.motion_step, "motion_memory": self.motion_memory,
             "appearance_step": self.appearance_step, "coreset_ratio": self.coreset_ratio, "temporal_sigma": self.temporal_sigma,
             "frame_rule": self.frame_rule, "scale_quantile": self.scale_quantile,
             "blur_sigma": self.blur_sigma, "false_alarm_rate": self.false_alarm_rate, "calibration": self.calibration_mode, "folds": self.folds,
@@ -367,7 +384,7 @@ class VideoDetector:
         """``(index, frame, motion descriptors (gh, gw, bins) | None, appearance features (D, h, w) | None)``
         of each frame of ``segment``; the first frame's motion is zero (no previous frame).
         ``with_features=False`` leaves the appearance features out (the caller picks frames)."""
-        flow = FlowComputer()
+        flow = FlowComputer(self.flow_finest_scale, self.flow_patch)
         prev = None
         for i, frame in iter_frames(segment.video):
             if segment.stop is not None and i >= segment.stop:
@@ -689,7 +706,7 @@ class VideoDetector:
             raise ModelFileError(f"{directory} holds a {config.get('detector')!r} model, not a video model (use anomalens predict)")
         try:
             # options a model saved before they existed was fitted without
-            det = cls(**{"motion_peak": False, "frame_rule": "sum", "scale_quantile": 0.5, **config["params"]})
+            det = cls(**{"motion_peak": False, "frame_rule": "sum", "scale_quantile": 0.5, "flow_finest_scale": 1, "flow_patch": 8, **config["params"]})
             det.work_hw = tuple(int(v) for v in config["work_hw"])  # type: ignore[assignment]
             det.scales = tuple(float(v) for v in config["scales"])  # type: ignore[assignment]
         except (TypeError, KeyError, ValueError) as exc:
