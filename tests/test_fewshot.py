@@ -129,6 +129,21 @@ def test_view_maps_back_to_source(view):
     assert abs(x - 58) <= 0.5 + tol and abs(y - 28) <= 0.5 + tol and (tol or (x, y) == (58.0, 28.0))
 
 
+@pytest.mark.parametrize("view", ["rot90", "rot270", "transpose", "rot45", "rot135"])
+def test_view_position_in_fractions_maps_back_on_a_non_square_image(view):
+    """Evidence crops locate the bank patch as a fraction of its view's grid: mapped back, it lands on
+    the marked pixel of a 60 x 100 image (a 45-degree turn of the fractions themselves missed it by
+    9 px here)."""
+    from anomalens.augment import apply_view, view_to_source_normalised
+
+    img = np.zeros((60, 100), np.uint8)
+    img[19:25, 65:71] = 255  # centred at (68, 22)
+    v = apply_view(img, view)
+    ys, xs = np.nonzero(v > 127)
+    u, w = view_to_source_normalised(view, (xs.mean() + 0.5) / v.shape[1], (ys.mean() + 0.5) / v.shape[0], 100, 60)
+    assert abs(u * 100 - 68) <= 0.51 and abs(w * 60 - 22) <= 0.51
+
+
 def test_anomalydino_few_shot_end_to_end(hazelnut, tmp_path):
     """AnomalyDINO from the CLI on 2 good images at 448 px, its references rotated in 45-degree steps:
     ranks and localises hazelnut's defects, saves, loads and scores the same; masking keeps the nut."""

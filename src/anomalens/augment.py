@@ -32,6 +32,8 @@ AUGMENTATIONS: dict[str, tuple[str, ...]] = {
     "rotations45": ("id", "rot45", "rot90", "rot135", "rot180", "rot225", "rot270", "rot315"),
 }
 _OBLIQUE = ("45", "135", "225", "315")
+#: views whose width is the original's height
+_SWAPPING = ("rot90", "rot270", "transpose", "antitranspose")
 
 
 def check_augment(augment: str) -> tuple[str, ...]:
@@ -100,3 +102,17 @@ def view_to_source(view: str, x: float, y: float, w: float, h: float) -> tuple[f
         dx, dy = x - w / 2, y - h / 2
         return w / 2 + math.cos(a) * dx - math.sin(a) * dy, h / 2 + math.sin(a) * dx + math.cos(a) * dy
     raise ConfigError(f"unknown view {view!r}")
+
+
+def view_to_source_normalised(view: str, u: float, v: float, w: float, h: float) -> tuple[float, float]:
+    """:func:`view_to_source` for positions given as fractions of the *view's* width and height,
+    returned as fractions of the original ``w x h`` image's (``w``, ``h`` in pixels: an oblique turn
+    of a non-square image is not a turn of fractional coordinates, and 90-degree views swap the sides).
+
+    Raises:
+        ConfigError: unknown view name.
+    """
+    vw, vh = (h, w) if view in _SWAPPING else (w, h)
+    x, y = view_to_source(view, u * vw, v * vh, w, h)
+    return x / w, y / h
+

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..augment import view_to_source
+from ..augment import view_to_source_normalised
 from ..errors import ConfigError, ModelFileError
 from ..explain import Evidence, Region, crop_box
 from ..knn import BACKENDS, NearestNeighbours, pairwise_sq_dists
@@ -312,7 +312,7 @@ class PatchCore(Detector):
 
                 with Image.open(path) as im:
                     # position in the view (grid units) -> normalised position in the original image
-                    u, v = view_to_source(self.train_views[view], (tx + 0.5 + dx) / tw, (ty + 0.5 + dy) / th, 1.0, 1.0)
+                    u, v = view_to_source_normalised(self.train_views[view], (tx + 0.5 + dx) / tw, (ty + 0.5 + dy) / th, im.width, im.height)
                     train_box = box(u, v, th * tw, (im.height, im.width))
             except OSError:
                 train_box = None
