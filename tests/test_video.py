@@ -175,6 +175,16 @@ def test_synthetic_events_have_exact_labels_and_are_detected(tmp_path):
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["frame_auc_micro"] >= 0.9, m
 
+    # the same events labelled from any visible part: a superset, the extra frames at the events' ends
+    r = CliRunner().invoke(app, ["video", "synth", str(tmp_path / "normal"), "--out", str(tmp_path / "any"), "--kinds", "fast,cross", "--events-per-video", "2", "--seed", "4", "--min-visible", "0.01"])
+    assert r.exit_code == 0, r.output
+    wider = json.loads((tmp_path / "any" / "frame_labels.json").read_text())["05"]
+    assert json.loads((tmp_path / "any" / "events.json").read_text()) == events
+    extra = [i for i in range(120) if wider[i] and not labels[i]]
+    assert all(w >= y for w, y in zip(wider, labels)) and extra and all(e["start"] <= i < e["stop"] for i in extra for e in events if e["start"] - 1 <= i <= e["stop"])
+    r = CliRunner().invoke(app, ["video", "synth", str(tmp_path / "normal"), "--out", str(tmp_path / "s3"), "--min-visible", "0"])
+    assert r.exit_code != 0 and "min_visible" in r.output
+
     r = CliRunner().invoke(app, ["video", "synth", str(tmp_path / "normal"), "--out", str(out)])
     assert r.exit_code != 0 and "exists" in r.output
     r = CliRunner().invoke(app, ["video", "synth", str(tmp_path / "normal"), "--out", str(tmp_path / "s2"), "--kinds", "teleport"])

@@ -165,7 +165,7 @@ def _paste(frame: np.ndarray, sprite: Sprite, cx: float, foot: float) -> float:
 
 def insert_events(
     frames: list[np.ndarray], kinds: Sequence[str], rng: np.random.Generator, *, video: str = "", people: list[Sprite] | None = None,
-    perspective: Perspective | None = None, duration: int = 40,
+    perspective: Perspective | None = None, duration: int = 40, min_visible: float = 0.3,
 ) -> tuple[list[np.ndarray], list[int], list[SyntheticEvent]]:
     """Paste one event of each kind in ``kinds`` into a copy of a normal video, one after another:
     the video is cut into one slot per event and each event takes at most half of its slot, so that
@@ -179,18 +179,22 @@ def insert_events(
         people, perspective: from :func:`find_people` / :func:`fit_perspective` (found in ``frames``
             when None).
         duration: frames per event (fewer when the video is short).
+        min_visible: a frame is abnormal when at least this fraction of the object is in view
+            (0.3: an object mostly outside the frame does not count; 0.01: any part of it).
 
     Returns:
-        new frames, frame labels (1 = abnormal: at least 30% of the object visible, and the frame
+        new frames, frame labels (1 = abnormal: at least ``min_visible`` of the object visible, and the frame
         right after the event if the object was visible just before, since it vanishes there), and
         the events.
 
     Raises:
-        ConfigError: an unknown kind, or a video too short for the events.
+        ConfigError: an unknown kind, a video too short for the events, or ``min_visible`` outside (0, 1].
     """
     bad = [k for k in kinds if k not in KIND_SPEED]
     if bad:
         raise ConfigError(f"unknown synthetic event kind(s) {bad}; choose from {list(KINDS)}")
+    if not 0.0 < min_visible <= 1.0:
+        raise ConfigError(f"min_visible must be in (0, 1], got {min_visible}")
     T = len(frames)
     if T < 8 * max(1, len(kinds)):
         raise ConfigError(f"video {video or '?'} has {T} frames, too few for {len(kinds)} events")
@@ -228,7 +232,7 @@ def insert_events(
         for t in range(start, stop):
             k = t - start
             visible = _paste(out[t], sprite, x0 + vx * k, foot + vy * k)
-            labels[t] = int(visible >= 0.3)
+            labels[t] = int(visible >= min_visible)
         if stop < T and visible > 0:
             labels[stop] = 1
         events.append(SyntheticEvent(video, kind, start, stop, x0, foot, vx, vy))
@@ -237,7 +241,7 @@ def insert_events(
 
 def make_synthetic_set(
     videos: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, kinds: Sequence[str] = KINDS, seed: int = 0,
-    duration: int = 40, events_per_video: int = 1,
+    duration: int = 40, events_per_video: int = 1, min_visible: float = 0.3,
 ) -> dict[str, list[int]]:
     """Write copies of normal videos with events inserted, as a UCSD-style test set.
 
@@ -252,6 +256,7 @@ def make_synthetic_set(
             (modulo their number), ``e = events_per_video``.
         seed: random seed (same seed, same events).
         duration: frames per event.
+        min_visible: see :func:`insert_events`.
 
     Returns:
         the frame labels written.
@@ -275,7 +280,7 @@ def make_synthetic_set(
         frames = [f for _, f in iter_frames(v)]
         name = video_name(v)
         mine = [kinds[(j * events_per_video + i) % len(kinds)] for i in range(events_per_video)]
-        new, y, events = insert_events(frames, mine, rng, video=name, duration=duration)
+        new, y, events = insert_events(frames, mine, rng, video=name, duration=duration, min_visible=min_visible)
         d = out / "frames" / name
         d.mkdir(parents=True)
         for i, f in enumerate(new):
