@@ -81,6 +81,15 @@ def transistor_patchcore(transistor):
     return PatchCore().fit(transistor)
 
 
+def link_frames(src: Path, dst: Path, start: int, stop: int) -> Path:
+    """Frames ``[start, stop)`` of the frame folder ``src`` as ``dst/000.jpg ...`` (symlinks: nothing
+    is copied); returns ``dst``."""
+    dst.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.glob("*.jpg"))[start:stop]):
+        (dst / f"{i:03d}.jpg").symlink_to(f)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def ped2_slice(tmp_path_factory) -> dict:
     """A small slice of UCSD Ped2, as symlinks to the shared frames (nothing is copied): 4 training
@@ -93,11 +102,7 @@ def ped2_slice(tmp_path_factory) -> dict:
     labels = json.loads((ped2 / "testing" / "frame_labels.json").read_text())
 
     def link(split: str, video: str, start: int, stop: int) -> None:
-        src = sorted((ped2 / split / "frames" / video).glob("*.jpg"))[start:stop]
-        dst = root / split / "frames" / video
-        dst.mkdir(parents=True)
-        for i, f in enumerate(src):
-            (dst / f"{i:03d}.jpg").symlink_to(f)
+        link_frames(ped2 / split / "frames" / video, root / split / "frames" / video, start, stop)
 
     for v in ("01", "02", "03", "04"):
         link("training", v, 0, 60)

@@ -115,33 +115,22 @@ def test_few_shot_refusals(hazelnut):
         PatchCore().fit(hazelnut, shots=2, augment="rot45")
 
 
-@pytest.mark.parametrize("view", ["id", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose", "rot45", "rot315"])
+@pytest.mark.parametrize("view", ["id", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose", "rot45", "rot135", "rot315"])
 def test_view_maps_back_to_source(view):
-    """A marked pixel of a non-square image, found in the view, maps back to where it was."""
-    from anomalens.augment import apply_view, view_to_source
+    """A marked pixel of a non-square image, found in the view, maps back to where it was: from view
+    pixels, and from fractions of the view's size as evidence crops give it (a 45-degree turn of the
+    fractions themselves missed it by 3.5 px here)."""
+    from anomalens.augment import apply_view, view_to_source, view_to_source_normalised
 
     img = np.zeros((60, 100), np.uint8)
     img[25:31, 55:61] = 255  # a 6 x 6 square centred at (58, 28)
     v = apply_view(img, view)
     ys, xs = np.nonzero(v > 127)
     x, y = view_to_source(view, xs.mean() + 0.5, ys.mean() + 0.5, 100, 60)
-    tol = 0.01 if view in ("rot45", "rot315") else 0  # 45-degree views are interpolated
+    tol = 0.01 if view in ("rot45", "rot135", "rot315") else 0  # 45-degree views are interpolated
     assert abs(x - 58) <= 0.5 + tol and abs(y - 28) <= 0.5 + tol and (tol or (x, y) == (58.0, 28.0))
-
-
-@pytest.mark.parametrize("view", ["rot90", "rot270", "transpose", "rot45", "rot135"])
-def test_view_position_in_fractions_maps_back_on_a_non_square_image(view):
-    """Evidence crops locate the bank patch as a fraction of its view's grid: mapped back, it lands on
-    the marked pixel of a 60 x 100 image (a 45-degree turn of the fractions themselves missed it by
-    9 px here)."""
-    from anomalens.augment import apply_view, view_to_source_normalised
-
-    img = np.zeros((60, 100), np.uint8)
-    img[19:25, 65:71] = 255  # centred at (68, 22)
-    v = apply_view(img, view)
-    ys, xs = np.nonzero(v > 127)
     u, w = view_to_source_normalised(view, (xs.mean() + 0.5) / v.shape[1], (ys.mean() + 0.5) / v.shape[0], 100, 60)
-    assert abs(u * 100 - 68) <= 0.51 and abs(w * 60 - 22) <= 0.51
+    assert abs(u * 100 - 58) <= 0.51 and abs(w * 60 - 28) <= 0.51
 
 
 def test_anomalydino_few_shot_end_to_end(hazelnut, tmp_path):

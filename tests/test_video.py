@@ -143,16 +143,13 @@ def test_synthetic_events_have_exact_labels_and_are_detected(tmp_path):
     speed, one walking across the flow; seed 4 puts both in the near half of the walkway) above the
     normal ones. (A cyclist-speed person at the far end, seed 3, is a known weak case for such a small
     model: frame AUC 0.64, 0.61 before the descriptor had its busiest-cell half.)"""
-    from conftest import PED2, require
+    from conftest import PED2, link_frames, require
 
     from anomalens.io import read_image
     from anomalens.video import VideoDetector
 
     frames = require(PED2) / "training" / "frames"
-    src = tmp_path / "normal" / "05"
-    src.mkdir(parents=True)
-    for i, f in enumerate(sorted((frames / "05").glob("*.jpg"))[60:180]):
-        (src / f"{i:03d}.jpg").symlink_to(f)
+    src = link_frames(frames / "05", tmp_path / "normal" / "05", 60, 180)
     out = tmp_path / "synth"
     r = CliRunner().invoke(app, ["video", "synth", str(tmp_path / "normal"), "--out", str(out), "--kinds", "fast,cross", "--events-per-video", "2", "--seed", "4"])
     assert r.exit_code == 0, r.output
@@ -270,17 +267,13 @@ def test_max_rule_sees_a_still_object_among_walkers(ped2_slice, ped2_model, tmp_
     maxima), so the walkers' motion elsewhere in the frame cannot hide the block's appearance; the
     previous rule (the maximum of motion + appearance, each divided by its median) ranks the event's
     frames lower. A bad rule is refused by the CLI."""
-    from conftest import PED2, require
+    from conftest import PED2, link_frames, require
 
     from anomalens.video import VideoDetector
     from anomalens.video.evaluate import frame_auc
     from anomalens.video.synthetic import make_synthetic_set
 
-    frames = require(PED2) / "training" / "frames"
-    src = tmp_path / "normal" / "05"
-    src.mkdir(parents=True)
-    for i, f in enumerate(sorted((frames / "05").glob("*.jpg"))[60:180]):
-        (src / f"{i:03d}.jpg").symlink_to(f)
+    link_frames(require(PED2) / "training" / "frames" / "05", tmp_path / "normal" / "05", 60, 180)
     labels = make_synthetic_set(tmp_path / "normal", tmp_path / "synth", kinds=("still",), seed=0)["05"]
     video = tmp_path / "synth" / "frames" / "05"
     default = VideoDetector.load(ped2_model)

@@ -115,4 +115,3 @@ def view_to_source_normalised(view: str, u: float, v: float, w: float, h: float)
     vw, vh = (h, w) if view in _SWAPPING else (w, h)
     x, y = view_to_source(view, u * vw, v * vh, w, h)
     return x / w, y / h
-
