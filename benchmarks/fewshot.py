@@ -7,8 +7,9 @@ Rows (image AUROC / pixel AUROC / AUPRO in %, mean ± SD over ``--draws`` random
   16-fold), to show what the resolution buys;
 * ``AnomalyDINO`` (k = 1, 2, 4, 8): ViT tokens at 448 px, cosine distance, top-1% image score; with
   ``rotations45`` for the smaller k (``--rot-shots``);
-* ``PatchCore`` (k = 1, 2, 4, 8): the CNN (EfficientNet-Lite0, 256 + 320 px), every patch kept;
-  ``--methods patchcore_vit`` on the ViT; ``--augments none,rotations`` adds the support-set
+* ``PatchCore`` (k = 1, 2, 4, 8): the CNN (the default EfficientNet-Lite2, 256 + 320 px), every patch
+  kept; ``--methods patchcore_vit`` on the ViT, ``patchcore_lite0`` / ``patchcore_mobilenet`` on the
+  other CNNs; ``--augments none,rotations`` adds the support-set
   augmentations (RegAD's flips / 90-degree turns of the k images).
 
 Each few-shot draw runs the real ``fit(category, shots=k, seed=draw)`` and ``predict``. The backbone
@@ -51,7 +52,9 @@ ANCHORS = {
 }
 METHODS = {
     "anomalydino": ("AnomalyDINO", "anomalydino", {}),
-    "patchcore": ("PatchCore", "patchcore", {"backbone": "efficientnet_lite0"}),
+    "patchcore": ("PatchCore", "patchcore", {}),  # the default backbone, EfficientNet-Lite2
+    "patchcore_lite0": ("PatchCore", "patchcore", {"backbone": "efficientnet_lite0"}),  # the default until 2026-11-25
+    "patchcore_mobilenet": ("PatchCore", "patchcore", {"backbone": "mobilenet_v2"}),
     "patchcore_vit": ("PatchCore", "patchcore", {"backbone": "vit_small_focus"}),
 }
 
@@ -224,7 +227,7 @@ def main() -> None:
 
     def show(r: dict) -> None:
         append_jsonl(args.out, [r])  # each row as soon as it exists
-        print({key: r.get(key) for key in ("category", "method", "image_size", "k", "augment")},
+        print({key: r.get(key) for key in ("category", "method", "backbone", "image_size", "k", "augment")},
               {m: _ms(r[m]) for m in METRICS}, flush=True)
 
     for path in cats:
@@ -259,9 +262,9 @@ def main() -> None:
                 show(r)
             cache.clear()
     print_markdown(
-        ["category", "method", "input", "k", "augment", "image AUROC", "pixel AUROC", "AUPRO", "false alarms % (promised)",
+        ["category", "method", "backbone", "input", "k", "augment", "image AUROC", "pixel AUROC", "AUPRO", "false alarms % (promised)",
          "fit s", "ms / image", "published"],
-        [[r["category"], r["method"], r["image_size"], r["k"], r["augment"], _ms(r["image_auroc"]), _ms(r["pixel_auroc"]), _ms(r["aupro"]),
+        [[r["category"], r["method"], r["backbone"], r["image_size"], r["k"], r["augment"], _ms(r["image_auroc"]), _ms(r["pixel_auroc"]), _ms(r["aupro"]),
           f"{_ms(r['observed_far'])} ({_promise(r['promised_far'])})", f"{r['fit_s']:.1f}", f"{r['ms_per_image']:.0f}",
           ANCHORS.get((r["method"], r["k"]), "")]
          for r in rows],
@@ -269,11 +272,11 @@ def main() -> None:
     # the worst category of each (method, k, augment): the number the targets are about
     summary = {}
     for r in rows:
-        summary.setdefault((r["method"], r["image_size"], r["k"], r["augment"]), []).append((np.mean(r["image_auroc"]), r["category"]))
+        summary.setdefault((r["method"], r["backbone"], r["image_size"], r["k"], r["augment"]), []).append((np.mean(r["image_auroc"]), r["category"]))
     print()
     print_markdown(
-        ["method", "input", "k", "augment", "mean image AUROC", "worst category"],
-        [[m, s, k, a, f"{np.mean([v for v, _ in vals]):.1f}", "{1} {0:.1f}".format(*min(vals))] for (m, s, k, a), vals in summary.items()],
+        ["method", "backbone", "input", "k", "augment", "mean image AUROC", "worst category"],
+        [[m, b, s, k, a, f"{np.mean([v for v, _ in vals]):.1f}", "{1} {0:.1f}".format(*min(vals))] for (m, b, s, k, a), vals in summary.items()],
     )
 
 

@@ -32,7 +32,8 @@ def test_batch_predict_on_ray_matches_single_process(fitted_patchcore, hazelnut,
     assert sorted(table["path"]) == sorted([str(p) for p in images] + [str(bad)])
     got = dict(zip(table["path"], table["pred_score"]))
     for p in det.predict(images):
-        assert got[p.image_path] == pytest.approx(p.pred_score, rel=1e-5)  # 1 thread vs 2: rounding only
+        # 1 thread vs 2: rounding only (scores are in normal-image SDs and can be near 0, hence abs)
+        assert got[p.image_path] == pytest.approx(p.pred_score, rel=1e-5, abs=1e-4)
     row = table["path"].index(str(bad))
     assert table["pred_score"][row] is None and "bad.png" in table["error"][row]
     # the ONNX engine (the default) gives the same scores too

@@ -106,7 +106,7 @@ def test_evidence_points_to_the_training_image_a_patch_came_from(hazelnut, fitte
     goods = [read_image(p) for p in sorted((hazelnut / "test" / "good").glob("*.png"))]
     bank = det.banks[-1]  # evidence comes from the largest scale's bank
     rng = np.random.default_rng(0)
-    half, hits, trials = 40, 0, 8
+    half, hits, flagged, trials = 40, 0, 0, 24
     for t in range(trials):
         ti, pos = (int(v) for v in bank.origin(torch.tensor([int(rng.integers(bank.index.numel()))])))
         gh, gw = (int(v) for v in bank.grids[ti])
@@ -120,15 +120,18 @@ def test_evidence_points_to_the_training_image_a_patch_came_from(hazelnut, fitte
         img[py : py + 2 * half, px : px + 2 * half] = src[y0 : y0 + 2 * half, x0 : x0 + 2 * half]
         pred = det.predict([img])[0]
         ev = pred.evidence
-        assert pred.pred_label == 1 and ev is not None
+        if pred.pred_label == 0 or ev is None:  # e.g. plain background pasted on background: nothing out of place
+            continue
+        flagged += 1
         assert ev.train_image == os.path.abspath(train[ev.train_index])
         # the same training image, and the two crops sit at the same offset inside the pasted patch
         tcx, tcy = (ev.test_box[0] + ev.test_box[2]) / 2 - px, (ev.test_box[1] + ev.test_box[3]) / 2 - py
         scx, scy = (ev.train_box[0] + ev.train_box[2]) / 2 - x0, (ev.train_box[1] + ev.train_box[3]) / 2 - y0
         hits += ev.train_index == ti and abs(tcx - scx) <= 16 and abs(tcy - scy) <= 16
-    # 5 of 8 with the defaults (no reflected border: two of the misses name the right image 18-32 px off);
-    # 7 of 8 with border_pad=32, which costs detection (transistor 99.8 -> 97.2 image AUROC at 320 px)
-    assert hits >= trials - 3, f"evidence found the source image and place in {hits} of {trials} cases"
+    # 16 of 24 with the defaults, EfficientNet-Lite2 or Lite0 (Lite2 flags 23 of the 24; 8 cases gave 4-6
+    # hits by draw); most misses name the right image 18-32 px off (no reflected border; border_pad=32
+    # placed 7 of 8, and costs detection: transistor 99.8 -> 97.2 image AUROC at 320 px). By chance: ~0.
+    assert flagged >= trials - 2 and hits >= 14, f"{flagged} of {trials} flagged; source image and place found in {hits}"
 
 
 def test_discover_cli_groups_flagged_images(hazelnut, fitted_patchcore, tmp_path):

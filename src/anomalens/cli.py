@@ -51,7 +51,7 @@ def fit(
     ),
     backbone: Optional[str] = typer.Option(
         None, "--backbone", "-b",
-        help="efficientnet_lite0, efficientnet_lite2, mobilenet_v2 or vit_small_focus (default: efficientnet_lite0; anomalydino: vit_small_focus).",
+        help="efficientnet_lite0, efficientnet_lite2, mobilenet_v2 or vit_small_focus (default: efficientnet_lite2 for patchcore, efficientnet_lite0 for padim, vit_small_focus for anomalydino).",
     ),
     layers: Optional[str] = typer.Option(None, help="Comma-separated backbone layers, e.g. blocks.4,blocks.10 (default: the backbone's)."),
     image_size: Optional[str] = typer.Option(

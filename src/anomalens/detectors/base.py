@@ -2,7 +2,7 @@
 
 A detector is used like a scikit-learn / PyOD estimator::
 
-    det = PatchCore(backbone="efficientnet_lite0").fit(normal_images)
+    det = PatchCore().fit(normal_images)       # or PatchCore(backbone="mobilenet_v2", image_size=320)
     preds = det.predict(test_images)          # list[Prediction]
     scores = det.decision_function(images)     # float64 (N,) image scores
     det.save("model_dir"); det = load_detector("model_dir")
@@ -41,7 +41,8 @@ class Detector(Thresholds, ABC):
     """Base class: backbone features, calibration, prediction, saving. Subclasses add the scoring.
 
     Args:
-        backbone: backbone name (see :data:`anomalens.backbones.BACKBONES`).
+        backbone: backbone name (see :data:`anomalens.backbones.BACKBONES`); None = the detector's
+            :attr:`default_backbone`.
         layers: backbone layers to take features from; None = the backbone's defaults.
         image_size: short side in pixels the images are resized to (multiple of 16 within [56, 1024];
             of 14 for the ViT), or several (up to 3) for multi-scale scoring (PatchCore: one bank per
@@ -74,10 +75,12 @@ class Detector(Thresholds, ABC):
     default_image_sizes: ClassVar[tuple[int, ...]] = (DEFAULT_IMAGE_SIZE,)
     #: how many image sizes the detector can fuse
     max_scales: ClassVar[int] = 1
+    #: backbone used when none is given (chosen per detector on the benchmark suite: README, "Choosing the defaults")
+    default_backbone: ClassVar[str] = "efficientnet_lite0"
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
+        backbone: str | None = None,
         layers: Sequence[str] | None = None,
         image_size: int | Sequence[int] | None = None,
         keep_aspect: bool = True,
@@ -88,6 +91,7 @@ class Detector(Thresholds, ABC):
         batch_size: int = 8,
         pretrained: bool = True,
     ):
+        backbone = backbone or self.default_backbone
         spec = get_spec(backbone)
         sizes = check_options(
             spec, self, image_size=image_size, patch_size=patch_size, border_pad=border_pad, blur_sigma=blur_sigma,
