@@ -122,10 +122,14 @@ def feature_ms(cat: MVTecCategory, method: str, n: int = 4) -> float:
     return 1000 * (time.perf_counter() - t0) / max(1, len(imgs) - 1)
 
 
+#: MuSc arguments from the command line (``--musc-cnn``, ``--reference-backbone``), for every MuSc row
+MUSC_EXTRA: dict = {}
+
+
 def cached_musc(mutual: dict | None, **params) -> MuSc:
     """A :class:`MuSc` whose mutual scores are computed once per ``mutual`` dict (one category's test
     set) and reused by later rows; ``mutual=None``: no cache."""
-    model = MuSc(**params)
+    model = MuSc(**{**MUSC_EXTRA, **params})
     if mutual is None:
         return model
     raw_parts = model.mutual_parts
@@ -217,8 +221,14 @@ def main() -> None:
     ap.add_argument("--musc-max-images-448", type=int, default=150,
                     help="skip zero-shot above 224 px on test sets larger than this (the pairwise work grows 16-fold)")
     ap.add_argument("--references", action="store_true", help="also MuSc with the k images as references (few-shot with the batch)")
+    ap.add_argument("--musc-cnn", default=None, help="CNN of MuSc's mutual score (default: MuSc's own; 'none' = the ViT alone)")
+    ap.add_argument("--reference-backbone", default=None, help="CNN of the reference vote of the MuSc + k references rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.musc_cnn:
+        MUSC_EXTRA["cnn_backbone"] = None if args.musc_cnn.lower() == "none" else args.musc_cnn
+    if args.reference_backbone:
+        MUSC_EXTRA["reference_backbone"] = args.reference_backbone
     cats = find_categories(Path(args.data))
     if args.categories:
         wanted = args.categories.split(",")

