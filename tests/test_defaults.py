@@ -78,7 +78,7 @@ def test_any_number_of_good_images(hazelnut, tmp_path):
     assert scores[20:].min() > scores[:20].max() and flagged_good <= 2, scores
     # ... and decides by the batch rule: NG above median + 3 x 1.4826 x MAD of the batch's scores. That
     # rule is conservative: with this reference it flags none of the three (z 1.7-2.6 with
-    # EfficientNet-Lite2; 1.3-3.2 with Lite0, which flags one). Other reference images flag 1-3.
+    # EfficientNet-Lite2; 1.3-3.2 with Lite0, which flags one). Other reference images flag 0-3.
     med = np.median(scores)
     threshold = med + 3 * 1.4826 * np.median(np.abs(scores - med))
     assert one.batch_thresholds[0] == pytest.approx(threshold, rel=1e-5)
