@@ -122,14 +122,10 @@ def feature_ms(cat: MVTecCategory, method: str, n: int = 4) -> float:
     return 1000 * (time.perf_counter() - t0) / max(1, len(imgs) - 1)
 
 
-#: MuSc arguments from the command line (``--musc-cnn``, ``--reference-backbone``), for every MuSc row
-MUSC_EXTRA: dict = {}
-
-
 def cached_musc(mutual: dict | None, **params) -> MuSc:
     """A :class:`MuSc` whose mutual scores are computed once per ``mutual`` dict (one category's test
     set) and reused by later rows; ``mutual=None``: no cache."""
-    model = MuSc(**{**MUSC_EXTRA, **params})
+    model = MuSc(**params)
     if mutual is None:
         return model
     raw_parts = model.mutual_parts
@@ -149,9 +145,9 @@ def _musc_backbone(model: MuSc) -> str:
     return "vit_small_focus" + (f"+{model.cnn_backbone}" if model.cnn_backbone else "")
 
 
-def zero_shot_row(cat: MVTecCategory, size: int, max_references: int | None, mutual: dict | None = None) -> dict:
+def zero_shot_row(cat: MVTecCategory, size: int, max_references: int | None, mutual: dict | None = None, **musc) -> dict:
     samples = cat.test_samples()
-    model = cached_musc(mutual, image_size=size, max_references=max_references)
+    model = cached_musc(mutual, image_size=size, max_references=max_references, **musc)
     t0 = time.perf_counter()
     preds = model.predict(samples)
     dt = time.perf_counter() - t0
@@ -166,11 +162,11 @@ def zero_shot_row(cat: MVTecCategory, size: int, max_references: int | None, mut
     return row
 
 
-def reference_row(cat: MVTecCategory, k: int, draws: int, mutual: dict) -> dict:
+def reference_row(cat: MVTecCategory, k: int, draws: int, mutual: dict, **musc) -> dict:
     """``MuSc + k references`` (few-shot with the batch): the mutual part is computed once per category
     (shared with the 224 px zero-shot row)."""
     samples = cat.test_samples()
-    model = cached_musc(mutual)
+    model = cached_musc(mutual, **musc)
     per = {m: [] for m in METRICS}
     fars, secs = [], []
     train = cat.train_paths()
@@ -225,10 +221,11 @@ def main() -> None:
     ap.add_argument("--reference-backbone", default=None, help="CNN of the reference vote of the MuSc + k references rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    musc = {}  # MuSc arguments for every MuSc row
     if args.musc_cnn:
-        MUSC_EXTRA["cnn_backbone"] = None if args.musc_cnn.lower() == "none" else args.musc_cnn
+        musc["cnn_backbone"] = None if args.musc_cnn.lower() == "none" else args.musc_cnn
     if args.reference_backbone:
-        MUSC_EXTRA["reference_backbone"] = args.reference_backbone
+        musc["reference_backbone"] = args.reference_backbone
     cats = find_categories(Path(args.data))
     if args.categories:
         wanted = args.categories.split(",")
@@ -248,11 +245,11 @@ def main() -> None:
                 print(f"{cat.name}: zero-shot at {size} px skipped ({len(cat.test_samples())} test images)", flush=True)
                 continue
             default = size == 224 and args.max_references == 100
-            rows.append(zero_shot_row(cat, size, args.max_references, mutual if default else None))
+            rows.append(zero_shot_row(cat, size, args.max_references, mutual if default else None, **musc))
             show(rows[-1])
         if args.references:
             for k in _ints(args.shots):
-                rows.append(reference_row(cat, k, args.draws, mutual))
+                rows.append(reference_row(cat, k, args.draws, mutual, **musc))
                 show(rows[-1])
         for method in filter(None, args.methods.split(",")):
             cache: dict = {}

@@ -94,13 +94,14 @@ class AnomalyDINO(PatchCore):
         self,
         *,
         masking: bool = False,
-        backbone: str = "vit_small_focus",
+        backbone: str | None = None,
         layers=None,
         patch_size: int = 1,
         image_score: str = "mean_top1",
         coreset_ratio: float = 0.1,
         **kwargs,
     ):
+        backbone = backbone or self.default_backbone
         super().__init__(
             backbone=backbone, layers=layers or (DEFAULT_LAYERS if backbone == "vit_small_focus" else None),
             patch_size=patch_size, image_score=image_score, coreset_ratio=coreset_ratio, **kwargs,
