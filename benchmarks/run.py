@@ -58,7 +58,7 @@ def run_one(category_dir: str, detector: str, backbone: str, sizes: list[int] | 
     extra = dict(extra)
     if sizes:
         extra["image_size"] = sizes if len(sizes) > 1 else sizes[0]
-    det = create_detector(detector, backbone=backbone, **extra)
+    det = create_detector(detector, backbone=None if backbone == "default" else backbone, **extra)
     t0 = time.perf_counter()
     det.fit(cat.train_paths())
     fit_s = time.perf_counter() - t0
@@ -100,7 +100,7 @@ def run_one(category_dir: str, detector: str, backbone: str, sizes: list[int] | 
     return {
         "category": cat.name,
         "detector": detector,
-        "backbone": backbone,
+        "backbone": det.backbone_name,
         "image_size": "+".join(str(x) for x in det.image_sizes),
         "n_train": len(cat.train_paths()),
         "n_test": len(res.predictions),
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--categories", default="all", help="comma-separated category folder names, or all (every MVTec-layout folder under --data)")
     ap.add_argument("--detectors", default="patchcore")
-    ap.add_argument("--backbones", default="efficientnet_lite0")
+    ap.add_argument("--backbones", default="default", help="comma-separated backbone names, or default (each detector's own)")
     ap.add_argument("--sizes", default="default", help="image-size sets: 256,320,256+320 or default")
     ap.add_argument("--extra", default="{}", help="JSON of extra detector parameters, e.g. '{\"coreset_ratio\": 0.1}'")
     ap.add_argument("--out", default=None, help="also write rows as JSON lines here")
