@@ -9,8 +9,9 @@ Rows (image AUROC / pixel AUROC / AUPRO in %, mean ± SD over ``--draws`` random
   ``rotations45`` for the smaller k (``--rot-shots``);
 * ``PatchCore`` (k = 1, 2, 4, 8): the CNN (the default EfficientNet-Lite2, 256 + 320 px), every patch
   kept; ``--methods patchcore_vit`` on the ViT, ``patchcore_lite0`` / ``patchcore_mobilenet`` on the
-  other CNNs; ``--augments none,rotations`` adds the support-set
-  augmentations (RegAD's flips / 90-degree turns of the k images).
+  other CNNs; ``--augments`` chooses the support-set augmentations (RegAD's flips / 90-degree turns
+  of the k images; ``default``, the detector's own: 90-degree turns for PatchCore, none for
+  AnomalyDINO; ``--augments none,rotations`` compares two).
 
 Each few-shot draw runs the real ``fit(category, shots=k, seed=draw)`` and ``predict``. The backbone
 features of each image are computed once per detector configuration and reused across k and draws
@@ -89,7 +90,7 @@ def few_shot_row(cat: MVTecCategory, method: str, k: int, augment: str, draws: i
     for seed in range(draws):
         det = cache_features(create_detector(name, **params), cache)
         t0 = time.perf_counter()
-        det.fit(cat, shots=k, augment=augment, seed=seed)
+        det.fit(cat, shots=k, augment=None if augment == "default" else augment, seed=seed)
         t1 = time.perf_counter()
         preds = det.predict(samples)
         t2 = time.perf_counter()
@@ -102,7 +103,7 @@ def few_shot_row(cat: MVTecCategory, method: str, k: int, augment: str, draws: i
         scoring.append(1000 * (t2 - t1) / len(samples))
     row = {
         "category": cat.name, "method": label + (" masked" if masking else ""), "backbone": det.backbone_name,
-        "image_size": det.size_label, "k": k, "augment": augment, "draws": draws,
+        "image_size": det.size_label, "k": k, "augment": det.fit_info["augment"], "draws": draws,
         "promised_far": 100.0 / (k + 1) if k > 1 else math.nan, "observed_far": fars,
         "fit_s": float(np.mean(fits)), "scoring_ms_per_image": float(np.mean(scoring[1:] or scoring)),
     }
@@ -182,7 +183,7 @@ def reference_row(cat: MVTecCategory, k: int, draws: int, mutual: dict, **musc) 
         good = [p for p in preds if p.gt_label == 0]
         fars.append(100 * sum(p.pred_label for p in good) / len(good))
     row = {"category": cat.name, "method": "MuSc + k references", "backbone": _musc_backbone(model), "reference_backbone": model.reference_backbone,
-           "image_size": "224 px", "k": k, "augment": "none", "draws": draws, "promised_far": math.nan, "observed_far": fars,
+           "image_size": "224 px", "k": k, "augment": model.reference_augment, "draws": draws, "promised_far": math.nan, "observed_far": fars,
            "fit_s": 0.0, "ms_per_image": 1000 * (float(np.mean(secs)) + mutual["seconds"]) / len(samples)}
     for name in METRICS:
         row[name] = per[name]
@@ -209,8 +210,9 @@ def main() -> None:
     ap.add_argument("--shots", default="1,2,4,8")
     ap.add_argument("--rot-shots", default="1", help="k for which AnomalyDINO also runs with rotations45 ('' = none)")
     ap.add_argument("--masking", action="store_true", help="also AnomalyDINO with background masking")
-    ap.add_argument("--augments", default="none",
-                    help="support-set augmentations of the PatchCore rows, comma-separated (none, flips, rotations, dihedral)")
+    ap.add_argument("--augments", default="default",
+                    help="support-set augmentations of the PatchCore rows, comma-separated (default = the detector's own, "
+                    "none, flips, rotations, dihedral)")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--musc-sizes", default="224,448", help="ViT sizes of the zero-shot rows ('' = no zero-shot)")
     ap.add_argument("--max-references", type=int, default=100)
@@ -219,6 +221,7 @@ def main() -> None:
     ap.add_argument("--references", action="store_true", help="also MuSc with the k images as references (few-shot with the batch)")
     ap.add_argument("--musc-cnn", default=None, help="CNN of MuSc's mutual score (default: MuSc's own; 'none' = the ViT alone)")
     ap.add_argument("--reference-backbone", default=None, help="CNN of the reference vote of the MuSc + k references rows")
+    ap.add_argument("--reference-augment", default=None, help="views of the references in the MuSc + k references rows (default: MuSc's own)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     musc = {}  # MuSc arguments for every MuSc row
@@ -226,6 +229,8 @@ def main() -> None:
         musc["cnn_backbone"] = None if args.musc_cnn.lower() == "none" else args.musc_cnn
     if args.reference_backbone:
         musc["reference_backbone"] = args.reference_backbone
+    if args.reference_augment:
+        musc["reference_augment"] = args.reference_augment
     cats = find_categories(Path(args.data))
     if args.categories:
         wanted = args.categories.split(",")

@@ -21,6 +21,9 @@ def test_one_shot_end_to_end(hazelnut, tmp_path):
     assert "set per batch" in r.output
     cfg = json.loads((model / "config.json").read_text())
     assert cfg["fit_info"]["shots"] == 1 and len(cfg["train_images"]) == 1 and cfg["threshold"] is None
+    # PatchCore's few-shot default: the shot and its 90, 180 and 270-degree turns in the bank
+    assert cfg["fit_info"]["augment"] == "rotations" and cfg["train_views"] == ["id", "rot90", "rot180", "rot270"]
+    assert "augment rotations" in r.output
 
     r = CliRunner().invoke(app, ["predict", str(model), str(hazelnut / "test"), "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
@@ -162,6 +165,7 @@ def test_anomalydino_few_shot_end_to_end(hazelnut, tmp_path):
         assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
 
     masked = AnomalyDINO(masking=True).fit(hazelnut, shots=2)
+    assert masked.fit_info["augment"] == "none" and masked.train_views == ["id"]  # AnomalyDINO's default: no views
     from anomalens.detectors.anomalydino import foreground_mask
     from anomalens.io import read_image
 

@@ -72,9 +72,10 @@ def fit(
     shots: Optional[int] = typer.Option(
         None, "--shots", "-k", help="Few-shot: fit the --model (PatchCore or AnomalyDINO) on K normal images drawn at random (--seed) from DATA; every patch is kept."
     ),
-    augment: str = typer.Option(
-        "none", help="Few-shot views added to the bank: none, flips, rotations, dihedral or rotations45 (45-degree steps); "
-        "only for products whose orientation does not matter."
+    augment: Optional[str] = typer.Option(
+        None, help="Few-shot views added to the bank: none, flips, rotations (90-degree turns), dihedral or rotations45 "
+        "(45-degree steps). Default: rotations for patchcore, none for anomalydino; none for a product whose "
+        "turned part is itself a defect."
     ),
     masking: bool = typer.Option(
         False, "--masking", help="anomalydino: score only the object (background masked by the first principal component of the tokens)."
@@ -106,7 +107,7 @@ def fit(
             params["masking"] = True
         det = create_detector(model, **params)
         paths = training_paths(data)
-        what = f"{shots} of {len(paths)} images (few-shot, augment {augment})" if shots else f"{len(paths)} images"
+        what = f"{shots} of {len(paths)} images (few-shot, augment {augment or det.default_augment})" if shots else f"{len(paths)} images"
         console.print(f"fitting [bold]{model}[/] on {what} ({det.backbone_name}, {det.size_label})")
         with progress_bars() as cb:
             det.fit(paths, progress=cb, holdout=holdout, seed=seed, shots=shots, augment=augment)

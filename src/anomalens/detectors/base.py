@@ -77,6 +77,9 @@ class Detector(Thresholds, ABC):
     max_scales: ClassVar[int] = 1
     #: backbone used when none is given (chosen per detector on the benchmark suite: README, "Choosing the defaults")
     default_backbone: ClassVar[str] = "efficientnet_lite0"
+    #: support-set augmentation of a few-shot fit when none is given (chosen per detector on the
+    #: few-shot benchmark: README, "Few-shot: a handful of good images")
+    default_augment: ClassVar[str] = "none"
 
     def __init__(
         self,
@@ -265,7 +268,7 @@ class Detector(Thresholds, ABC):
         holdout: float = 0.0,
         seed: int = 0,
         shots: int | None = None,
-        augment: str = "none",
+        augment: str | None = None,
     ) -> "Detector":
         """Fit on normal images and calibrate the thresholds on normal images the model did not learn from.
 
@@ -285,7 +288,9 @@ class Detector(Thresholds, ABC):
                 patch of every view is kept (no coreset); threshold: the largest leave-one-shot-out
                 score (rate ``max(false_alarm_rate, 1 / (shots + 1))``), batch-relative for one shot.
             augment: few-shot views of each shot added to the bank (:data:`~anomalens.augment.AUGMENTATIONS`:
-                ``"none"``, ``"flips"``, ``"rotations"``, ``"dihedral"``); only for orientation-free products.
+                ``"none"``, ``"flips"``, ``"rotations"``, ``"dihedral"``, ``"rotations45"``). None: the
+                detector's :attr:`default_augment` with ``shots`` (PatchCore: ``"rotations"``, the
+                shots turned by 90, 180 and 270 degrees; AnomalyDINO: ``"none"``), ``"none"`` without.
 
         Returns:
             ``self``.

@@ -137,12 +137,15 @@ def finish_calibration(scores: np.ndarray, maxima: np.ndarray, alpha: float, sou
     return cal
 
 
-def fit_detector(det, images: list, progress: Progress, *, holdout: float, seed: int, shots: int | None, augment: str):
+def fit_detector(det, images: list, progress: Progress, *, holdout: float, seed: int, shots: int | None, augment: str | None):
     """:meth:`Detector.fit <anomalens.detectors.base.Detector.fit>`: plan, extract, learn, calibrate.
 
     The false-alarm rate is settled (and an explicit one the images cannot support refused) before
-    any feature is extracted.
+    any feature is extracted. ``augment=None``: the detector's ``default_augment`` with ``shots``,
+    ``"none"`` without.
     """
+    if augment is None:
+        augment = det.default_augment if shots is not None else "none"
     plan = plan_fit(images, holdout=holdout, seed=seed, shots=shots, augment=augment, few_shot_ok=det.supports_few_shot)
     alpha, note = target_false_alarm_rate(plan, det.requested_false_alarm_rate)
     det.train_images = [os.path.abspath(x) if isinstance(x, (str, os.PathLike)) else None for x in plan.images]
