@@ -6,9 +6,9 @@ flipped copies of the k images to the bank covers those poses; this is the suppo
 of RegAD (Huang et al., "Registration based Few-Shot Anomaly Detection", ECCV 2022) and of the
 few-shot rows of PatchCore (Roth et al., CVPR 2022). Where orientation matters (a transistor whose
 misplacement *is* a defect), augmentations could teach the model that the defect is normal; measured,
-the 90-degree turns still helped transistor at 1-2 shots (a bank of one or two images lacks the
-board's small variations, and the turned views supply patches of the same kind) and cost it at most
-half a point at 4-8, so ``"rotations"`` is PatchCore's few-shot default
+the 90-degree turns still helped transistor at 1-2 shots (likely, not tested separately: a bank of
+one or two images lacks the board's small variations, and the turned views supply patches of the
+same kind) and cost it at most half a point at 4-8, so ``"rotations"`` is PatchCore's few-shot default
 (:attr:`~anomalens.detectors.base.Detector.default_augment`; README, "Few-shot: a handful of good
 images"); ``"none"`` turns it off.
 

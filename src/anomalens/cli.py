@@ -89,6 +89,7 @@ def fit(
     replaces either with a conformal threshold once enough normal images exist."""
     from .data import training_paths
     from .detectors import create_detector
+    from .detectors.fitting import resolve_augment
 
     try:
         params = dict(
@@ -107,7 +108,7 @@ def fit(
             params["masking"] = True
         det = create_detector(model, **params)
         paths = training_paths(data)
-        what = f"{shots} of {len(paths)} images (few-shot, augment {augment or det.default_augment})" if shots else f"{len(paths)} images"
+        what = f"{shots} of {len(paths)} images (few-shot, augment {resolve_augment(det, shots, augment)})" if shots else f"{len(paths)} images"
         console.print(f"fitting [bold]{model}[/] on {what} ({det.backbone_name}, {det.size_label})")
         with progress_bars() as cb:
             det.fit(paths, progress=cb, holdout=holdout, seed=seed, shots=shots, augment=augment)

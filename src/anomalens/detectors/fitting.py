@@ -137,15 +137,21 @@ def finish_calibration(scores: np.ndarray, maxima: np.ndarray, alpha: float, sou
     return cal
 
 
+def resolve_augment(det, shots: int | None, augment: str | None) -> str:
+    """The augmentation a fit uses: ``augment`` as given, or for None the detector's
+    ``default_augment`` with ``shots`` and ``"none"`` without."""
+    if augment is not None:
+        return augment
+    return det.default_augment if shots is not None else "none"
+
+
 def fit_detector(det, images: list, progress: Progress, *, holdout: float, seed: int, shots: int | None, augment: str | None):
     """:meth:`Detector.fit <anomalens.detectors.base.Detector.fit>`: plan, extract, learn, calibrate.
 
     The false-alarm rate is settled (and an explicit one the images cannot support refused) before
-    any feature is extracted. ``augment=None``: the detector's ``default_augment`` with ``shots``,
-    ``"none"`` without.
+    any feature is extracted. ``augment``: see :func:`resolve_augment`.
     """
-    if augment is None:
-        augment = det.default_augment if shots is not None else "none"
+    augment = resolve_augment(det, shots, augment)
     plan = plan_fit(images, holdout=holdout, seed=seed, shots=shots, augment=augment, few_shot_ok=det.supports_few_shot)
     alpha, note = target_false_alarm_rate(plan, det.requested_false_alarm_rate)
     det.train_images = [os.path.abspath(x) if isinstance(x, (str, os.PathLike)) else None for x in plan.images]
