@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
@@ -80,10 +81,13 @@ def cache_features(det, cache: dict):
     return det
 
 
-def few_shot_row(cat: MVTecCategory, method: str, k: int, augment: str, draws: int, cache: dict, masking: bool = False) -> dict:
+def few_shot_row(
+    cat: MVTecCategory, method: str, k: int, augment: str, draws: int, cache: dict, masking: bool = False, extra: dict | None = None
+) -> dict:
     label, name, params = METHODS[method]
+    params = dict(params, **(extra or {}))
     if masking:
-        params = dict(params, masking=True)
+        params["masking"] = True
     samples = cat.test_samples()
     per = {m: [] for m in METRICS}
     fars, fits, scoring = [], [], []
@@ -107,6 +111,8 @@ def few_shot_row(cat: MVTecCategory, method: str, k: int, augment: str, draws: i
         "promised_far": 100.0 / (k + 1) if k > 1 else math.nan, "observed_far": fars,
         "fit_s": float(np.mean(fits)), "scoring_ms_per_image": float(np.mean(scoring[1:] or scoring)),
     }
+    if extra:
+        row["extra"] = extra
     for key in METRICS:
         row[key] = per[key]
     return row
@@ -222,8 +228,10 @@ def main() -> None:
     ap.add_argument("--musc-cnn", default=None, help="CNN of MuSc's mutual score (default: MuSc's own; 'none' = the ViT alone)")
     ap.add_argument("--reference-backbone", default=None, help="CNN of the reference vote of the MuSc + k references rows")
     ap.add_argument("--reference-augment", default=None, help="views of the references in the MuSc + k references rows (default: MuSc's own)")
+    ap.add_argument("--extra", default="{}", help="JSON of further arguments for every few-shot detector (a probe; recorded in the rows)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    extra = json.loads(args.extra)
     musc = {}  # MuSc arguments for every MuSc row
     if args.musc_cnn:
         musc["cnn_backbone"] = None if args.musc_cnn.lower() == "none" else args.musc_cnn
@@ -268,7 +276,7 @@ def main() -> None:
                 if args.masking:
                     variants += [(k, "none", True) for k in _ints(args.shots)]
             for k, augment, masking in variants:
-                r = few_shot_row(cat, method, k, augment, args.draws, cache, masking)
+                r = few_shot_row(cat, method, k, augment, args.draws, cache, masking, extra)
                 r["ms_per_image"] = ms + r["scoring_ms_per_image"]
                 rows.append(r)
                 show(r)

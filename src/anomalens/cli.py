@@ -60,6 +60,10 @@ def fit(
     ),
     squash: bool = typer.Option(False, "--squash", help="Resize every image to a square instead of keeping its aspect ratio."),
     coreset_ratio: float = typer.Option(0.01, help="PatchCore: fraction of training patches kept in the memory bank."),
+    image_score: Optional[str] = typer.Option(
+        None, help="PatchCore's image score: max (largest patch distance), mean_top1 (mean of the highest 1%) or "
+        "reweighted (the paper's, one --image-size). Default: mean_top1 from 10 normal images on, max below (and with --shots)."
+    ),
     border_pad: int = typer.Option(0, help="Reflected border in pixels added before the backbone (multiple of 16; 0 = off)."),
     false_alarm_rate: Optional[float] = typer.Option(
         None, help="Target fraction of normal images flagged NG (strict: fit fails when the images cannot support it). "
@@ -102,6 +106,9 @@ def fit(
             params["layers"] = [x.strip() for x in layers.split(",") if x.strip()]
         if model == "patchcore":
             params["coreset_ratio"] = coreset_ratio
+            params["image_score"] = image_score
+        elif image_score is not None:
+            raise typer.BadParameter("--image-score applies to --model patchcore")
         if masking:
             if model != "anomalydino":
                 raise typer.BadParameter("--masking applies to --model anomalydino")
@@ -118,6 +125,7 @@ def fit(
     info = det.fit_info
     console.print(
         f"saved {out}  fit {info['seconds_total']:.1f}s  threshold {_num(det.threshold)}  pixel threshold {_num(det.pixel_threshold)}"
+        + (f"  image score {det.image_score}" if getattr(det, "image_score", None) else "")
     )
     if det.calibration:
         console.print(f"threshold: {det.calibration.note}")

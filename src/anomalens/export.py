@@ -4,7 +4,7 @@ The exported graph takes the model input, ``float32`` ``(B, 3, h, w)`` in [0, 1]
 any multiples of 16 (one shape per call), and returns ``pred_score`` ``float32`` ``(B,)`` and
 ``anomaly_map`` ``float32`` ``(B, h, w)``. Inside: the backbone's normalisation and reflected border,
 the backbone, patch aggregation, the scoring (PatchCore: exact nearest-neighbour distance to the memory
-bank as a matrix product and a minimum; PaDiM: Mahalanobis distance per position), and the anomaly-map
+bank as a matrix product and a minimum, the image score the maximum or the top-1% mean of it; PaDiM: Mahalanobis distance per position), and the anomaly-map
 upsampling and Gaussian smoothing. Outside the graph, :class:`OnnxDetector` resizes each image to its
 model-input shape (short side ``image_size``, aspect ratio kept: :func:`~anomalens.common.model_input_hw`;
 the ``geometry`` entry of the metadata) and the map back to the image's size, with the same functions
@@ -62,7 +62,7 @@ def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | N
     """Write ``detector``'s inference path to an ONNX file (dynamic batch, height and width).
 
     Args:
-        detector: a fitted PatchCore (image score "max") or PaDiM.
+        detector: a fitted PatchCore (image score "max" or "mean_top1") or PaDiM.
         path: the ``.onnx`` file to write.
         source_config_sha256: the ``config_sha256`` of the model directory exported from, stored so
             that a stale export (the directory was refitted since) can be recognised.
@@ -242,8 +242,8 @@ def check_exportable(detector) -> None:
     cal = getattr(detector, "calibration", None)
     if cal is not None and cal.is_batch_relative:
         raise ConfigError("a one-shot model decides relative to each predicted batch; that rule is not in the ONNX file")
-    if getattr(detector, "image_score", "max") != "max":
-        raise ConfigError("ONNX export supports PatchCore's image_score='max' only")
+    if getattr(detector, "image_score", "max") == "reweighted":
+        raise ConfigError("ONNX export supports PatchCore's image scores 'max' and 'mean_top1', not 'reweighted'")
 
 
 def onnx_for_model_dir(model_dir: Path, config_sha256: str, threads: int | None = None, detector=None) -> "OnnxDetector":
