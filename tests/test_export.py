@@ -42,6 +42,18 @@ def test_onnx_parity_on_hazelnut_cli(hazelnut, fitted_patchcore, tmp_path):
     assert s16[:5] == pytest.approx([p.pred_score for p in onnx_model.predict(batch[:5])], rel=1e-5)
 
 
+def test_onnx_parity_few_shot_max_score(hazelnut, tmp_path):
+    """A few-shot model (4 shots: the maximum patch score, every patch and its turned views in the bank)
+    exports with the same scores and decisions; the full-data models above use the top-1% mean."""
+    from anomalens import PatchCore
+    from anomalens.export import OnnxDetector, export_onnx
+
+    det = PatchCore().fit(hazelnut, shots=4, seed=1)
+    assert det.image_score == "max" and det.train_views == ["id", "rot90", "rot180", "rot270"]
+    images = sorted((hazelnut / "test").rglob("*.png"))
+    assert_parity(det.predict(images), OnnxDetector(export_onnx(det, tmp_path / "few.onnx")).predict(images))
+
+
 def test_onnx_parity_padim(hazelnut, tmp_path):
     from anomalens import PaDiM
     from anomalens.export import OnnxDetector, export_onnx

@@ -288,10 +288,10 @@ class PatchCore(Detector):
         for k, f in enumerate(features):
             b, d, h, w = f.shape
             q = f.permute(0, 2, 3, 1).reshape(-1, d)
-            dist = pairwise_sq_dists(q, self.banks[k].bank).min(1).values.sqrt().view(b, h, w)
-            flat = dist.flatten(1)
-            scores.append(top_mean(flat) if self.image_score == "mean_top1" else flat.max(1).values)
-            grids.append(dist)
+            dist = pairwise_sq_dists(q, self.banks[k].bank).min(1).values.sqrt()
+            s, g = self._image_scores(k, q, dist, None, b)  # type: ignore[arg-type]  # no nn_idx: "reweighted" is not exported
+            scores.append(s)
+            grids.append(g.view(b, h, w))
         return self._fuse(scores, grids)
 
     def _residuals(self, features: list[torch.Tensor]) -> torch.Tensor:
