@@ -107,7 +107,7 @@ def few_shot_row(
         scoring.append(1000 * (t2 - t1) / len(samples))
     row = {
         "category": cat.name, "method": label + (" masked" if masking else ""), "backbone": det.backbone_name,
-        "image_size": det.size_label, "k": k, "augment": det.fit_info["augment"], "draws": draws,
+        "image_size": det.size_label, "k": k, "augment": det.fit_info["augment"], "image_score": det.image_score, "draws": draws,
         "promised_far": 100.0 / (k + 1) if k > 1 else math.nan, "observed_far": fars,
         "fit_s": float(np.mean(fits)), "scoring_ms_per_image": float(np.mean(scoring[1:] or scoring)),
     }

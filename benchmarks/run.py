@@ -105,6 +105,8 @@ def run_one(category_dir: str, detector: str, backbone: str, sizes: list[int] | 
         "n_train": len(cat.train_paths()),
         "n_test": len(res.predictions),
         **{k: v for k, v in extra.items()},
+        # the image score the fit used (PatchCore chooses it by the number of images when none is given)
+        **({"image_score": det.image_score} if hasattr(det, "image_score") else {}),
         "image_auroc": m["image_auroc"],
         "pixel_auroc": m["pixel_auroc"],
         "aupro": m["aupro"],
