@@ -40,7 +40,7 @@ run: install
 
 video: install
 	$(VENV)/bin/anomalens video fit $(DATA)/ucsd_ped2/training --out $(OUT)/ped2-video
-	$(VENV)/bin/anomalens video evaluate $(OUT)/ped2-video $(DATA)/ucsd_ped2/testing $(DATA)/ucsd_ped2/testing/frame_labels.json --out $(OUT)/ped2-video-eval
+	$(VENV)/bin/anomalens video evaluate $(OUT)/ped2-video $(DATA)/ucsd_ped2/testing $(DATA)/ucsd_ped2/testing/frame_labels.json --out $(OUT)/ped2-video-eval --fps 10
 	$(VENV)/bin/anomalens video predict $(OUT)/ped2-video $(DATA)/ucsd_ped2/testing/frames/04 --out $(OUT)/ped2-video-predict --labels $(DATA)/ucsd_ped2/testing/frame_labels.json
 
 ## The test suite (real-data tests need $(DATA); set ANOMALENS_REQUIRE_DATA=1 to fail instead of skip).

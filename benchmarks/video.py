@@ -62,17 +62,11 @@ def _smooth(raw, sigma):
     return [x for r in raw for x in sm.push(float(r))] + list(sm.flush())
 
 
-def _runs(flags) -> int:
-    """Number of runs of consecutive True values."""
-    f = [bool(x) for x in flags]
-    return sum(1 for i, x in enumerate(f) if x and (i == 0 or not f[i - 1]))
-
-
 def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: list[str] = HELD) -> dict:
     import numpy as np
 
     from anomalens.video import VideoDetector
-    from anomalens.video.evaluate import evaluate_videos, read_frame_labels
+    from anomalens.video.evaluate import alarm_episodes, evaluate_videos, read_frame_labels
     from anomalens.video.synthetic import make_synthetic_set
 
     frames = os.path.join(ped2, "training", "frames")
@@ -127,7 +121,7 @@ def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: 
         "held_out_false_alarm_pct": 100 * float((clean_s > det.threshold).mean()),
         "held_out_false_alarm_per_video_pct": {v: round(100 * float((p.pred_scores > det.threshold).mean()), 2) for v, p in clean.items()},
         # alarms as an operator sees them: runs of consecutive flagged frames, per hour of normal video (Ped2: 10 fps)
-        "held_out_alarm_episodes_per_hour": sum(_runs(p.pred_scores > det.threshold) for p in clean.values()) / (clean_s.size / 10 / 3600),
+        "held_out_alarm_episodes_per_hour": sum(alarm_episodes(p.pred_scores > det.threshold) for p in clean.values()) / (clean_s.size / 10 / 3600),
         "auc_by_temporal_sigma": sigma_auc,
         "threshold": det.threshold, "fit_s": fit_s, "fps": test["fps"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "fit_info": det.fit_info,

@@ -20,13 +20,24 @@ def _rows(path):
 
 
 def test_video_evaluate_and_predict_end_to_end(ped2_slice, ped2_model, tmp_path):
-    r = CliRunner().invoke(app, ["video", "evaluate", str(ped2_model), str(ped2_slice["test"]), str(ped2_slice["labels"]), "--out", str(tmp_path / "ev")])
+    from anomalens.video.evaluate import false_alarm_episodes
+
+    r = CliRunner().invoke(app, ["video", "evaluate", str(ped2_model), str(ped2_slice["test"]), str(ped2_slice["labels"]), "--out", str(tmp_path / "ev"),
+                                 "--fps", "10"])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     # abnormal frames (a cyclist, a cart) score above the pedestrians-only frames
     assert m["frame_auc_micro"] >= 0.9, m
     assert [p["video"] for p in m["per_video"]] == ["02", "04"] and all(p["frame_auc"] >= 0.85 for p in m["per_video"])
     assert m["n_frames"] == 120 and m["fps"] > 0
+    # alarms counted as an operator sees them: runs of flagged frames; the ones without an abnormal frame are false
+    assert false_alarm_episodes([1, 1, 0, 1, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 1, 0, 0]) == 2
+    n_normal = sum(y == 0 for v in json.loads(ped2_slice["labels"].read_text()).values() for y in v)
+    assert m["n_normal_frames"] == n_normal
+    assert m["false_alarm_episodes"] <= round(m["false_alarm_rate"] * n_normal)  # an episode holds at least one flagged frame
+    # the calibration video's alarm rate at the threshold: at most one episode per flagged frame (1% of frames)
+    assert 0 < m["calibration_episodes_per_1000_frames"] <= 1000 * m["target_false_alarm_rate"] + 1e-9, m
+    assert "false-alarm episodes" in r.output and "per hour at 10 fps" in r.output
 
     r = CliRunner().invoke(app, ["video", "predict", str(ped2_model), str(ped2_slice["test"] / "frames" / "02"), "--out", str(tmp_path / "p"),
                                  "--labels", str(ped2_slice["labels"])])

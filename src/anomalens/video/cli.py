@@ -116,6 +116,7 @@ def evaluate(
     labels: Path = typer.Argument(..., help="Frame labels JSON: video id -> list of 0/1 per frame (1 = abnormal)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write metrics.json and each video's CSV, plot (and MP4) here."),
     mp4: bool = typer.Option(False, "--mp4/--no-mp4", help="With --out: also the annotated MP4s (slower)."),
+    fps: Optional[float] = typer.Option(None, "--fps", min=0.1, help="Frame rate of the footage, to state false-alarm episodes per hour (UCSD Ped2: 10)."),
 ) -> None:
     """Frame-level AUC (micro over all frames, and per video), the threshold's false-alarm rate, and frames per second."""
     from .detector import VideoDetector
@@ -145,6 +146,13 @@ def evaluate(
         f"(target {100 * result['target_false_alarm_rate']:g}%; {_pct(result['false_alarm_rate_far_from_events'])}% of the "
         f"{result['n_normal_far_from_events']} more than {result['event_margin_frames']} frames from an event), "
         f"{_pct(result['detection_rate'])}% of abnormal frames detected"
+    )
+    per_k, cal_k = result["false_alarm_episodes_per_1000_normal_frames"], result["calibration_episodes_per_1000_frames"]
+    hour = f" ({per_k * fps * 3.6:.0f} per hour at {fps:g} fps; calibration: {cal_k * fps * 3.6:.0f})" if fps else ""
+    out_console.print(
+        f"false-alarm episodes (runs of flagged frames with no abnormal frame): {result['false_alarm_episodes']} in "
+        f"{result['n_normal_frames']} normal frames, {per_k:.1f} per 1000{hour}; the normal calibration video had "
+        f"{cal_k:.1f} per 1000 frames at this threshold"
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

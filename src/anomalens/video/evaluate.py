@@ -45,6 +45,25 @@ def frame_auc(labels, scores) -> float:
     return image_auroc(labels, np.asarray(scores)) if 0 < labels.sum() < labels.size else math.nan
 
 
+def alarm_episodes(flags) -> int:
+    """Number of alarm episodes in ``flags`` (``bool`` ``(T,)``, one per frame in order): runs of
+    consecutive flagged frames, the alarms an operator sees (a run of 20 flagged frames is one alarm)."""
+    f = np.asarray(flags, dtype=bool)
+    return int(f[0]) + int(np.count_nonzero(f[1:] & ~f[:-1])) if f.size else 0
+
+
+def false_alarm_episodes(flags, labels) -> int:
+    """Alarm episodes (:func:`alarm_episodes`) of ``flags`` that contain no abnormal frame of ``labels``
+    (0/1, same length): the alarms with nothing to find."""
+    f = np.asarray(flags, dtype=bool)
+    y = np.asarray(labels) == 1
+    if not f.any():
+        return 0
+    starts = f & ~np.concatenate([[False], f[:-1]])
+    run = np.cumsum(starts)  # run id of each flagged frame (1-based)
+    return alarm_episodes(f) - np.unique(run[f & y]).size
+
+
 #: frames between an event and the normal frames whose false alarms are counted apart (1.8 s of Ped2 at 10 fps)
 EVENT_MARGIN = 18
 
@@ -58,6 +77,17 @@ def _far_from_events(y: np.ndarray, margin: int) -> np.ndarray:
     pos = np.clip(np.searchsorted(ab, idx), 1, ab.size) - 1
     dist = np.minimum(np.abs(idx - ab[pos]), np.abs(idx - ab[np.minimum(pos + 1, ab.size - 1)]))
     return (y == 0) & (dist > margin)
+
+
+def calibration_episode_rate(detector: VideoDetector) -> float:
+    """Alarm episodes per 1000 frames of the detector's calibration frames (normal video, each scored
+    against memories that did not see it) at its threshold: the alarm rate to expect on new normal
+    video of the camera, in the unit an operator counts. Frames of one video are correlated, so this,
+    not the per-frame rate, is what a shift sees. The calibration scores are kept in video order
+    without their boundaries, so two runs at the end of one video and the start of the next count
+    as one (at most one per video)."""
+    scores = detector.calibration.scores  # type: ignore[union-attr]
+    return 1000 * alarm_episodes(scores > detector.threshold) / max(1, scores.size)
 
 
 def evaluate_videos(
@@ -80,12 +110,16 @@ def evaluate_videos(
         "false_alarm_rate_far_from_events" (normal frames more than ``event_margin_frames`` =
         :data:`EVENT_MARGIN` frames, or twice the smoothing delay if more, from any abnormal frame:
         what is left once the smoothing's bleed and the labels' boundaries are set aside),
-        "errors": [...]}``; AUCs and rates are fractions.
+        "n_normal_frames", "false_alarm_episodes" (runs of flagged frames without an abnormal frame:
+        :func:`false_alarm_episodes`), "false_alarm_episodes_per_1000_normal_frames",
+        "calibration_episodes_per_1000_frames" (:func:`calibration_episode_rate`: what the normal
+        calibration video showed at the same threshold), "errors": [...]}``; AUCs and rates are fractions.
 
     Raises:
         DatasetError: no videos, a video without labels, or labels of another length than the video.
     """
     all_s, all_y, all_far, per, errors = [], [], [], [], []
+    episodes = 0
     margin = max(EVENT_MARGIN, 2 * detector.delay)
     seconds = 0.0
     for video, y in iter_labelled(list_videos(test_dir), labels):
@@ -101,6 +135,7 @@ def evaluate_videos(
         all_s.append(pred.pred_scores)
         all_y.append(y_arr)
         all_far.append(_far_from_events(y_arr, margin))
+        episodes += false_alarm_episodes(pred.pred_scores > detector.threshold, y_arr)
         per.append({
             "video": video_name(video), "n_frames": n, "n_abnormal": int(y_arr.sum()), "frame_auc": frame_auc(y_arr, pred.pred_scores),
             "fps": pred.fps, "error": pred.error,
@@ -121,5 +156,9 @@ def evaluate_videos(
         "event_margin_frames": margin,
         "n_normal_far_from_events": int(far.sum()),
         "false_alarm_rate_far_from_events": float(flagged[far].mean()) if far.any() else math.nan,
+        "n_normal_frames": int((y == 0).sum()),
+        "false_alarm_episodes": episodes,
+        "false_alarm_episodes_per_1000_normal_frames": 1000 * episodes / max(1, int((y == 0).sum())),
+        "calibration_episodes_per_1000_frames": calibration_episode_rate(detector),
         "errors": errors,
     }
