@@ -61,7 +61,7 @@ def false_alarm_episodes(flags, labels) -> int:
         return 0
     starts = f & ~np.concatenate([[False], f[:-1]])
     run = np.cumsum(starts)  # run id of each flagged frame (1-based)
-    return alarm_episodes(f) - np.unique(run[f & y]).size
+    return alarm_episodes(f) - int(np.unique(run[f & y]).size)
 
 
 #: frames between an event and the normal frames whose false alarms are counted apart (1.8 s of Ped2 at 10 fps)
