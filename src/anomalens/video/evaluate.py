@@ -59,9 +59,9 @@ def false_alarm_episodes(flags, labels) -> int:
     y = np.asarray(labels) == 1
     if not f.any():
         return 0
-    starts = f & ~np.concatenate([[False], f[:-1]])
-    run = np.cumsum(starts)  # run id of each flagged frame (1-based)
-    return alarm_episodes(f) - int(np.unique(run[f & y]).size)
+    starts = f & ~np.concatenate([[False], f[:-1]])  # first frame of each episode
+    run = np.cumsum(starts)  # episode id of each flagged frame (1-based)
+    return int(starts.sum()) - int(np.unique(run[f & y]).size)
 
 
 #: frames between an event and the normal frames whose false alarms are counted apart (1.8 s of Ped2 at 10 fps)
@@ -143,6 +143,7 @@ def evaluate_videos(
     s, y, far = np.concatenate(all_s), np.concatenate(all_y), np.concatenate(all_far)
     macro = [p["frame_auc"] for p in per if not math.isnan(p["frame_auc"])]
     flagged = s > detector.threshold
+    n_normal = int((y == 0).sum())
     return {
         "frame_auc_micro": frame_auc(y, s),
         "frame_auc_macro": float(np.mean(macro)) if macro else math.nan,
@@ -156,9 +157,9 @@ def evaluate_videos(
         "event_margin_frames": margin,
         "n_normal_far_from_events": int(far.sum()),
         "false_alarm_rate_far_from_events": float(flagged[far].mean()) if far.any() else math.nan,
-        "n_normal_frames": int((y == 0).sum()),
+        "n_normal_frames": n_normal,
         "false_alarm_episodes": episodes,
-        "false_alarm_episodes_per_1000_normal_frames": 1000 * episodes / max(1, int((y == 0).sum())),
+        "false_alarm_episodes_per_1000_normal_frames": 1000 * episodes / max(1, n_normal),
         "calibration_episodes_per_1000_frames": calibration_episode_rate(detector),
         "errors": errors,
     }
