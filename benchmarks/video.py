@@ -62,12 +62,12 @@ def _smooth(raw, sigma):
     return [x for r in raw for x in sm.push(float(r))] + list(sm.flush())
 
 
-def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: list[str] = HELD) -> dict:
+def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: list[str] = HELD, fade: int | None = None) -> dict:
     import numpy as np
 
     from anomalens.video import VideoDetector
     from anomalens.video.evaluate import alarm_episodes, evaluate_videos, read_frame_labels
-    from anomalens.video.synthetic import make_synthetic_set
+    from anomalens.video.synthetic import DEFAULT_FADE, make_synthetic_set
 
     frames = os.path.join(ped2, "training", "frames")
     fit_videos = [v for v in TRAINING if v not in held]
@@ -91,7 +91,8 @@ def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: 
     clean = {v: det.predict(os.path.join(frames, v)) for v in held}
     synth_pred: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        labels = make_synthetic_set([os.path.join(frames, v) for v in held], tmp, seed=0, events_per_video=events_per_video)
+        fade = DEFAULT_FADE if fade is None else fade
+        labels = make_synthetic_set([os.path.join(frames, v) for v in held], tmp, seed=0, events_per_video=events_per_video, fade=fade)
         synth = evaluate_videos(det, tmp, labels, predict=keeping(synth_pred))
     clean_s = np.concatenate([p.pred_scores for p in clean.values()])
     synth_y = [y for v, p in synth_pred.items() for y in labels[v][: p.n_frames]]
@@ -109,7 +110,7 @@ def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: 
         }
     pooled_s = np.concatenate([clean_s, *(p.pred_scores for p in kept.values())])
     return {
-        "variant": name, "params": extra, "synthetic_events_per_video": events_per_video, "fit_videos": fit_videos, "held_out_videos": held,
+        "variant": name, "params": extra, "synthetic_events_per_video": events_per_video, "synthetic_fade": fade, "fit_videos": fit_videos, "held_out_videos": held,
         "test_auc_micro": 100 * test["frame_auc_micro"], "test_auc_macro": 100 * test["frame_auc_macro"],
         "test_per_video_auc": {p["video"]: round(100 * p["frame_auc"], 2) for p in test["per_video"]},
         "test_false_alarm_pct": 100 * test["false_alarm_rate"], "test_false_alarm_far_pct": 100 * test["false_alarm_rate_far_from_events"],
@@ -136,16 +137,17 @@ def main() -> None:
     ap.add_argument("--events-per-video", type=int, default=1, help="synthetic events in each held-out video (one kind after another)")
     ap.add_argument("--held", default=",".join(HELD),
                     help="training videos held out of the fit, scored clean and with synthetic events (default: the selection split)")
+    ap.add_argument("--fade", type=int, default=None, help="synthetic events appear and vanish over this many frames (default: the tool's)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     ped2 = os.path.join(args.data, "ucsd_ped2")
     if args._one:
-        print(json.dumps(run_one(ped2, args._one, json.loads(args.extra), args.events_per_video, args.held.split(","))))
+        print(json.dumps(run_one(ped2, args._one, json.loads(args.extra), args.events_per_video, args.held.split(","), args.fade)))
         return
     rows = []
     for name in args.variants.split(","):
-        p = subprocess.run([sys.executable, __file__, "--data", args.data, "--extra", args.extra, "--events-per-video", str(args.events_per_video), "--held", args.held, "--_one", name], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, __file__, "--data", args.data, "--extra", args.extra, "--events-per-video", str(args.events_per_video), "--held", args.held, "--_one", name] + ([] if args.fade is None else ["--fade", str(args.fade)]), capture_output=True, text=True)
         if p.returncode:
             sys.exit(f"{name} failed:\n{p.stderr[-3000:]}")
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))

@@ -173,12 +173,13 @@ def synth(
     seed: int = typer.Option(0, help="Random seed (same seed, same events)."),
     duration: int = typer.Option(40, help="Frames per event."),
     min_visible: float = typer.Option(0.3, help="A frame is abnormal when at least this fraction of the object is in view (0.01: any part of it)."),
+    fade: int = typer.Option(4, help="Frames over which an object appears (unless it enters at the edge) and vanishes; 0: from one frame to the next."),
 ) -> None:
     """Insert synthetic abnormal events (people too fast or crossing, foreign objects) into normal video, with exact frame labels."""
     from .synthetic import make_synthetic_set
 
     try:
-        labels = make_synthetic_set(videos, out, [k.strip() for k in kinds.split(",") if k.strip()], seed=seed, duration=duration, events_per_video=events_per_video, min_visible=min_visible)
+        labels = make_synthetic_set(videos, out, [k.strip() for k in kinds.split(",") if k.strip()], seed=seed, duration=duration, events_per_video=events_per_video, min_visible=min_visible, fade=fade)
     except AnomalensError as exc:
         _fail(exc)
     n = sum(len(v) for v in labels.values())

@@ -20,6 +20,14 @@ squares), so an inserted object has the size of a person at the place it is draw
 scales with that size: far objects are small and slow in pixels, as real ones are.
 
 A frame is labelled abnormal while at least 30% of the object's area is inside the frame.
+
+An object that appears or vanishes in the middle of the frame from one frame to the next is not
+something a camera sees, and it is not harmless to the measure: optical flow between the frame with
+the object and the frame without it is large and meaningless, and a detector's temporal smoothing
+carries that spike into the normal frames beside the event. With ``fade`` (frames), such an object
+comes and goes gradually instead: its opacity ramps up over the first ``fade`` frames (unless it
+enters at the frame's edge) and down over the last ``fade`` frames, and its visible fraction, which
+decides the label, counts the opacity.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from .io import as_videos, iter_frames, video_name
 #: speed of each event kind, in body heights per frame (horizontal, vertical)
 KIND_SPEED = {"fast": (0.15, 0.0), "cross": (0.0, 0.08), "object": (0.06, 0.0), "still": (0.0, 0.0)}
 KINDS = tuple(KIND_SPEED)
+#: frames over which an object appears and vanishes (see the module's docstring)
+DEFAULT_FADE = 4
 
 
 @dataclass
@@ -149,15 +159,16 @@ def _foreign_object(frame: np.ndarray, height: int, rng: np.random.Generator) ->
     return Sprite(rgb, alpha)
 
 
-def _paste(frame: np.ndarray, sprite: Sprite, cx: float, foot: float) -> float:
-    """Alpha-blend ``sprite`` with its bottom centre at ``(cx, foot)``; returns the visible fraction."""
+def _paste(frame: np.ndarray, sprite: Sprite, cx: float, foot: float, opacity: float = 1.0) -> float:
+    """Alpha-blend ``sprite`` (its alpha times ``opacity``) with its bottom centre at ``(cx, foot)``;
+    returns the visible fraction, opacity counted (the pasted alpha over the sprite's full alpha)."""
     h, w = sprite.alpha.shape
     x0, y0 = int(round(cx - w / 2)), int(round(foot - h))
     H, W = frame.shape[:2]
     xa, ya, xb, yb = max(0, x0), max(0, y0), min(W, x0 + w), min(H, y0 + h)
     if xa >= xb or ya >= yb:
         return 0.0
-    a = sprite.alpha[ya - y0 : yb - y0, xa - x0 : xb - x0, None]
+    a = opacity * sprite.alpha[ya - y0 : yb - y0, xa - x0 : xb - x0, None]
     region = frame[ya:yb, xa:xb].astype(np.float32)
     frame[ya:yb, xa:xb] = (a * sprite.rgb[ya - y0 : yb - y0, xa - x0 : xb - x0] + (1 - a) * region).astype(np.uint8)
     return float(a.sum() / max(sprite.alpha.sum(), 1e-6))
@@ -165,7 +176,7 @@ def _paste(frame: np.ndarray, sprite: Sprite, cx: float, foot: float) -> float:
 
 def insert_events(
     frames: list[np.ndarray], kinds: Sequence[str], rng: np.random.Generator, *, video: str = "", people: list[Sprite] | None = None,
-    perspective: Perspective | None = None, duration: int = 40, min_visible: float = 0.3,
+    perspective: Perspective | None = None, duration: int = 40, min_visible: float = 0.3, fade: int = DEFAULT_FADE,
 ) -> tuple[list[np.ndarray], list[int], list[SyntheticEvent]]:
     """Paste one event of each kind in ``kinds`` into a copy of a normal video, one after another:
     the video is cut into one slot per event and each event takes at most half of its slot, so that
@@ -181,20 +192,25 @@ def insert_events(
         duration: frames per event (fewer when the video is short).
         min_visible: a frame is abnormal when at least this fraction of the object is in view
             (0.3: an object mostly outside the frame does not count; 0.01: any part of it).
+        fade: frames over which an object appears (unless it enters at the frame's edge) and
+            vanishes, its opacity ramping in steps of ``1 / (fade + 1)``; 0: from one frame to the next.
 
     Returns:
-        new frames, frame labels (1 = abnormal: at least ``min_visible`` of the object visible, and the frame
-        right after the event if the object was visible just before, since it vanishes there), and
-        the events.
+        new frames, frame labels (1 = abnormal: at least ``min_visible`` of the object visible,
+        opacity counted; with ``fade=0`` also the frame right after the event if the object was
+        visible just before, since it vanishes there), and the events.
 
     Raises:
-        ConfigError: an unknown kind, a video too short for the events, or ``min_visible`` outside (0, 1].
+        ConfigError: an unknown kind, a video too short for the events, ``min_visible`` outside
+        (0, 1], or a negative ``fade``.
     """
     bad = [k for k in kinds if k not in KIND_SPEED]
     if bad:
         raise ConfigError(f"unknown synthetic event kind(s) {bad}; choose from {list(KINDS)}")
     if not 0.0 < min_visible <= 1.0:
         raise ConfigError(f"min_visible must be in (0, 1], got {min_visible}")
+    if fade < 0:
+        raise ConfigError(f"fade must be >= 0 frames, got {fade}")
     T = len(frames)
     if T < 8 * max(1, len(kinds)):
         raise ConfigError(f"video {video or '?'} has {T} frames, too few for {len(kinds)} events")
@@ -231,9 +247,12 @@ def insert_events(
         visible = 0.0
         for t in range(start, stop):
             k = t - start
-            visible = _paste(out[t], sprite, x0 + vx * k, foot + vy * k)
+            opacity = 1.0
+            if fade:  # in over the first frames (an edge entry needs none), out over the last
+                opacity = min(1.0, (stop - t) / (fade + 1), 1.0 if vx else (k + 1) / (fade + 1))
+            visible = _paste(out[t], sprite, x0 + vx * k, foot + vy * k, opacity)
             labels[t] = int(visible >= min_visible)
-        if stop < T and visible > 0:
+        if not fade and stop < T and visible > 0:
             labels[stop] = 1
         events.append(SyntheticEvent(video, kind, start, stop, x0, foot, vx, vy))
     return out, labels, events
@@ -241,7 +260,7 @@ def insert_events(
 
 def make_synthetic_set(
     videos: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, kinds: Sequence[str] = KINDS, seed: int = 0,
-    duration: int = 40, events_per_video: int = 1, min_visible: float = 0.3,
+    duration: int = 40, events_per_video: int = 1, min_visible: float = 0.3, fade: int = DEFAULT_FADE,
 ) -> dict[str, list[int]]:
     """Write copies of normal videos with events inserted, as a UCSD-style test set.
 
@@ -256,7 +275,7 @@ def make_synthetic_set(
             (modulo their number), ``e = events_per_video``.
         seed: random seed (same seed, same events).
         duration: frames per event.
-        min_visible: see :func:`insert_events`.
+        min_visible, fade: see :func:`insert_events`.
 
     Returns:
         the frame labels written.
@@ -280,7 +299,7 @@ def make_synthetic_set(
         frames = [f for _, f in iter_frames(v)]
         name = video_name(v)
         mine = [kinds[(j * events_per_video + i) % len(kinds)] for i in range(events_per_video)]
-        new, y, events = insert_events(frames, mine, rng, video=name, duration=duration, min_visible=min_visible)
+        new, y, events = insert_events(frames, mine, rng, video=name, duration=duration, min_visible=min_visible, fade=fade)
         d = out / "frames" / name
         d.mkdir(parents=True)
         for i, f in enumerate(new):
