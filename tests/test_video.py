@@ -271,7 +271,7 @@ def test_flow_at_full_resolution_keeps_a_small_objects_speed(ped2_slice):
 
     frames = sorted((ped2_slice["train"] / "frames" / "01").glob("*.jpg"))
     v = 3
-    measured = {0: [], 1: []}
+    measured = {0: [], 1: [], "x2": []}
     for f in (frames[0], frames[30]):
         g = cv2.cvtColor(read_image(f), cv2.COLOR_RGB2GRAY)
         obj = g[5:25, 100:108].copy()  # from the top rows: nothing like it walks there
@@ -280,15 +280,19 @@ def test_flow_at_full_resolution_keeps_a_small_objects_speed(ped2_slice):
             a[120:140, x : x + 8] = obj
             b[120:140, x + v : x + v + 8] = obj
             for level in measured:
-                flow = FlowComputer(level)(a, b)
+                flow = (FlowComputer(0, upscale=2) if level == "x2" else FlowComputer(level))(a, b)
                 measured[level].append(float(np.median(flow[122:138, x + v + 1 : x + v + 7, 0])))
-    full, half = np.median(measured[0]), np.median(measured[1])
+    full, half, up = np.median(measured[0]), np.median(measured[1]), np.median(measured["x2"])
+    print(f"block at {v} px/frame measured: half resolution {half:.2f}, full {full:.2f}, enlarged twice {up:.2f}")
     assert full > 0.8 * v and full > half + 0.5, (full, half)
+    assert abs(up - v) < abs(full - v), (up, full)  # flow_upscale: finer than the frame's pixels
     assert VideoDetector().flow_finest_scale == 0  # the default model measures at full resolution
     with pytest.raises(ConfigError):
         FlowComputer(-1)
     with pytest.raises(ConfigError):
         FlowComputer(0, patch_size=2)
+    with pytest.raises(ConfigError):
+        FlowComputer(0, upscale=0)
 
 
 def test_max_rule_sees_a_still_object_among_walkers(ped2_slice, ped2_model, tmp_path):

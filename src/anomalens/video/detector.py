@@ -191,6 +191,9 @@ class VideoDetector:
             abnormal frames detected at the threshold (README, "Video").
         flow_patch: DIS patch side in pixels (stride 3/8 of it); 8, the preset's, is the default
             (4 was measured: no better on the selection sets, more false alarms).
+        flow_upscale: frames enlarged this many times for the optical flow (FlowComputer's
+            ``upscale``); 1 (default) = off. A probe for small far objects: the pasted person above
+            measures about four times its speed at 1 when enlarged twice, at about 4 times the flow's cost.
         motion_step: every ``motion_step``-th training frame goes into the motion memory.
         motion_memory: normal motion descriptors kept per cell (greedy k-center).
         appearance_step: every ``appearance_step``-th training frame goes into the appearance bank.
@@ -245,6 +248,7 @@ class VideoDetector:
         motion_peak: bool = True,
         flow_finest_scale: int = 0,
         flow_patch: int = 8,
+        flow_upscale: int = 1,
         motion_step: int = 2,
         motion_memory: int = 64,
         appearance_step: int = 10,
@@ -297,7 +301,8 @@ class VideoDetector:
         self.motion_peak = bool(motion_peak)
         self.flow_finest_scale = int(flow_finest_scale)
         self.flow_patch = int(flow_patch)
-        FlowComputer(self.flow_finest_scale, self.flow_patch)  # validates both
+        self.flow_upscale = int(flow_upscale)
+        FlowComputer(self.flow_finest_scale, self.flow_patch, upscale=self.flow_upscale)  # validates them
         self.motion_step = int(motion_step)
         self.motion_memory = int(motion_memory)
         self.appearance_step = int(appearance_step)
@@ -327,7 +332,7 @@ class VideoDetector:
         return {
             "backbone": self.backbone_name, "image_size": self.image_size, "appearance": self.appearance, "motion": self.motion,
             "cell": self.cell, "flow_bins": self.flow_bins, "motion_peak": self.motion_peak,
-            "flow_finest_scale": self.flow_finest_scale, "flow_patch": self.flow_patch, "motion_step": self.motion_step, "motion_memory": self.motion_memory,
+            "flow_finest_scale": self.flow_finest_scale, "flow_patch": self.flow_patch, "flow_upscale": self.flow_upscale, "motion_step": self.motion_step, "motion_memory": self.motion_memory,
             "appearance_step": self.appearance_step, "coreset_ratio": self.coreset_ratio, "temporal_sigma": self.temporal_sigma,
             "frame_rule": self.frame_rule, "scale_quantile": self.scale_quantile,
             "blur_sigma": self.blur_sigma, "false_alarm_rate": self.false_alarm_rate, "calibration": self.calibration_mode, "folds": self.folds,
@@ -384,7 +389,7 @@ class VideoDetector:
         """``(index, frame, motion descriptors (gh, gw, bins) | None, appearance features (D, h, w) | None)``
         of each frame of ``segment``; the first frame's motion is zero (no previous frame).
         ``with_features=False`` leaves the appearance features out (the caller picks frames)."""
-        flow = FlowComputer(self.flow_finest_scale, self.flow_patch)
+        flow = FlowComputer(self.flow_finest_scale, self.flow_patch, upscale=self.flow_upscale)
         prev = None
         for i, frame in iter_frames(segment.video):
             if segment.stop is not None and i >= segment.stop:
