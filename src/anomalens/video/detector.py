@@ -192,8 +192,10 @@ class VideoDetector:
         flow_patch: DIS patch side in pixels (stride 3/8 of it); 8, the preset's, is the default
             (4 was measured: no better on the selection sets, more false alarms).
         flow_upscale: frames enlarged this many times for the optical flow (FlowComputer's
-            ``upscale``); 1 (default) = off. A probe for small far objects: the pasted person above
-            measures about four times its speed at 1 when enlarged twice, at about 4 times the flow's cost.
+            ``upscale``); 1 (default) = off. Probed for small far objects and not kept: split
+            05-08's far fast person (3.4 px per frame) measured 2.6 instead of 0.6 (median over the
+            pixels it changed), but the selection sets fell (99.1 -> 98.8, 96.6 -> 96.0), more
+            held-out normal frames were flagged (0.2 -> 1.0%) and scoring ran at 8 fps (README).
         motion_step: every ``motion_step``-th training frame goes into the motion memory.
         motion_memory: normal motion descriptors kept per cell (greedy k-center).
         appearance_step: every ``appearance_step``-th training frame goes into the appearance bank.
