@@ -101,3 +101,23 @@ def test_any_number_of_good_images(hazelnut, tmp_path):
     r = runner.invoke(app, ["fit", str(hazelnut), "--out", str(tmp_path / "m"), "--false-alarm-rate", "0.01"])
     assert r.exit_code == 2 and "needs at least 99" in " ".join(r.output.split()), r.output
     assert not (tmp_path / "m").exists()
+
+
+def test_openmp_threads_do_not_spin_for_long_by_default():
+    """Importing anomalens sets libgomp's spin count (GOMP_SPINCOUNT=10000) before torch loads its
+    OpenMP runtime, so that two processes on a small machine do not burn each other's cores (a video
+    predict beside another: 134 s with libgomp's default, 41 s with this, 19 s alone;
+    benchmarks/concurrency.py). A user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY is left as it is."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sys, anomalens; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def run(**extra: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True, check=True).stdout.split()
+
+    assert run() == ["10000", "True"]  # set, and torch was loaded by the import (after it)
+    assert run(GOMP_SPINCOUNT="500") == ["500", "True"]
+    assert run(OMP_WAIT_POLICY="ACTIVE") == ["None", "True"]

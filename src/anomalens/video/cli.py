@@ -27,7 +27,8 @@ def fit(
     motion: bool = typer.Option(True, "--motion/--no-motion", help="Score how patches move (optical flow)."),
     motion_peak: bool = typer.Option(True, "--motion-peak/--no-motion-peak", help="Motion descriptor also holds the busiest cell of each 3x3 neighbourhood (small fast objects)."),
     flow_finest_scale: int = typer.Option(0, help="Finest pyramid level of the optical flow: 0 = the working resolution (small far objects keep their speed), 1 = half of it (models before this option)."),
-    flow_upscale: int = typer.Option(1, help="Enlarge frames this many times for the optical flow (finer than a pixel for small far objects; about upscale^2 times the flow's cost). 1 = off."),
+    flow_upscale: float = typer.Option(1.5, help="Enlarge frames this many times for the optical flow (finer than a pixel for small far objects; about upscale^2 times the flow's cost). 1 = off."),
+    flow_upscale_rows: float = typer.Option(0.6, help="Fraction of the frame's height, from the top (the far part of the scene), that --flow-upscale enlarges; the rows below keep the frame's resolution. 1 = the whole frame."),
     temporal_sigma: float = typer.Option(1.0, help="Smoothing of the frame scores in frames (the stream's delay is 3x this)."),
     frame_rule: str = typer.Option("max", help="max: the map is the larger of motion and appearance at each cell (a frame is as abnormal as its most abnormal cue); sum: their sum (the rule before)."),
     scale_quantile: float = typer.Option(0.95, help="Each cue is divided by this quantile of its frame maxima on the calibration frames (0.95: times a busy normal frame; 0.5: times the median one)."),
@@ -41,7 +42,7 @@ def fit(
 
     try:
         det = VideoDetector(
-            backbone=backbone, image_size=image_size, appearance=appearance, motion=motion, motion_peak=motion_peak, flow_finest_scale=flow_finest_scale, flow_upscale=flow_upscale,
+            backbone=backbone, image_size=image_size, appearance=appearance, motion=motion, motion_peak=motion_peak, flow_finest_scale=flow_finest_scale, flow_upscale=flow_upscale, flow_upscale_rows=flow_upscale_rows,
             temporal_sigma=temporal_sigma, frame_rule=frame_rule, scale_quantile=scale_quantile, false_alarm_rate=false_alarm_rate, calibration=calibration, folds=folds, calibration_videos=calibration_videos,
         )
         with progress_bars() as cb:

@@ -14,7 +14,9 @@ it explains itself: "too fast here".
 Flow is DIS (Kroeger et al., "Fast Optical Flow using Dense Inverse Search", ECCV 2016) from OpenCV,
 estimated down to the working resolution (its MEDIUM preset stops at half of it: small far objects
 lose their speed there; :class:`FlowComputer`), about 13 ms per 360 x 240 frame on this CPU (4 ms at
-half resolution).
+half resolution). The far part of the scene (the top rows, where people are a few pixels tall) can be
+enlarged before the flow is estimated (``upscale``, ``upscale_rows``), so that a far person's speed
+is measured below the frame's pixel.
 
 The memory of a cell is a greedy k-center coreset (as PatchCore's, Roth et al. CVPR 2022) of the
 training descriptors of that cell and its 8 neighbours (a little spatial slack); a test cell scores
@@ -47,35 +49,64 @@ class FlowComputer:
         upscale: the frames are enlarged this many times (bilinear) before the flow is estimated,
             and the flow is brought back to the frame's size (area average, divided by ``upscale``):
             finer than the frame's own pixels, at about ``upscale ** 2`` times the cost. 1 = off.
+        upscale_rows: the fraction of the frame's height, from the top, that is enlarged (the far
+            part of the scene, where a camera looking down on it sees people small); the rows below
+            keep the frame's resolution. Both parts are estimated with ``SEAM`` rows of overlap and
+            joined at the boundary. 1 = the whole frame.
 
     Raises:
         ConfigError: a negative ``finest_scale``, a patch smaller than 4 px or its stride not below
-        it, or ``upscale`` below 1.
+        it, ``upscale`` below 1, or ``upscale_rows`` outside (0, 1].
     """
 
-    def __init__(self, finest_scale: int = 1, patch_size: int | None = None, patch_stride: int | None = None, upscale: int = 1) -> None:
+    #: rows of overlap between the enlarged band and the rest (DIS is less sure near an image's edge)
+    SEAM = 16
+
+    def __init__(
+        self, finest_scale: int = 1, patch_size: int | None = None, patch_stride: int | None = None, upscale: float = 1.0, upscale_rows: float = 1.0
+    ) -> None:
         if finest_scale < 0:
             raise ConfigError(f"finest_scale must be >= 0, got {finest_scale}")
-        if int(upscale) < 1:
+        if not float(upscale) >= 1.0 or not math.isfinite(float(upscale)):
             raise ConfigError(f"flow upscale must be >= 1, got {upscale}")
-        self.upscale = int(upscale)
-        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        self._dis.setFinestScale(int(finest_scale))
-        size = int(patch_size) if patch_size is not None else self._dis.getPatchSize()
+        if not 0.0 < float(upscale_rows) <= 1.0:
+            raise ConfigError(f"flow upscale_rows must be in (0, 1], got {upscale_rows}")
+        self.upscale = float(upscale)
+        self.upscale_rows = float(upscale_rows)
+        self._dis = self._make_dis(int(finest_scale), patch_size, patch_stride)
+        # the rows below an enlarged band: a second instance, for a second image size
+        self._dis_rest = self._make_dis(int(finest_scale), patch_size, patch_stride) if self.upscale > 1 and self.upscale_rows < 1 else None
+
+    @staticmethod
+    def _make_dis(finest_scale: int, patch_size: int | None, patch_stride: int | None) -> "cv2.DISOpticalFlow":
+        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        dis.setFinestScale(finest_scale)
+        size = int(patch_size) if patch_size is not None else dis.getPatchSize()
         stride = int(patch_stride) if patch_stride is not None else max(1, round(3 * size / 8))
         if size < 4 or not 1 <= stride < size:
             raise ConfigError(f"flow patch size must be >= 4 px and its stride in [1, size), got {size} and {stride}")
-        self._dis.setPatchSize(size)
-        self._dis.setPatchStride(stride)
+        dis.setPatchSize(size)
+        dis.setPatchStride(stride)
+        return dis
 
     def __call__(self, prev_gray: np.ndarray, gray: np.ndarray) -> np.ndarray:
         """``uint8`` ``(H, W)`` x 2 -> flow ``float32`` ``(H, W, 2)`` in pixels per frame (dx, dy)."""
         if self.upscale == 1:
             return self._dis.calc(prev_gray, gray, None)
+        h, w = gray.shape
+        rows = h if self.upscale_rows >= 1 else min(h, max(1, round(self.upscale_rows * h)))
+        top = min(h, rows + self.SEAM)
         u = self.upscale
-        big = [cv2.resize(g, None, fx=u, fy=u, interpolation=cv2.INTER_LINEAR) for g in (prev_gray, gray)]
-        flow = self._dis.calc(big[0], big[1], None)
-        return cv2.resize(flow, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_AREA) / u
+        big = [cv2.resize(g[:top], None, fx=u, fy=u, interpolation=cv2.INTER_LINEAR) for g in (prev_gray, gray)]
+        band = cv2.resize(self._dis.calc(big[0], big[1], None), (w, top), interpolation=cv2.INTER_AREA) / u
+        if rows >= h:
+            return band
+        lo = max(0, rows - self.SEAM)
+        rest = self._dis_rest.calc(np.ascontiguousarray(prev_gray[lo:]), np.ascontiguousarray(gray[lo:]), None)
+        out = np.empty((h, w, 2), np.float32)
+        out[:rows] = band[:rows]
+        out[rows:] = rest[rows - lo :]
+        return out
 
 
 def flow_descriptors(flow: np.ndarray, cell: int, bins: int, peak: bool = False) -> torch.Tensor:

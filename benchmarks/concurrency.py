@@ -1,0 +1,72 @@
+"""Two anomalens processes at once on a small machine: wall time of one `video predict` alone and of
+two side by side, with anomalens' OpenMP spin setting (GOMP_SPINCOUNT=10000, set on import) and with
+libgomp's own default (300,000 spins before an idle thread sleeps) or OMP_WAIT_POLICY=PASSIVE.
+
+    python benchmarks/concurrency.py --model MODEL_DIR --video FRAMES_DIR [--out rows.jsonl]
+
+MODEL_DIR: a video model (`anomalens video fit`). Prints a table; with `--out`, appends JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "anomalens default (GOMP_SPINCOUNT=10000)": {},
+    "libgomp default (GOMP_SPINCOUNT=300000)": {"GOMP_SPINCOUNT": "300000"},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
+def _start(model: str, video: str, out: Path, extra: dict) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(extra)
+    cli = Path(sys.executable).with_name("anomalens")
+    return subprocess.Popen([str(cli), "video", "predict", model, video, "--out", str(out), "--no-mp4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _run(model: str, video: str, n: int, extra: dict) -> list[float]:
+    """Wall seconds of each of ``n`` predictions started together."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        procs = [_start(model, video, Path(tmp) / str(i), extra) for i in range(n)]
+        ends = []
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode:
+                raise SystemExit(f"predict failed: {err.decode()[-500:]}")
+            ends.append(time.perf_counter() - t0)
+    return ends
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--video", required=True)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    rows = []
+    for name, extra in SETTINGS.items():
+        alone = _run(args.model, args.video, 1, extra)[0]
+        pair = _run(args.model, args.video, 2, extra)
+        row = {"date": time.strftime("%Y-%m-%d"), "setting": name, "env": extra, "alone_s": round(alone, 1), "pair_s": [round(v, 1) for v in pair], "cpus": os.cpu_count()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| setting | one predict alone, s | two side by side, s (each) |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['alone_s']} | {' / '.join(str(v) for v in r['pair_s'])} |")
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
