@@ -203,7 +203,7 @@ def batch_predict(
             _ChunkScorer,
             fn_constructor_kwargs={"model_dir": str(Path(model_dir).absolute()), "engine": engine, "threads": 1},
             batch_size=1,
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),  # a fixed pool (``concurrency=`` is deprecated)
             num_cpus=1,
         )
         t_first, n_first = None, 0

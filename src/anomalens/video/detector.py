@@ -396,7 +396,7 @@ class VideoDetector:
         return self.extractor(to_tensor_batch([frame], self.image_size))[0]
 
     def _flow_computer(self) -> FlowComputer:
-        """A new optical-flow estimator with this model's settings (one per video: DIS keeps state)."""
+        """A new optical-flow estimator with this model's settings (the caller makes one per video)."""
         return FlowComputer(self.flow_finest_scale, self.flow_patch, upscale=self.flow_upscale, upscale_rows=self.flow_upscale_rows)
 
     def _raw_parts(
