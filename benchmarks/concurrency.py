@@ -29,21 +29,25 @@ def _start(model: str, video: str, out: Path, extra: dict) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     env.update(extra)
     cli = Path(sys.executable).with_name("anomalens")
-    return subprocess.Popen([str(cli), "video", "predict", model, video, "--out", str(out), "--no-mp4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr (progress bars) to a file: a pipe nobody reads while the other process runs could fill and stall it
+    with open(out.with_suffix(".log"), "wb") as log:
+        return subprocess.Popen([str(cli), "video", "predict", model, video, "--out", str(out), "--no-mp4"], env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
 def _run(model: str, video: str, n: int, extra: dict) -> list[float]:
-    """Wall seconds of each of ``n`` predictions started together."""
+    """Wall seconds from the start to the end of each of ``n`` predictions started together."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         procs = [_start(model, video, Path(tmp) / str(i), extra) for i in range(n)]
-        ends = []
-        for p in procs:
-            _, err = p.communicate()
-            if p.returncode:
-                raise SystemExit(f"predict failed: {err.decode()[-500:]}")
-            ends.append(time.perf_counter() - t0)
-    return ends
+        ends: list[float | None] = [None] * n
+        while None in ends:  # each process's own end, whichever finishes first
+            for i, p in enumerate(procs):
+                if ends[i] is None and p.poll() is not None:
+                    ends[i] = time.perf_counter() - t0
+                    if p.returncode:
+                        raise SystemExit(f"predict failed: {(Path(tmp) / f'{i}.log').read_text(errors='replace')[-500:]}")
+            time.sleep(0.05)
+    return [float(e) for e in ends]
 
 
 def main() -> None:
