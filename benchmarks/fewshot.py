@@ -149,7 +149,7 @@ def cached_musc(mutual: dict | None, **params) -> MuSc:
 
 
 def _musc_backbone(model: MuSc) -> str:
-    return "vit_small_focus" + (f"+{model.cnn_backbone}" if model.cnn_backbone else "")
+    return "+".join(("vit_small_focus",) + model.cnn_backbones)
 
 
 def zero_shot_row(cat: MVTecCategory, size: int, max_references: int | None, mutual: dict | None = None, **musc) -> dict:
@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--musc-max-images-448", type=int, default=150,
                     help="skip zero-shot above 224 px on test sets larger than this (the pairwise work grows 16-fold)")
     ap.add_argument("--references", action="store_true", help="also MuSc with the k images as references (few-shot with the batch)")
-    ap.add_argument("--musc-cnn", default=None, help="CNN of MuSc's mutual score (default: MuSc's own; 'none' = the ViT alone)")
+    ap.add_argument("--musc-cnn", default=None, help="CNNs of MuSc's mutual score, comma-separated (default: MuSc's own; 'none' = the ViT alone)")
     ap.add_argument("--reference-backbone", default=None, help="CNN of the reference vote of the MuSc + k references rows")
     ap.add_argument("--reference-augment", default=None, help="views of the references in the MuSc + k references rows (default: MuSc's own)")
     ap.add_argument("--extra", default="{}", help="JSON of further arguments for every few-shot detector (a probe; recorded in the rows)")
@@ -234,7 +234,7 @@ def main() -> None:
     extra = json.loads(args.extra)
     musc = {}  # MuSc arguments for every MuSc row
     if args.musc_cnn:
-        musc["cnn_backbone"] = None if args.musc_cnn.lower() == "none" else args.musc_cnn
+        musc["cnn_backbone"] = None if args.musc_cnn.lower() == "none" else args.musc_cnn.split(",")
     if args.reference_backbone:
         musc["reference_backbone"] = args.reference_backbone
     if args.reference_augment:

@@ -33,6 +33,20 @@ def test_zero_shot_ranks_defects_and_localises(hazelnut):
     # the ViT alone (no CNN mutual score) ranks them too
     vit = MuSc(chunk=16, cnn_backbone=None).predict(paths)
     assert image_auroc(labels, [p.pred_score for p in vit]) >= 0.9
+    # the default votes: the ViT and two CNNs, each part ranks the defects, and the score is their z-sum
+    from anomalens.io import read_image
+    from anomalens.zeroshot import z_sum
+
+    model = MuSc(chunk=16)
+    assert model.cnn_backbones == ("efficientnet_lite0", "mobilenet_v2")
+    parts = model.mutual_parts([read_image(p) for p in paths])
+    assert len(parts) == 3 and parts[0][1].shape == parts[1][1].shape == (10, 224, 224)
+    assert parts[2][1] is None  # MobileNetV2 votes on the image score only (cnn_maps=1)
+    for scores, _ in parts[1:]:
+        assert image_auroc(labels, scores.numpy()) >= 0.9
+    np.testing.assert_allclose(z_sum(parts)[0].numpy(), [p.pred_score for p in preds], rtol=1e-5, atol=1e-5)
+    both_maps = MuSc(chunk=16, cnn_maps=2).mutual_parts([read_image(p) for p in paths[:4]])
+    assert both_maps[2][1].shape == (4, 224, 224)
 
 
 def test_closest_patch_in_blocks_matches_brute_force():
@@ -63,6 +77,10 @@ def test_zero_shot_cli(hazelnut, tmp_path):
     assert r.exit_code == 2 and "at least 3 readable images" in r.output
     r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "--cnn", "resnet_nope", "--out", str(tmp_path / "z3")])
     assert r.exit_code == 2 and "resnet_nope" in r.output, r.output
+    r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "--cnn", "mobilenet_v2,mobilenet_v2", "--out", str(tmp_path / "z4")])
+    assert r.exit_code == 2 and "twice" in r.output, r.output
+    r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "--cnn", "efficientnet_lite0", "--no-heatmaps", "--out", str(tmp_path / "z5")])
+    assert r.exit_code == 0, r.output  # one CNN, as before
 
 
 def test_few_shot_references_with_the_batch(hazelnut, tmp_path):

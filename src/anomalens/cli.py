@@ -345,7 +345,8 @@ def zero_shot(
     image_size: int = typer.Option(224, help="Side in pixels the ViT sees (multiple of 14; 448 = 32 x 32 tokens at 4x the ViT time)."),
     max_references: int = typer.Option(100, help="Other images each image is compared with at most (0 = every pair; cost grows with the batch squared)."),
     cnn: str = typer.Option(
-        "efficientnet_lite0", help="CNN whose patch features are scored mutually beside the ViT's (robust z-scores added); 'none' = the ViT alone."
+        "efficientnet_lite0,mobilenet_v2",
+        help="CNNs (comma-separated) whose patch features are scored mutually beside the ViT's (robust z-scores added, one vote each); 'none' = the ViT alone.",
     ),
     cnn_size: int = typer.Option(256, help="Side in pixels the CNN sees (multiple of 16)."),
 ) -> None:
@@ -360,7 +361,7 @@ def zero_shot(
         paths = expand_inputs(images)
         model = MuSc(
             chunk=chunk, reference_augment=augment, image_size=image_size, max_references=max_references or None,
-            cnn_backbone=None if cnn.lower() == "none" else cnn, cnn_size=cnn_size,
+            cnn_backbone=None if cnn.lower() == "none" else [c.strip() for c in cnn.split(",") if c.strip()], cnn_size=cnn_size,
         )
         refs = expand_inputs(reference) if reference else None
         preds = model.predict(paths, references=refs)
