@@ -97,7 +97,8 @@ class MuSc:
         reference_augment: augmentation of the reference images (see :mod:`anomalens.augment`).
 
     Raises:
-        ConfigError: invalid layers, backbone or augmentation. AnomalensError: fewer than 3 images
+        ConfigError: invalid layers, backbone or augmentation; a CNN named twice; cnn_maps < 0.
+        AnomalensError: fewer than 3 images
         in the batch.
     """
 
