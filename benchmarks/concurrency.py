@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tables import append_jsonl, print_markdown  # noqa: E402
+
 SETTINGS = {
     "anomalens default (GOMP_SPINCOUNT=10000)": {},
     "libgomp default (GOMP_SPINCOUNT=300000)": {"GOMP_SPINCOUNT": "300000"},
@@ -63,13 +66,10 @@ def main() -> None:
         row = {"date": time.strftime("%Y-%m-%d"), "setting": name, "env": extra, "alone_s": round(alone, 1), "pair_s": [round(v, 1) for v in pair], "cpus": os.cpu_count()}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| setting | one predict alone, s | two side by side, s (each) |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r['setting']} | {r['alone_s']} | {' / '.join(str(v) for v in r['pair_s'])} |")
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    print()
+    print_markdown(["setting", "one predict alone, s", "two side by side, s (each)"],
+                   [[r["setting"], r["alone_s"], " / ".join(str(v) for v in r["pair_s"])] for r in rows])
+    append_jsonl(args.out, rows)
 
 
 if __name__ == "__main__":

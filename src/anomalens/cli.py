@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import console, fail as _fail, fmt_pct as _fmt, fmt_threshold as _num, out_console, progress_bars
+from .cli_common import console, fail as _fail, fmt_pct as _fmt, fmt_threshold as _num, out_console, progress_bars, split_names
 from .errors import AnomalensError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual anomaly detection and localization, offline, on CPU.")
@@ -103,7 +103,7 @@ def fit(
         if backbone:
             params["backbone"] = backbone
         if layers:
-            params["layers"] = [x.strip() for x in layers.split(",") if x.strip()]
+            params["layers"] = split_names(layers)
         if model == "patchcore":
             params["coreset_ratio"] = coreset_ratio
             params["image_score"] = image_score
@@ -361,7 +361,7 @@ def zero_shot(
         paths = expand_inputs(images)
         model = MuSc(
             chunk=chunk, reference_augment=augment, image_size=image_size, max_references=max_references or None,
-            cnn_backbone=None if cnn.lower() == "none" else [c.strip() for c in cnn.split(",") if c.strip()], cnn_size=cnn_size,
+            cnn_backbone=None if cnn.lower() == "none" else split_names(cnn), cnn_size=cnn_size,
         )
         refs = expand_inputs(reference) if reference else None
         preds = model.predict(paths, references=refs)

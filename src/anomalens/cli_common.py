@@ -55,3 +55,8 @@ def fmt_pct(v: float | None) -> str:
 def fmt_threshold(v: float) -> str:
     """A threshold for people: 4 decimals, or "set per batch" (batch-relative one-shot models)."""
     return "set per batch" if math.isnan(v) else f"{v:.4f}"
+
+
+def split_names(text: str) -> list[str]:
+    """The names of a comma-separated option (``"a, b,"`` -> ``["a", "b"]``): blanks dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..cli_common import console, fail as _fail, out_console, progress_bars
+from ..cli_common import console, fail as _fail, out_console, progress_bars, split_names
 from ..errors import AnomalensError
 
 video_app = typer.Typer(no_args_is_help=True, help="Video anomaly detection for fixed cameras (UCSD Ped2 layout or video files).")
@@ -181,7 +181,7 @@ def synth(
     from .synthetic import make_synthetic_set
 
     try:
-        labels = make_synthetic_set(videos, out, [k.strip() for k in kinds.split(",") if k.strip()], seed=seed, duration=duration, events_per_video=events_per_video, min_visible=min_visible, fade=fade)
+        labels = make_synthetic_set(videos, out, split_names(kinds), seed=seed, duration=duration, events_per_video=events_per_video, min_visible=min_visible, fade=fade)
     except AnomalensError as exc:
         _fail(exc)
     n = sum(len(v) for v in labels.values())
