@@ -16,7 +16,9 @@ Split (fixed, by video name):
   same selection measures on normal video that no setting was chosen on, also to report.
 
 For each variant: frame AUC micro and per video, false alarms at the 1% target on normal frames (all,
-and far from events), detection rate, fit seconds, frames per second of `predict`, peak memory.
+and far from events), detection rate, the alarm-episode promise of the calibration checked on the
+held-out normal videos and on the test videos' normal frames (``EpisodePromise.check``), fit seconds,
+frames per second of `predict`, peak memory.
 Each variant runs in its own subprocess so that the peak memory is its own.
 
     python benchmarks/video.py --data ../shared/data --out benchmarks/results/video.jsonl
@@ -66,7 +68,7 @@ def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: 
     import numpy as np
 
     from anomalens.video import VideoDetector
-    from anomalens.video.evaluate import alarm_episodes, evaluate_videos, read_frame_labels
+    from anomalens.video.evaluate import EpisodePromise, alarm_episodes, evaluate_videos, read_frame_labels
     from anomalens.video.synthetic import DEFAULT_FADE, make_synthetic_set
 
     frames = os.path.join(ped2, "training", "frames")
@@ -95,6 +97,7 @@ def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: 
         labels = make_synthetic_set([os.path.join(frames, v) for v in held], tmp, seed=0, events_per_video=events_per_video, fade=fade)
         synth = evaluate_videos(det, tmp, labels, predict=keeping(synth_pred))
     clean_s = np.concatenate([p.pred_scores for p in clean.values()])
+    clean_episodes = sum(alarm_episodes(p.pred_scores > det.threshold) for p in clean.values())
     synth_y = [y for v, p in synth_pred.items() for y in labels[v][: p.n_frames]]
     test_y = [y for v, p in kept.items() for y in lab[v][: p.n_frames]]
     pooled_y = [0] * clean_s.size + test_y
@@ -122,11 +125,19 @@ def run_one(ped2: str, name: str, extra: dict, events_per_video: int = 1, held: 
         "held_out_false_alarm_pct": 100 * float((clean_s > det.threshold).mean()),
         "held_out_false_alarm_per_video_pct": {v: round(100 * float((p.pred_scores > det.threshold).mean()), 2) for v, p in clean.items()},
         # alarms as an operator sees them: runs of consecutive flagged frames, per hour of normal video (Ped2: 10 fps)
-        "held_out_alarm_episodes_per_hour": sum(alarm_episodes(p.pred_scores > det.threshold) for p in clean.values()) / (clean_s.size / 10 / 3600),
+        "held_out_alarm_episodes_per_hour": clean_episodes / (clean_s.size / 10 / 3600),
+        # the threshold's promise in episodes (calibration frames), checked on the held-out normal videos and the test videos' normal frames
+        "held_out_episode_promise": EpisodePromise.of(det).check(clean_episodes, clean_s.size),
+        "test_episode_promise": test["episode_promise"],
         "auc_by_temporal_sigma": sigma_auc,
         "threshold": det.threshold, "fit_s": fit_s, "fps": test["fps"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "fit_info": det.fit_info,
     }
+
+
+def _promise_cell(c: dict) -> str:
+    """Observed against expected alarm episodes, the test's p-value and its verdict (EpisodePromise.check)."""
+    return f"{c['observed']} / {c['expected']:.1f} (p {c['p_value']:.2f}), {'kept' if c['kept'] else 'broken'}"
 
 
 def main() -> None:
@@ -155,10 +166,12 @@ def main() -> None:
         append_jsonl(args.out, rows[-1:])
     print_markdown(
         ["variant", "selection: synthetic AUC micro", "selection: held-out normal flagged %", "report: test 01-06 AUC micro",
-         "report: worst test video", "report: pooled AUC", "report: test normal far from events flagged %", "fit s", "fps", "peak MB"],
+         "report: worst test video", "report: pooled AUC", "report: test normal far from events flagged %",
+         "held-out normal: alarm episodes observed / expected (p), promise", "fit s", "fps", "peak MB"],
         [[r["variant"], f"{r['synthetic_auc_micro']:.1f}", f"{r['held_out_false_alarm_pct']:.1f}", f"{r['test_auc_micro']:.1f}",
           "{} {:.1f}".format(*min(((k, v) for k, v in r["test_per_video_auc"].items() if not math.isnan(v)), key=lambda kv: kv[1])),
-          f"{r['pooled_auc_micro']:.1f}", f"{r['test_false_alarm_far_pct']:.1f}", f"{r['fit_s']:.0f}", f"{r['fps']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+          f"{r['pooled_auc_micro']:.1f}", f"{r['test_false_alarm_far_pct']:.1f}", _promise_cell(r['held_out_episode_promise']),
+          f"{r['fit_s']:.0f}", f"{r['fps']:.1f}", f"{r['peak_rss_mb']:.0f}"]
          for r in rows],
     )
 

@@ -243,6 +243,60 @@ def test_crossfit_calibrates_on_every_frame_and_holdout_on_held_videos(ped2_slic
         VideoDetector(calibration_videos=2)
 
 
+def test_alarm_episode_promise_is_checked_on_new_normal_footage(ped2_model, tmp_path):
+    """Issue 14, point 3: frames of a video are correlated, so the threshold promises alarm episodes
+    per 1000 frames of normal footage (from the calibration frames, with an exact Poisson bound), and
+    `video evaluate --all-normal` checks it on new normal footage of the camera: here the first 60
+    frames of training videos 05-08, which the model never saw."""
+    from conftest import PED2, link_frames, require
+
+    from anomalens.video import VideoDetector
+    from anomalens.video.evaluate import EpisodePromise, alarm_episodes
+
+    det = VideoDetector.load(ped2_model)
+    promise = EpisodePromise.of(det)
+    # episodes are counted per calibration video (4 of 60 frames), never across the boundary of two
+    parts = det.fit_info["calibration_part_frames"]
+    assert parts == [60, 60, 60, 60] and promise.frames == 240
+    runs = np.split(det.calibration.scores, np.cumsum(parts)[:-1])
+    assert promise.episodes == sum(alarm_episodes(r > det.threshold) for r in runs) >= 1  # a 5% rate flags some frames
+    assert promise.per_1000 == pytest.approx(1000 * promise.episodes / 240)
+    assert promise.per_hour(10) == pytest.approx(promise.per_1000 * 36)
+
+    normal = tmp_path / "normal"
+    for v in ("05", "06", "07", "08"):
+        link_frames(require(PED2) / "training" / "frames" / v, normal / v, 0, 60)
+    r = CliRunner().invoke(app, ["video", "evaluate", str(ped2_model), str(normal), "--all-normal", "--fps", "10", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    check = m["episode_promise"]
+    assert m["n_frames"] == m["n_normal_frames"] == check["n_frames"] == 240
+    assert check["calibration_episodes"] == promise.episodes and check["expected"] == pytest.approx(promise.per_1000 * 0.24)
+    # the promise holds on this new normal footage
+    assert check["kept"] and check["p_value"] >= 0.05, check
+    out = " ".join(r.output.split())
+    assert "promised:" in out and "kept" in out and "per hour at 10 fps" in out
+
+    r = CliRunner().invoke(app, ["video", "evaluate", str(ped2_model), str(normal)])
+    assert r.exit_code != 0 and "--all-normal" in " ".join(r.output.split())
+
+
+def test_episode_promise_statistics():
+    """The bound and the test on known numbers: 10 episodes in 2550 calibration frames (the order of
+    the default model's) promise 3.9 per 1000 frames, at most 6.65 (Garwood's exact one-sided 95%
+    bound: 16.96 episodes); footage with 7 episodes in 600 frames (the held-out video 01 case)
+    breaks it, 1 in 630 keeps it; no episode in 1000 frames still bounds the rate by 3.0 per 1000."""
+    from anomalens.video.evaluate import EpisodePromise
+
+    p = EpisodePromise(10, 2550)
+    assert p.per_1000 == pytest.approx(3.92, abs=0.01) and p.upper_per_1000() == pytest.approx(6.65, abs=0.01)
+    assert EpisodePromise(0, 1000).upper_per_1000() == pytest.approx(3.0, abs=0.01)
+    broken, kept = p.check(7, 600), p.check(1, 630)
+    assert not broken["kept"] and broken["p_value"] == pytest.approx(0.029, abs=0.001)
+    assert kept["kept"] and kept["expected"] == pytest.approx(2.47, abs=0.01)
+    assert p.check(0, 5000)["p_value"] == 1.0
+
+
 def test_motion_descriptor_sees_a_small_fast_object_that_the_mean_dilutes():
     """A 6 x 6 px object at 6 px/frame inside one 8 x 8 cell, and a 24 x 24 px one at 3/8 px/frame
     filling that cell's 3 x 3 neighbourhood, move the neighbourhood's mean histogram equally; the

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..cli_common import console, fail as _fail, out_console, progress_bars, split_names
-from ..errors import AnomalensError
+from ..errors import AnomalensError, ConfigError
 
 video_app = typer.Typer(no_args_is_help=True, help="Video anomaly detection for fixed cameras (UCSD Ped2 layout or video files).")
 
@@ -56,6 +56,16 @@ def fit(
         f"threshold {det.threshold:.3f}"
     )
     console.print(f"threshold: {det.calibration.note}")
+    from .evaluate import EpisodePromise
+
+    console.print(f"alarms to expect on new normal footage: {_promise_text(EpisodePromise.of(det))}")
+
+
+def _promise_text(promise, fps: float | None = None) -> str:
+    """The episode promise in words: expected and upper bound per 1000 frames (and per hour at ``fps``)."""
+    hour = f" ({promise.per_hour(fps):.0f} per hour at {fps:g} fps, at most {promise.upper_per_1000() * fps * 3.6:.0f})" if fps else ""
+    return (f"{promise.per_1000:.1f} alarm episodes per 1000 frames, at most {promise.upper_per_1000():.1f} (95% upper bound){hour}; "
+            f"from {promise.episodes} episodes in {promise.frames} calibration frames")
 
 
 def _write_outputs(det, video: Path, out: Path, labels: list[int] | None, mp4: bool):
@@ -115,23 +125,27 @@ def predict(
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens video fit`."),
     test_dir: Path = typer.Argument(..., help="Test videos (UCSD testing/ or testing/frames)."),
-    labels: Path = typer.Argument(..., help="Frame labels JSON: video id -> list of 0/1 per frame (1 = abnormal)."),
+    labels: Optional[Path] = typer.Argument(None, help="Frame labels JSON: video id -> list of 0/1 per frame (1 = abnormal). Omit with --all-normal."),
+    all_normal: bool = typer.Option(False, "--all-normal", help="Every frame is normal (new normal footage, no labels): checks the threshold's false-alarm promise on it."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write metrics.json and each video's CSV, plot (and MP4) here."),
     mp4: bool = typer.Option(False, "--mp4/--no-mp4", help="With --out: also the annotated MP4s (slower)."),
     fps: Optional[float] = typer.Option(None, "--fps", min=0.1, help="Frame rate of the footage, to state false-alarm episodes per hour (UCSD Ped2: 10)."),
 ) -> None:
-    """Frame-level AUC (micro over all frames, and per video), the threshold's false-alarm rate, and frames per second."""
+    """Frame-level AUC (micro over all frames, and per video), the threshold's false alarms (per frame and in episodes, against
+    what the calibration promised), and frames per second."""
     from .detector import VideoDetector
-    from .evaluate import evaluate_videos, read_frame_labels
+    from .evaluate import EpisodePromise, evaluate_videos, read_frame_labels
     from .io import video_name
 
+    if (labels is None) == (not all_normal):
+        _fail(ConfigError("give the frame labels JSON, or --all-normal for footage whose every frame is normal (not both)"))
     try:
         det = VideoDetector.load(model_dir)
-        gt = read_frame_labels(labels)
+        gt = read_frame_labels(labels) if labels is not None else None
         predict = None
         if out is not None:  # the outputs are written while each video streams (fps then includes writing them)
             def predict(video):
-                return _write_outputs(det, video, out, gt.get(video_name(video)), mp4)[0]
+                return _write_outputs(det, video, out, gt.get(video_name(video)) if gt is not None else None, mp4)[0]
         result = evaluate_videos(det, test_dir, gt, predict=predict)
     except AnomalensError as exc:
         _fail(exc)
@@ -146,16 +160,22 @@ def evaluate(
     out_console.print(
         f"threshold {result['threshold']:.3f}: {_pct(result['false_alarm_rate'])}% of normal frames flagged "
         f"(target {100 * result['target_false_alarm_rate']:g}%; {_pct(result['false_alarm_rate_far_from_events'])}% of the "
-        f"{result['n_normal_far_from_events']} more than {result['event_margin_frames']} frames from an event), "
-        f"{_pct(result['detection_rate'])}% of abnormal frames detected"
+        f"{result['n_normal_far_from_events']} more than {result['event_margin_frames']} frames from an event)"
+        + ("" if math.isnan(result["detection_rate"]) else f", {_pct(result['detection_rate'])}% of abnormal frames detected")
     )
-    per_k, cal_k = result["false_alarm_episodes_per_1000_normal_frames"], result["calibration_episodes_per_1000_frames"]
-    hour = f" ({per_k * fps * 3.6:.0f} per hour at {fps:g} fps; calibration: {cal_k * fps * 3.6:.0f})" if fps else ""
+    per_k, check = result["false_alarm_episodes_per_1000_normal_frames"], result["episode_promise"]
+    hour = f" ({per_k * fps * 3.6:.0f} per hour at {fps:g} fps)" if fps else ""
     out_console.print(
         f"false-alarm episodes (runs of flagged frames with no abnormal frame): {result['false_alarm_episodes']} in "
-        f"{result['n_normal_frames']} normal frames, {per_k:.1f} per 1000{hour}; the normal calibration video had "
-        f"{cal_k:.1f} per 1000 frames at this threshold"
+        f"{result['n_normal_frames']} normal frames, {per_k:.1f} per 1000{hour}"
     )
+    promise = EpisodePromise(check["calibration_episodes"], check["calibration_frames"])
+    verdict = ("[green]kept[/]" if check["kept"] else
+               "[bold red]broken[/]: this footage alarms more often than the normal calibration video did, beyond chance: "
+               "normal behaviour the training video did not show, or events (look at the flagged frames; if they are normal, "
+               "fit again with this footage)")
+    out_console.print(f"promised: {_promise_text(promise, fps)}; {verdict} (p = {check['p_value']:.3f}, "
+                      f"{check['expected']:.1f} episodes expected in {check['n_frames']} normal frames)")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))

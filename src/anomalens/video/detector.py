@@ -599,6 +599,7 @@ class VideoDetector:
             "folds": [[video_name(units[u].video) for u in g] for g in groups],
             "n_train_frames": sum(len(mdescs[u]) for u in fit_units), "n_motion_frames": len(motion), "n_appearance_frames": len(app),
             "n_calibration_frames": sum(len(g) for g in grids),
+            "calibration_part_frames": [len(g) for g in grids],  # in the order of calibration.scores (episodes count per part)
             "work_hw": list(self.work_hw), "grid": list(self.grid),
             "seconds_frames": round(t1 - t0, 2), "seconds_memory": round(t2 - t1, 2), "seconds_calibration": round(t3 - t2, 2),
             "seconds_total": round(t3 - t0, 2),

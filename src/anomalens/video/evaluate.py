@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -79,21 +80,100 @@ def _far_from_events(y: np.ndarray, margin: int) -> np.ndarray:
     return (y == 0) & (dist > margin)
 
 
+def _calibration_runs(detector: VideoDetector) -> list[np.ndarray]:
+    """The calibration frame scores, ``float`` ``(T_i,)`` per calibration video or part, in video order.
+    Models saved before the parts' lengths were recorded give one run of every frame."""
+    scores = detector.calibration.scores  # type: ignore[union-attr]
+    lengths = detector.fit_info.get("calibration_part_frames")
+    if not lengths or sum(lengths) != scores.size:
+        return [scores]
+    return np.split(scores, np.cumsum(lengths)[:-1])
+
+
+@dataclass(frozen=True)
+class EpisodePromise:
+    """What a video threshold promises on new normal footage of the camera, counted in alarm episodes.
+
+    Frames of one video are correlated: a passer-by who looks unusual is flagged for several frames
+    in a row, so a per-frame false-alarm rate is kept only approximately on new video (the flagged
+    frames come in runs). What an operator sees, and what is promised instead, is the number of
+    alarm episodes (runs of flagged frames, :func:`alarm_episodes`) per 1000 frames of normal
+    footage: the count on the calibration frames (normal video, each frame scored against memories
+    that did not see it) at the model's threshold, with a one-sided exact Poisson upper confidence
+    bound for the few episodes it rests on (Garwood 1936). :meth:`check` tests observed footage
+    against it.
+
+    Attributes:
+        episodes: alarm episodes in the calibration frames (counted per calibration video or part).
+        frames: calibration frames.
+    """
+
+    episodes: int
+    frames: int
+
+    @classmethod
+    def of(cls, detector: VideoDetector) -> "EpisodePromise":
+        """The promise of a fitted detector (its calibration scores at its threshold).
+
+        Raises:
+            NotFittedError: the detector is not fitted.
+        """
+        detector.threshold  # raises NotFittedError when not fitted
+        runs = _calibration_runs(detector)
+        return cls(sum(alarm_episodes(r > detector.threshold) for r in runs), int(sum(r.size for r in runs)))
+
+    @property
+    def per_1000(self) -> float:
+        """Expected alarm episodes per 1000 frames of normal footage (the calibration rate)."""
+        return 1000 * self.episodes / max(1, self.frames)
+
+    def upper_per_1000(self, confidence: float = 0.95) -> float:
+        """One-sided upper ``confidence`` bound of the episode rate, per 1000 frames (exact Poisson:
+        ``chi2.ppf(confidence, 2 (episodes + 1)) / 2`` episodes; 3.0 for none seen at 95%)."""
+        from scipy.stats import chi2
+
+        return 1000 * float(chi2.ppf(confidence, 2 * (self.episodes + 1))) / 2 / max(1, self.frames)
+
+    def per_hour(self, fps: float) -> float:
+        """:attr:`per_1000` in episodes per hour of footage at ``fps`` frames per second."""
+        return self.per_1000 * fps * 3.6
+
+    def check(self, observed: int, n_frames: int, confidence: float = 0.95) -> dict:
+        """Does footage with ``observed`` alarm episodes in ``n_frames`` normal frames keep the promise?
+
+        The exact conditional test of two Poisson rates (Przyborowski & Wilenski 1940): if the
+        footage had the calibration's episode rate, then of the ``observed + episodes`` episodes in
+        both, the footage's number is binomial with ``p = n_frames / (n_frames + frames)``. ``p_value``
+        is the chance of ``observed`` or more; the promise is broken when it is below
+        ``1 - confidence`` (the footage alarms more often than the calibration video did, beyond
+        what its few episodes explain: normal behaviour the training video did not show).
+
+        Returns:
+            ``{"observed", "n_frames", "observed_per_1000", "expected" (episodes at the calibration
+            rate), "per_1000", "upper_per_1000", "p_value", "kept" (bool)}``.
+        """
+        from scipy.stats import binom
+
+        total = observed + self.episodes
+        share = n_frames / max(1, n_frames + self.frames)
+        p = float(binom.sf(observed - 1, total, share)) if observed > 0 else 1.0
+        return {
+            "observed": int(observed), "n_frames": int(n_frames), "observed_per_1000": 1000 * observed / max(1, n_frames),
+            "expected": self.per_1000 * n_frames / 1000, "per_1000": self.per_1000, "upper_per_1000": self.upper_per_1000(confidence),
+            "calibration_episodes": self.episodes, "calibration_frames": self.frames, "p_value": p, "kept": p >= 1 - confidence,
+        }
+
+
 def calibration_episode_rate(detector: VideoDetector) -> float:
     """Alarm episodes per 1000 frames of the detector's calibration frames (normal video, each scored
-    against memories that did not see it) at its threshold: the alarm rate to expect on new normal
-    video of the camera, in the unit an operator counts. Frames of one video are correlated, so this,
-    not the per-frame rate, is what a shift sees. The calibration scores are kept in video order
-    without their boundaries, so two runs at the end of one video and the start of the next count
-    as one (at most one per video)."""
-    scores = detector.calibration.scores  # type: ignore[union-attr]
-    return 1000 * alarm_episodes(scores > detector.threshold) / max(1, scores.size)
+    against memories that did not see it) at its threshold: :attr:`EpisodePromise.per_1000`."""
+    return EpisodePromise.of(detector).per_1000
 
 
 def evaluate_videos(
     detector: VideoDetector,
     test_dir: str | os.PathLike,
-    labels: dict[str, list[int]],
+    labels: dict[str, list[int]] | None,
     predict: Callable[[Path], VideoPrediction] | None = None,
 ) -> dict:
     """Predict every labelled test video and compute the frame metrics.
@@ -101,7 +181,8 @@ def evaluate_videos(
     Args:
         detector: a fitted detector.
         test_dir: test videos (:func:`~anomalens.video.io.list_videos` layouts, e.g. UCSD ``testing/``).
-        labels: frame labels by video name (:func:`read_frame_labels`).
+        labels: frame labels by video name (:func:`read_frame_labels`); ``None``: every frame of every
+            video is normal (new normal footage, to check the threshold's promise on it).
         predict: how to predict one video (e.g. also writing its outputs); default ``detector.predict``.
 
     Returns:
@@ -113,7 +194,9 @@ def evaluate_videos(
         "n_normal_frames", "false_alarm_episodes" (runs of flagged frames without an abnormal frame:
         :func:`false_alarm_episodes`), "false_alarm_episodes_per_1000_normal_frames",
         "calibration_episodes_per_1000_frames" (:func:`calibration_episode_rate`: what the normal
-        calibration video showed at the same threshold), "errors": [...]}``; AUCs and rates are fractions.
+        calibration video showed at the same threshold), "episode_promise" (:meth:`EpisodePromise.check`
+        of the false-alarm episodes in the normal frames), "errors": [...]}``; AUCs and rates are
+        fractions (AUCs NaN without both classes).
 
     Raises:
         DatasetError: no videos, a video without labels, or labels of another length than the video.
@@ -122,10 +205,12 @@ def evaluate_videos(
     episodes = 0
     margin = max(EVENT_MARGIN, 2 * detector.delay)
     seconds = 0.0
-    for video, y in iter_labelled(list_videos(test_dir), labels):
+    videos = list_videos(test_dir)
+    pairs = iter_labelled(videos, labels) if labels is not None else ((v, None) for v in videos)
+    for video, y in pairs:
         pred = (predict or detector.predict)(video)
-        y_arr = np.asarray(y, dtype=np.int64)
         n = pred.n_frames
+        y_arr = np.asarray(y if y is not None else [0] * n, dtype=np.int64)
         if pred.error is None and n != y_arr.size:
             raise DatasetError(f"video {video_name(video)} has {n} frames but {y_arr.size} labels")
         if pred.error is not None:
@@ -161,5 +246,6 @@ def evaluate_videos(
         "false_alarm_episodes": episodes,
         "false_alarm_episodes_per_1000_normal_frames": 1000 * episodes / max(1, n_normal),
         "calibration_episodes_per_1000_frames": calibration_episode_rate(detector),
+        "episode_promise": EpisodePromise.of(detector).check(episodes, n_normal),
         "errors": errors,
     }
