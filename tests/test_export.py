@@ -13,12 +13,18 @@ runner = CliRunner()
 
 def assert_parity(python_preds, onnx_preds):
     """Scores and maps within 1e-4 (relative, or of the map's range: fused multi-scale maps are in
-    normal-SD units and cross zero), decisions identical, masks identical but for pixels at the threshold."""
+    normal-SD units and cross zero), decisions identical but for a score within that tolerance of the
+    threshold, p-values identical but where a calibration score lies between the two scores (then one
+    step of the >= 100 calibration scores apart: seen on transistor's good/036, scores 5e-6 apart
+    across CPUs), masks identical but for pixels at the threshold."""
     assert len(python_preds) == len(onnx_preds)
     for a, b in zip(python_preds, onnx_preds):
         assert a.ok and b.ok
-        assert b.pred_score == pytest.approx(a.pred_score, rel=1e-4, abs=1e-4)
-        assert b.pred_label == a.pred_label and b.p_value == a.p_value
+        tol = 1e-4 * max(1.0, abs(a.pred_score))
+        assert abs(b.pred_score - a.pred_score) <= tol
+        if abs(a.pred_score - a.threshold) > tol:
+            assert b.pred_label == a.pred_label
+        assert abs(b.p_value - a.p_value) <= 0.01
         np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, rtol=1e-4, atol=1e-4 * float(np.abs(a.anomaly_map).max()))
         assert np.mean(a.pred_mask != b.pred_mask) < 1e-4
         assert len(a.regions) == len(b.regions)
