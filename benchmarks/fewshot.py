@@ -163,7 +163,8 @@ def zero_shot_row(cat: MVTecCategory, size: int, max_references: int | None, mut
     row = {"category": cat.name, "method": "MuSc zero-shot", "backbone": _musc_backbone(model), "image_size": f"{size} px",
            "k": 0, "augment": "none", "draws": 1, "promised_far": math.nan,
            "observed_far": [100 * sum(p.pred_label for p in good) / len(good)], "fit_s": 0.0,
-           "ms_per_image": 1000 * dt / len(samples), "max_references": max_references}
+           "ms_per_image": 1000 * dt / len(samples), "max_references": max_references,
+           "cnn_views": list(model.cnn_views)}
     for key in METRICS:
         row[key] = [100 * m[key]]
     return row

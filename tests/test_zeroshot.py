@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from anomalens.cli import app
+from anomalens.errors import ConfigError
 
 
 def test_zero_shot_ranks_defects_and_localises(hazelnut):
@@ -79,8 +81,12 @@ def test_zero_shot_cli(hazelnut, tmp_path):
     assert r.exit_code == 2 and "resnet_nope" in r.output, r.output
     r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "--cnn", "mobilenet_v2,mobilenet_v2", "--out", str(tmp_path / "z4")])
     assert r.exit_code == 2 and "twice" in r.output, r.output
-    r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "--cnn", "efficientnet_lite0", "--no-heatmaps", "--out", str(tmp_path / "z5")])
-    assert r.exit_code == 0, r.output  # one CNN, as before
+    r = CliRunner().invoke(
+        app, ["zero-shot", str(hazelnut / "test"), "--cnn", "efficientnet_lite0", "--cnn-augment", "none", "--no-heatmaps", "--out", str(tmp_path / "z5")]
+    )
+    assert r.exit_code == 0, r.output  # one CNN without the turns, as before 2026-12-06
+    r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "--cnn-augment", "sideways", "--out", str(tmp_path / "z6")])
+    assert r.exit_code == 2 and "sideways" in r.output, r.output
 
 
 def test_few_shot_references_with_the_batch(hazelnut, tmp_path):
@@ -109,3 +115,28 @@ def test_few_shot_references_with_the_batch(hazelnut, tmp_path):
     r = CliRunner().invoke(app, ["zero-shot", str(hazelnut / "test"), "-r", str(refs[0]), "-r", str(refs[1]), "--out", str(tmp_path / "zr")])
     assert r.exit_code == 0 and "against 2 good image(s)" in r.output, r.output
     assert len(list(csv.DictReader(open(tmp_path / "zr" / "predictions.csv")))) == 10
+
+
+def test_cnn_turns_let_a_part_at_another_angle_match(transistor):
+    """``cnn_augment="rotations"`` (the default): a good transistor turned 180 degrees finds its patches
+    in the other images' turns. Without them its CNN mutual score stands out of the batch of good
+    parts, as a misplaced part's does; with them it falls back among them. More views never raise a
+    patch's distance."""
+    from anomalens.io import read_image
+    from anomalens.zeroshot import MuSc, robust_z
+
+    good = sorted((transistor / "test" / "good").glob("*.png"))[:12]
+    arrays = [read_image(p) for p in good]
+    arrays[-1] = np.ascontiguousarray(np.rot90(arrays[-1], 2))  # the same good part, upside down
+    model = MuSc(cnn_backbone="efficientnet_lite0")
+    assert model.cnn_views == ("rot90", "rot180", "rot270")
+    feats = [model.cnn_features(arrays, "efficientnet_lite0")]
+    views = [[model.cnn_features(arrays, "efficientnet_lite0", v)] for v in model.cnn_views]
+    plain = model.mutual_scores(feats, degrees=(1,))
+    turned = model.mutual_scores(feats, degrees=(1,), views=views)
+    assert bool((turned <= plain + 1e-6).all())
+    z_plain, z_turned = robust_z(plain.flatten(1).amax(1)), robust_z(turned.flatten(1).amax(1))
+    assert z_plain[-1] > 2.5 and z_plain.argmax() == len(arrays) - 1, z_plain
+    assert z_turned[-1] < 3 and z_turned[-1] < z_plain[-1] / 2, z_turned
+    with pytest.raises(ConfigError, match="augment"):
+        MuSc(cnn_augment="sideways")

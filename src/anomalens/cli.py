@@ -349,6 +349,10 @@ def zero_shot(
         help="CNNs (comma-separated) whose patch features are scored mutually beside the ViT's (robust z-scores added, one vote each); 'none' = the ViT alone.",
     ),
     cnn_size: int = typer.Option(256, help="Side in pixels the CNN sees (multiple of 16)."),
+    cnn_augment: str = typer.Option(
+        "rotations",
+        help="Views of the other images a CNN patch may also match: rotations (their 90-degree turns: parts at any angle), none (faster, half the time), flips, dihedral.",
+    ),
 ) -> None:
     """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT and a CNN.
 
@@ -362,6 +366,7 @@ def zero_shot(
         model = MuSc(
             chunk=chunk, reference_augment=augment, image_size=image_size, max_references=max_references or None,
             cnn_backbone=None if cnn.lower() == "none" else split_names(cnn), cnn_size=cnn_size,
+            cnn_augment=cnn_augment,
         )
         refs = expand_inputs(reference) if reference else None
         preds = model.predict(paths, references=refs)
