@@ -107,7 +107,8 @@ class MuSc:
             hazelnut_reduced / transistor / magnetic_tile): ``"none"`` 100.0 / 96.8 / 78.1, rotations
             100.0 / 96.9 / 79.4; the ViT's vote with the turns as well 100.0 / 96.3 / 79.4, so it
             has none. Each view costs one more CNN pass per image and one more round of the CNNs'
-            pairwise work (the whole batch takes about twice as long as with ``"none"``).
+            pairwise work (the whole batch took 2.6 times as long as with ``"none"``: transistor,
+            100 images, 3.25 against 1.25 s per image on 2 cores).
 
     Raises:
         ConfigError: invalid layers, backbone or augmentation; a CNN named twice; cnn_maps < 0.
