@@ -10,6 +10,7 @@ from typing import Iterator
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
@@ -60,3 +61,16 @@ def fmt_threshold(v: float) -> str:
 def split_names(text: str) -> list[str]:
     """The names of a comma-separated option (``"a, b,"`` -> ``["a", "b"]``): blanks dropped."""
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def metrics_table(result_dict: dict, title: str) -> Table:
+    """A rich table: one row for all images, one per defect type; metrics in percent."""
+    cols = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_ap", "false_alarm_rate", "detection_rate"]
+    t = Table(title=title)
+    t.add_column("subset")
+    for c in cols:
+        t.add_column(c.replace("_", " "), justify="right")
+    t.add_row("all", *[fmt_pct(result_dict["metrics"].get(c)) for c in cols])
+    for name, m in result_dict.get("per_defect", {}).items():
+        t.add_row(name, *[fmt_pct(m.get(c)) for c in cols])
+    return t

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..cli_common import console, fail as _fail, out_console, progress_bars, split_names
+from .common import console, fail as _fail, out_console, progress_bars, split_names
 from ..errors import AnomalensError, ConfigError
 
 video_app = typer.Typer(no_args_is_help=True, help="Video anomaly detection for fixed cameras (UCSD Ped2 layout or video files).")
@@ -38,7 +38,7 @@ def fit(
     calibration_videos: Optional[int] = typer.Option(None, help="holdout: normal videos held out to calibrate (default 25%, at least 1)."),
 ) -> None:
     """Learn normal appearance and motion of one camera view, and calibrate the frame threshold."""
-    from .detector import VideoDetector
+    from ..video.detector import VideoDetector
 
     try:
         det = VideoDetector(
@@ -56,7 +56,7 @@ def fit(
         f"threshold {det.threshold:.3f}"
     )
     console.print(f"threshold: {det.calibration.note}")
-    from .evaluate import EpisodePromise
+    from ..video.evaluate import EpisodePromise
 
     console.print(f"alarms to expect on new normal footage: {_promise_text(EpisodePromise.of(det))}")
 
@@ -70,8 +70,8 @@ def _promise_text(promise, fps: float | None = None) -> str:
 
 def _write_outputs(det, video: Path, out: Path, labels: list[int] | None, mp4: bool):
     """Predict one video, streaming frames into the annotated MP4; then the CSV and the plot."""
-    from .io import video_fps, video_name
-    from .output import AnnotatedVideoWriter, plot_scores, write_frame_csv
+    from ..video.io import video_fps, video_name
+    from ..video.output import AnnotatedVideoWriter, plot_scores, write_frame_csv
 
     d = out / video_name(video)
     fps = video_fps(video)
@@ -95,9 +95,9 @@ def predict(
     labels: Optional[Path] = typer.Option(None, help="Frame labels JSON (video id -> 0/1 per frame), shaded in the plot."),
 ) -> None:
     """Score videos frame by frame (streamed: a long video is never held in memory)."""
-    from .detector import VideoDetector
-    from .evaluate import read_frame_labels
-    from .io import list_videos, video_name
+    from ..video.detector import VideoDetector
+    from ..video.evaluate import read_frame_labels
+    from ..video.io import list_videos, video_name
 
     failed = []
     try:
@@ -133,9 +133,9 @@ def evaluate(
 ) -> None:
     """Frame-level AUC (micro over all frames, and per video), the threshold's false alarms (per frame and in episodes, against
     what the calibration promised), and frames per second."""
-    from .detector import VideoDetector
-    from .evaluate import EpisodePromise, evaluate_videos, read_frame_labels
-    from .io import video_name
+    from ..video.detector import VideoDetector
+    from ..video.evaluate import EpisodePromise, evaluate_videos, read_frame_labels
+    from ..video.io import video_name
 
     if (labels is None) == (not all_normal):
         _fail(ConfigError("give the frame labels JSON, or --all-normal for footage whose every frame is normal (not both)"))
@@ -198,7 +198,7 @@ def synth(
     fade: int = typer.Option(4, help="Frames over which an object appears (unless it enters at the edge) and vanishes; 0: from one frame to the next."),
 ) -> None:
     """Insert synthetic abnormal events (people too fast or crossing, foreign objects) into normal video, with exact frame labels."""
-    from .synthetic import make_synthetic_set
+    from ..video.synthetic import make_synthetic_set
 
     try:
         labels = make_synthetic_set(videos, out, split_names(kinds), seed=seed, duration=duration, events_per_video=events_per_video, min_visible=min_visible, fade=fade)

@@ -1,0 +1,5 @@
+"""``python -m anomalens``: the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""``python -m anomalens.cli``: the command line."""
+
+from . import main
+
+main()
