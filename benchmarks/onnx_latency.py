@@ -34,7 +34,8 @@ def main() -> None:
 
     from anomalens import create_detector
     from anomalens.data import MVTecCategory
-    from anomalens.export import OnnxDetector, export_onnx
+    from anomalens.export import export_onnx
+    from anomalens.runtime import OnnxDetector
     from anomalens.io import read_image
 
     rows = []

@@ -41,7 +41,8 @@ def test_any_image_shape_magnetic_tile(tmp_path):
     from anomalens import PatchCore
     from anomalens.common import model_input_hw
     from anomalens.data import MVTecCategory
-    from anomalens.export import OnnxDetector, export_onnx
+    from anomalens.export import export_onnx
+    from anomalens.runtime import OnnxDetector
     from anomalens.metrics import image_auroc
     from test_export import assert_parity
 

@@ -32,7 +32,7 @@ def assert_parity(python_preds, onnx_preds):
 
 def test_onnx_parity_on_hazelnut_cli(hazelnut, fitted_patchcore, tmp_path):
     """`anomalens export` writes a file whose ONNX Runtime predictions equal the Python ones."""
-    from anomalens.export import OnnxDetector
+    from anomalens.runtime import OnnxDetector
 
     det, model_dir = fitted_patchcore
     out = tmp_path / "m.onnx"
@@ -52,7 +52,8 @@ def test_onnx_parity_few_shot_max_score(hazelnut, tmp_path):
     """A few-shot model (4 shots: the maximum patch score, every patch and its turned views in the bank)
     exports with the same scores and decisions; the full-data models above use the top-1% mean."""
     from anomalens import PatchCore
-    from anomalens.export import OnnxDetector, export_onnx
+    from anomalens.export import export_onnx
+    from anomalens.runtime import OnnxDetector
 
     det = PatchCore().fit(hazelnut, shots=4, seed=1)
     assert det.image_score == "max" and det.train_views == ["id", "rot90", "rot180", "rot270"]
@@ -62,7 +63,8 @@ def test_onnx_parity_few_shot_max_score(hazelnut, tmp_path):
 
 def test_onnx_parity_padim(hazelnut, tmp_path):
     from anomalens import PaDiM
-    from anomalens.export import OnnxDetector, export_onnx
+    from anomalens.export import export_onnx
+    from anomalens.runtime import OnnxDetector
 
     det = PaDiM(false_alarm_rate=0.05).fit(hazelnut)
     path = export_onnx(det, tmp_path / "padim.onnx")
@@ -73,7 +75,8 @@ def test_onnx_parity_padim(hazelnut, tmp_path):
 def test_onnx_parity_on_transistor(transistor, transistor_patchcore, tmp_path):
     """All 100 transistor test images (512 x 512): same scores, maps and decisions."""
     from anomalens.data import MVTecCategory
-    from anomalens.export import OnnxDetector, export_onnx
+    from anomalens.export import export_onnx
+    from anomalens.runtime import OnnxDetector
 
     path = export_onnx(transistor_patchcore, tmp_path / "t.onnx")
     samples = MVTecCategory(transistor).test_samples()
@@ -85,7 +88,7 @@ def test_onnx_parity_on_transistor(transistor, transistor_patchcore, tmp_path):
 
 def test_onnx_bad_files(tmp_path, fitted_patchcore):
     from anomalens.errors import ModelFileError
-    from anomalens.export import OnnxDetector
+    from anomalens.runtime import OnnxDetector
 
     with pytest.raises(ModelFileError, match="does not exist"):
         OnnxDetector(tmp_path / "none.onnx")

@@ -10,7 +10,8 @@ from anomalens.errors import ConfigError
 def test_patchcore_on_vit_tokens(hazelnut, tmp_path):
     from anomalens import PatchCore, load_detector
     from anomalens.evaluation import evaluate
-    from anomalens.export import export_onnx, load_inference_model
+    from anomalens.export import export_onnx
+    from anomalens.runtime import load_inference_model
 
     det = PatchCore(backbone="vit_small_focus", image_size=224, false_alarm_rate=0.05).fit(hazelnut)
     assert (det.image_sizes, det.border_pad, det.fit_info["grid"]) == ((224,), 0, [16, 16])  # 224 px, 14 px patches

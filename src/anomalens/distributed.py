@@ -52,7 +52,7 @@ class _ChunkScorer:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        from .export import load_inference_model
+        from .runtime import load_inference_model
 
         self.model = load_inference_model(model_dir, engine, threads=max(1, threads))
 
@@ -189,7 +189,7 @@ def batch_predict(
         progress(done_images, len(paths))
     if not todo:
         return summary
-    from .export import load_inference_model
+    from .runtime import load_inference_model
 
     load_inference_model(model_dir, engine)  # export once here (when needed), not in every actor at once
     import ray

@@ -26,20 +26,14 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import __version__
-from .calibration import Calibration
-from .common import group_by_shape, model_input_hw, resize_map, to_model_input
 from .errors import ConfigError, ModelFileError
-from .io import ImageLike
-from .prediction import Prediction
+from .runtime import ONNX_FORMAT_VERSION, OnnxDetector
 
-ONNX_FORMAT_VERSION = 2  # 2: model-input tensor in, aspect-kept geometry in the metadata
 OPSET = 18
 
 
@@ -133,99 +127,6 @@ def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | N
     return path
 
 
-class OnnxDetector:
-    """Predict with an exported ONNX file on ONNX Runtime: the same :class:`Prediction` as the model.
-
-    Args:
-        path: an ``.onnx`` file written by :func:`export_onnx` (``anomalens export``).
-        threads: intra-op threads (None = ONNX Runtime's default, all cores).
-        batch_size: images per call (images of different sizes are run separately).
-
-    Raises:
-        ModelFileError: missing file, not an ONNX model, no or incompatible anomalens metadata, or
-            thresholds that do not match the stored calibration scores.
-    """
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = 8):
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"ONNX model {path} does not exist")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-            raise ModelFileError(f"{path} is not a loadable ONNX model ({str(exc)[:200]})") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get("anomalens")
-        if raw is None:
-            raise ModelFileError(f"{path} has no anomalens metadata: export it with `anomalens export`")
-        try:
-            meta = json.loads(raw)
-            if meta["format_version"] != ONNX_FORMAT_VERSION:
-                raise ModelFileError(f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {ONNX_FORMAT_VERSION}")
-            c = meta["calibration"]
-            cal = Calibration.restore(
-                np.asarray(c["scores"]), np.asarray(c["map_maxima"]), float(c["false_alarm_rate"]), source=c["source"],
-                mode=c.get("mode", "conformal"), threshold=float(meta["threshold"]), pixel_threshold=float(meta["pixel_threshold"]),
-                note=str(c.get("note", "")), where=str(path),
-            )
-        except ModelFileError:
-            raise
-        except Exception as exc:
-            raise ModelFileError(f"{path} has unreadable anomalens metadata ({exc})") from None
-        self.path = path
-        self.meta = meta
-        self.calibration = cal
-        self.name = meta["detector"]
-        self.batch_size = int(batch_size)
-
-    @property
-    def threshold(self) -> float:
-        return self.calibration.threshold
-
-    @property
-    def pixel_threshold(self) -> float:
-        return self.calibration.pixel_threshold
-
-    def input_shapes(self, hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
-        """Model-input shapes, one per scale, for an image of ``hw`` pixels (the exported geometry)."""
-        g = self.meta["geometry"]
-        if g.get("fixed_hw"):
-            return ((int(g["fixed_hw"][0]), int(g["fixed_hw"][1])),)
-        return tuple(model_input_hw(hw, int(size), bool(g["keep_aspect"])) for size in g["image_sizes"])
-
-    def score_batch(self, images: list[np.ndarray]) -> tuple[list[float], list[np.ndarray]]:
-        """Image scores and maps (at each image's size) for ``uint8`` RGB images ``(H_i, W_i, 3)``;
-        one session call per model-input shape."""
-        scores: list[float] = [0.0] * len(images)
-        maps: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
-        for shapes, idx in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
-            group = [images[i] for i in idx]
-            feeds = {("image" if k == 0 else f"image_{k}"): to_model_input(group, hw).numpy() for k, hw in enumerate(shapes)}
-            s, m = self.session.run(None, feeds)
-            for k, i in enumerate(idx):
-                scores[i] = float(s[k])
-                maps[i] = resize_map(torch.from_numpy(m[k]), images[i].shape[:2])
-        return scores, maps
-
-    def _scorer(self, images: list[np.ndarray]):
-        s, m = self.score_batch(images)
-        return s, m, None
-
-    def predict(self, images: Iterable[ImageLike], *, keep_images: bool = False, progress=None) -> list[Prediction]:
-        """Same contract as :meth:`anomalens.detectors.base.Detector.predict` (no evidence)."""
-        from .inference import run_predictions
-
-        return run_predictions(images, self._scorer, self.calibration, self.batch_size, keep_images=keep_images, progress=progress)
-
-    def decision_function(self, images: Iterable[ImageLike]) -> np.ndarray:
-        """Image anomaly scores, ``float64`` ``(N,)``; NaN for unreadable images."""
-        return np.array([p.pred_score for p in self.predict(images)], dtype=np.float64)
-
-
 def geometry_of(detector) -> dict:
     """How images are resized for ``detector``: ``{"image_sizes", "keep_aspect", "fixed_hw"}`` (the
     last for PaDiM, whose fitted grid fixes one model-input shape; else None)."""
@@ -266,27 +167,3 @@ def onnx_for_model_dir(model_dir: Path, config_sha256: str, threads: int | None 
         path = Path(tempfile.mkdtemp(prefix="anomalens-onnx-")) / "model.onnx"
     export_onnx(detector if detector is not None else load_detector(model_dir), path, source_config_sha256=config_sha256)
     return OnnxDetector(path, threads=threads)
-
-
-def load_inference_model(model_dir: str | os.PathLike, engine: str = "onnx", threads: int | None = None):
-    """The model that serves predictions for ``model_dir``: an :class:`OnnxDetector` (``engine="onnx"``,
-    exported on demand) or the Python detector (``"torch"``, and for models that cannot be exported,
-    such as those on the ViT backbone, which runs on ONNX Runtime already).
-
-    Raises:
-        ModelFileError: the model cannot be loaded. ConfigError: unknown engine.
-    """
-    from .detectors import load_detector
-    from .serialization import read_config
-
-    if engine not in ("onnx", "torch"):
-        raise ConfigError(f"unknown engine {engine!r}; use onnx or torch")
-    model_dir = Path(model_dir)
-    detector = load_detector(model_dir)
-    if engine == "torch":
-        return detector
-    try:
-        check_exportable(detector)
-    except ConfigError:
-        return detector
-    return onnx_for_model_dir(model_dir, read_config(model_dir)["config_sha256"], threads, detector)
