@@ -1,8 +1,16 @@
-"""Evaluate a fitted detector on a labelled test set (MVTec AD layout)."""
+"""Evaluate a fitted detector on a labelled test set: an MVTec AD category, ``good/`` beside folders
+of defective images, or anomalib's Folder layout (:mod:`anomalens.folders`), masks optional.
+
+Image metrics (image AUROC, AP, F1-max, and the false-alarm and detection rates at the model's
+threshold) need good and defective images; pixel metrics (pixel AUROC, AUPRO) need a ground-truth
+mask for every defective image. What the data does not allow is left out of the metrics and named,
+with the reason, in :attr:`EvaluationResult.absent`.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -12,6 +20,7 @@ import numpy as np
 from . import metrics
 from .calibration import conformal_threshold, f1_threshold, false_alarm_band
 from .data import MVTecCategory, Sample
+from .folders import labelled_samples, layout_of
 from .errors import CalibrationError
 from .detectors.base import Detector, Progress
 from .prediction import Prediction
@@ -19,13 +28,17 @@ from .prediction import Prediction
 
 @dataclass
 class EvaluationResult:
-    """Metrics of one evaluation, as fractions in [0, 1] (NaN where undefined).
+    """Metrics of one evaluation, as fractions in [0, 1]: only those the data allows.
 
     Attributes:
         metrics: overall ``image_auroc``, ``image_ap``, ``image_f1_max``, ``pixel_auroc``, ``aupro``,
             plus the observed ``false_alarm_rate`` (normal images flagged) and ``detection_rate``
-            (defective images flagged) at the model's threshold.
-        per_defect: the same metrics restricted to ``good`` + one defect type.
+            (defective images flagged) at the model's threshold; a metric the data does not allow
+            is absent (see ``absent``).
+        per_defect: the same metrics restricted to ``good`` + one defect type (those they allow).
+        absent: metric name -> why the data does not allow it (e.g. defective images without masks:
+            no ``pixel_auroc`` or ``aupro``).
+        layout: ``"mvtec"``, ``"good+defective"``, ``"folder"``, or None for samples passed as a list.
         predictions: every prediction (maps included).
         seconds: wall time of prediction, and per image in ms.
         pro_curve: ``(fpr, pro)`` of all images up to ``fpr`` 0.3, thinned to about 2000 points (for plots).
@@ -38,12 +51,25 @@ class EvaluationResult:
     n_errors: int = 0
     seconds: float = 0.0
     pro_curve: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    absent: dict[str, str] = field(default_factory=dict)
+    layout: str | None = None
+
+    def ground_truth(self) -> dict[str, int]:
+        """Counts of the scored images: ``n_good``, ``n_defective``, ``n_defective_with_mask``."""
+        ok = [p for p in self.predictions if p.ok and p.gt_label is not None]
+        bad = [p for p in ok if p.gt_label == 1]
+        return {"n_good": sum(p.gt_label == 0 for p in ok), "n_defective": len(bad),
+                "n_defective_with_mask": sum(p.gt_mask is not None for p in bad)}
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (without maps)."""
+        """JSON-ready dict (without maps): ``metrics``, ``metrics_absent`` (name -> reason),
+        ``per_defect``, ``layout``, ``ground_truth`` counts, image counts and timings."""
         return {
             "metrics": self.metrics,
+            "metrics_absent": self.absent,
             "per_defect": self.per_defect,
+            "layout": self.layout,
+            "ground_truth": self.ground_truth(),
             "n_images": self.n_images,
             "n_errors": self.n_errors,
             "seconds_predict": round(self.seconds, 3),
@@ -63,7 +89,7 @@ def compute_metrics(preds: Sequence[Prediction], pixel: bool = True, pixels: met
 
     Args:
         preds: predictions with ``gt_label`` (and ``gt_mask`` for pixel metrics).
-        pixel: also compute pixel AUROC and AUPRO.
+        pixel: also compute pixel AUROC and AUPRO (NaN unless every defective image has ``gt_mask``).
         pixels: :class:`~anomalens.metrics.PixelScores` built over a superset of ``preds`` (indexed by
             ``id`` of the prediction in ``pixels_index``), to avoid sorting the pixels again.
     """
@@ -75,7 +101,9 @@ def compute_metrics(preds: Sequence[Prediction], pixel: bool = True, pixels: met
         "image_ap": _safe(metrics.average_precision, labels, scores),
         "image_f1_max": _safe(lambda a, b: metrics.f1_max(a, b)[0], labels, scores),
     }
-    if pixel:
+    if pixel and any(p.gt_label == 1 and p.gt_mask is None for p in ok):
+        out["pixel_auroc"] = out["aupro"] = math.nan  # pixel metrics of only the masked defects would mislead
+    elif pixel:
         with_mask = [p for p in ok if p.gt_mask is not None]
         if pixels is None and with_mask:
             pixels = metrics.PixelScores([p.gt_mask for p in with_mask], [p.anomaly_map for p in with_mask])
@@ -92,42 +120,106 @@ def compute_metrics(preds: Sequence[Prediction], pixel: bool = True, pixels: met
     return out
 
 
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "aupro")
+METRIC_NAMES = {"image_auroc": "image AUROC", "image_ap": "AP", "image_f1_max": "F1-max", "pixel_auroc": "pixel AUROC",
+                "aupro": "AUPRO", "false_alarm_rate": "false-alarm rate", "detection_rate": "detection rate"}
+
+
+def absent_metrics(preds: Sequence[Prediction]) -> dict[str, str]:
+    """The metrics labelled predictions do not allow, each with the reason (for people).
+
+    No defective image: no image AUROC, AP, F1-max, detection rate or pixel metric. No good image: no
+    image AUROC, AP, F1-max or false-alarm rate. A defective image without ``gt_mask``: no pixel AUROC
+    or AUPRO (they need every defective image's mask; the masked ones alone would mislead).
+    """
+    ok = [p for p in preds if p.ok and p.gt_label is not None]
+    good = [p for p in ok if p.gt_label == 0]
+    bad = [p for p in ok if p.gt_label == 1]
+    out: dict[str, str] = {}
+    if not bad:
+        why = "no defective image in the test data (image AUROC, AP and F1-max compare good with defective images)"
+        out.update(dict.fromkeys(IMAGE_METRICS + ("detection_rate",) + PIXEL_METRICS, why))
+    if not good:
+        why = "no good image in the test data (image AUROC, AP and F1-max compare good with defective images)"
+        for k in IMAGE_METRICS + ("false_alarm_rate",):
+            out.setdefault(k, why)
+    unmasked = [p for p in bad if p.gt_mask is None]
+    if unmasked:
+        example = os.path.basename(unmasked[0].image_path or "") or "an image"
+        head = ("the defective images have no ground-truth masks" if len(unmasked) == len(bad)
+                else f"{len(unmasked)} of {len(bad)} defective images have no ground-truth mask (e.g. {example})")
+        why = (f"{head}: pixel AUROC and AUPRO need a mask for every defective image (MVTec AD: "
+               "ground_truth/<defect>/<stem>_mask.png; anomalib's Folder layout: --mask-dir, masks named by image stem)")
+        out.update(dict.fromkeys(PIXEL_METRICS, why))
+    return out
+
+
+def _allowed(m: dict[str, float], absent: dict[str, str]) -> dict[str, float]:
+    """``m`` without the absent metrics and without NaN (undefined) values."""
+    return {k: v for k, v in m.items() if k not in absent and not (isinstance(v, float) and math.isnan(v))}
+
+
 def evaluate(
     detector: Detector,
-    samples: Sequence[Sample] | MVTecCategory | str,
+    samples: Sequence[Sample] | MVTecCategory | str | os.PathLike | None = None,
     *,
+    normal_dir: str | os.PathLike | None = None,
+    abnormal_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    mask_dir: str | os.PathLike | None = None,
     per_defect: bool = True,
     progress: Progress | None = None,
 ) -> EvaluationResult:
-    """Predict every test sample and compute the metrics (overall and per defect type).
+    """Predict every test sample and compute the metrics the data allows (overall and per defect type).
 
     Args:
         detector: a fitted detector.
-        samples: test samples, an :class:`~anomalens.data.MVTecCategory`, or its folder path.
+        samples: test samples (a list of :class:`~anomalens.data.Sample`), an
+            :class:`~anomalens.data.MVTecCategory`, or a folder in any layout of
+            :func:`anomalens.folders.labelled_samples` (MVTec AD category; ``good/`` beside defect
+            folders; the root of ``normal_dir`` / ``abnormal_dir`` / ``mask_dir``). Masks optional.
+        normal_dir, abnormal_dir, mask_dir: anomalib's Folder layout (relative to ``samples`` when
+            that is a folder).
         per_defect: also compute metrics for ``good`` + each defect type.
+
+    Returns:
+        An :class:`EvaluationResult`; metrics the data does not allow are in ``absent`` with the reason.
+
+    Raises:
+        DatasetError: the folder is in no known layout, or a folder is missing or empty.
+        ConfigError: ``mask_dir`` without ``abnormal_dir``.
+        NotFittedError: the detector is not fitted.
     """
-    if isinstance(samples, str) or hasattr(samples, "__fspath__"):
-        samples = MVTecCategory(samples)  # type: ignore[arg-type]
+    layout = None
     if isinstance(samples, MVTecCategory):
-        samples = samples.test_samples()
+        samples = samples.root
+    if samples is None or isinstance(samples, (str, os.PathLike)):
+        layout = layout_of(samples, normal_dir=normal_dir, abnormal_dir=abnormal_dir)
+        samples = labelled_samples(samples, normal_dir=normal_dir, abnormal_dir=abnormal_dir, mask_dir=mask_dir)
     t0 = time.perf_counter()
     preds = detector.predict(samples, progress=progress)
     seconds = time.perf_counter() - t0
+    absent = absent_metrics(preds)
+    pixel_ok = not (set(PIXEL_METRICS) & set(absent))
     with_mask = [p for p in preds if p.ok and p.gt_label is not None and p.gt_mask is not None]
     pixels = None
-    if with_mask:
+    if with_mask and any(p.gt_label == 1 for p in with_mask):
         # one sort of all pixels serves every subset (see metrics.PixelScores)
         pixels = metrics.PixelScores([p.gt_mask for p in with_mask], [p.anomaly_map for p in with_mask])
         pixels.index_of = {id(p): i for i, p in enumerate(with_mask)}  # type: ignore[attr-defined]
-    overall = compute_metrics(preds, pixels=pixels)
+    overall = compute_metrics(preds, pixel=pixel_ok, pixels=pixels)
+    for k, v in overall.items():
+        if k not in absent and isinstance(v, float) and math.isnan(v):
+            absent[k] = "undefined on these images"
     by_defect: dict[str, dict[str, float]] = {}
     if per_defect:
         types = sorted({p.defect_type for p in preds if p.defect_type and p.defect_type != "good"})
         for t in types:
             sub = [p for p in preds if p.defect_type in ("good", t)]
-            by_defect[t] = compute_metrics(sub, pixels=pixels)
+            sub_absent = absent_metrics(sub)
+            by_defect[t] = _allowed(compute_metrics(sub, pixel=not (set(PIXEL_METRICS) & set(sub_absent)), pixels=pixels), sub_absent)
     pro = None
-    if pixels is not None:
+    if pixels is not None and pixel_ok:
         try:
             fpr, pr = pixels.pro_curve()
             keep = fpr <= 0.3
@@ -135,7 +227,8 @@ def evaluate(
             pro = (fpr[keep][::step], pr[keep][::step])
         except ValueError:
             pro = None
-    return EvaluationResult(overall, by_defect, preds, len(preds), sum(not p.ok for p in preds), seconds, pro)
+    return EvaluationResult(_allowed(overall, absent), by_defect, preds, len(preds), sum(not p.ok for p in preds), seconds, pro,
+                            absent, layout)
 
 
 def threshold_table(detector: Detector, preds: Sequence[Prediction], alphas: Sequence[float] = (0.01, 0.05, 0.1)) -> list[dict]:

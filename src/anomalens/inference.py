@@ -9,6 +9,7 @@ one :class:`~anomalens.calibration.Calibration`.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Iterable
 
@@ -42,7 +43,8 @@ def read_input(item: ImageLike | Sample, i: int) -> tuple[np.ndarray, dict[str, 
     failed :class:`Prediction` naming it when it (or its mask) cannot be read.
 
     The fields are ``image_path`` and, for a :class:`~anomalens.data.Sample`, ``gt_label``,
-    ``defect_type`` and ``gt_mask`` (``bool`` ``(H, W)``; all False for a good image).
+    ``defect_type`` and ``gt_mask`` (``bool`` ``(H, W)``; all False for a good image, None for a
+    defective image without a mask).
     """
     gt: dict[str, Any] = {}
     src: Any = item
@@ -53,11 +55,63 @@ def read_input(item: ImageLike | Sample, i: int) -> tuple[np.ndarray, dict[str, 
     try:
         img = to_rgb_array(src)
         if isinstance(item, Sample):
-            gt["gt_mask"] = read_mask(item.mask_path, img.shape[:2]) if item.mask_path is not None else np.zeros(img.shape[:2], bool)
+            if item.mask_path is not None:
+                gt["gt_mask"] = read_mask(item.mask_path, img.shape[:2])
+            elif item.gt_label == 0:
+                gt["gt_mask"] = np.zeros(img.shape[:2], bool)
     except (ImageReadError, DatasetError) as exc:
         return Prediction.failed(name if isinstance(src, (str, os.PathLike)) else None, str(exc), **{k: v for k, v in gt.items() if k != "gt_mask"})
     gt["image_path"] = str(src) if isinstance(src, (str, os.PathLike)) else None
     return img, gt
+
+
+def as_inputs(images: Any) -> list:
+    """The inputs of one ``predict`` call as a list: one image (a path, a PIL image, a
+    :class:`~anomalens.data.Sample`, or a numpy array ``(H, W)`` / ``(H, W, C)``) becomes a list of
+    one; a 4-D array ``(N, H, W, C)`` becomes ``N`` images; any other iterable is listed as it is.
+
+    Raises:
+        ImageReadError: a numpy array that is neither one image nor a stack of images (1-D, 5-D, ...).
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim in (2, 3):
+            return [images]
+        if images.ndim == 4:
+            return list(images)
+        raise ImageReadError("<array>", f"expected one image (H, W) or (H, W, C), or a stack (N, H, W, C), got shape {images.shape}")
+    if isinstance(images, (str, os.PathLike, Sample)) or hasattr(images, "getpixel"):  # PIL images are not iterable
+        return [images]
+    return list(images)
+
+
+def normalized_score(score: float, threshold: float, low: float) -> float:
+    """``score`` on a [0, 1] scale with exactly 0.5 at ``threshold`` (anomalib's convention).
+
+    With the unit ``u = threshold - low`` (``low``: the lowest normal calibration score, so ``u`` is
+    the spread of normal scores below the threshold)::
+
+        score <= threshold:  max(0, 0.5 * (1 - (threshold - score) / u))     0 at low, linear
+        score >  threshold:  1 - 0.5 * exp(-(score - threshold) / u)         0.82 at threshold + u
+
+    Monotone in ``score`` (it ranks images as ``pred_score`` does; only scores below every
+    calibration score tie, at 0), finite, continuous with the same slope on both sides of the
+    threshold, and above 0.5 for flagged images (up to rounding right at the threshold). Above it approaches 1
+    without reaching it, so defects keep their order by severity instead of piling up at 1 (which
+    a clipped line does as soon as defects score beyond ``threshold + u``). When ``u`` is not positive
+    (one calibration score, or a best-F1 threshold under every normal score) it is ``max(|threshold|, 1)``.
+
+    Returns:
+        A float in [0, 1]; NaN when ``score`` or ``threshold`` is NaN.
+    """
+    if math.isnan(score) or math.isnan(threshold):
+        return math.nan
+    unit = threshold - low
+    if not (unit > 0.0 and math.isfinite(unit)):
+        unit = max(abs(threshold), 1.0)
+    z = (score - threshold) / unit
+    if z <= 0.0:
+        return float(max(0.0, 0.5 * (1.0 + z)))
+    return float(1.0 - 0.5 * math.exp(-z))
 
 
 def run_predictions(
@@ -72,9 +126,11 @@ def run_predictions(
 ) -> list[Prediction]:
     """The prediction loop shared by every inference engine (torch detectors, ONNX Runtime).
 
-    Reads each input (an unreadable one becomes a failed :class:`Prediction`, the rest go on), scores
-    batches with ``scorer``, and turns scores and maps into decisions, masks, p-values, regions and,
-    for flagged images, evidence, all from the calibration ``cal``. A batch-relative calibration
+    Reads each input (:func:`as_inputs`: one array is one image; an unreadable one becomes a failed
+    :class:`Prediction`, the rest go on), scores batches with ``scorer``, and turns scores and maps
+    into decisions, masks, p-values (and whether they are at their floor ``1 / (n + 1)``),
+    :func:`normalized_score`, regions and, for flagged images, evidence, all from the calibration
+    ``cal`` (its threshold and lowest score; batch-relative: the batch's threshold and lowest score). A batch-relative calibration
     (one-shot models) decides once every image is scored, from :func:`~anomalens.calibration.batch_thresholds`
     of all of them, and reports the thresholds to ``on_batch_thresholds(image, pixel)``.
 
@@ -83,26 +139,33 @@ def run_predictions(
             :data:`~anomalens.calibration.MIN_BATCH` readable images.
     """
     progress = progress or no_progress
-    items = list(images)
+    items = as_inputs(images)
     out: list[Prediction | None] = [None] * len(items)
     pending: list[tuple[int, np.ndarray, dict]] = []
     #: scored, not yet decided: (index, image, ground truth, score, map, evidence function, index in its batch)
     scored: list[tuple[int, np.ndarray, dict, float, np.ndarray, EvidenceFn | None, int]] = []
 
+    n_cal = int(cal.scores.size)
+    cal_low = float(cal.scores.min()) if n_cal else math.nan
+
     def decide(threshold: float, pixel_threshold: float) -> None:
+        low = float(min(x[3] for x in scored)) if cal.is_batch_relative and scored else cal_low
         for i, img, gt, score, amap, evidence_fn, j in scored:
             mask = amap > pixel_threshold
             label = int(score > threshold)
             regions = find_regions(amap, mask)
             evidence = evidence_fn(j, img.shape[:2], regions[0]) if (label and regions and evidence_fn) else None
+            p = None if cal.is_batch_relative else cal.p_value(float(score))
             out[i] = Prediction(
                 image_path=gt.pop("image_path"),
                 pred_score=float(score),
                 pred_label=label,
                 anomaly_map=amap,
                 pred_mask=mask,
-                p_value=None if cal.is_batch_relative else cal.p_value(float(score)),
+                p_value=p,
                 threshold=threshold,
+                normalized_score=normalized_score(float(score), threshold, low),
+                p_value_at_floor=None if p is None or math.isnan(p) else bool(p * (n_cal + 1) <= 1.0 + 1e-9),
                 regions=regions,
                 evidence=evidence,
                 image=img if keep_images else None,
