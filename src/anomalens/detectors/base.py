@@ -342,7 +342,7 @@ class Detector(Thresholds, ABC):
 
     def predict(
         self,
-        images: Iterable[ImageLike | Sample],
+        images: Iterable[ImageLike | Sample] | ImageLike | Sample,
         *,
         keep_images: bool = False,
         progress: Progress | None = None,
@@ -353,12 +353,15 @@ class Detector(Thresholds, ABC):
         prediction with ``error`` set and NaN score; the other images are still scored.
 
         Args:
-            images: paths, PIL images, arrays, or :class:`~anomalens.data.Sample` (ground truth attached).
+            images: paths, PIL images, arrays, or :class:`~anomalens.data.Sample` (ground truth
+                attached); or one of them alone. One numpy array ``(H, W)`` or ``(H, W, C)`` is one
+                image; a 4-D array ``(N, H, W, C)`` is ``N`` images (:func:`~anomalens.inference.as_inputs`).
             keep_images: also return the RGB input in ``Prediction.image``.
             progress: optional ``progress("predict", done, total)`` callback.
 
         Raises:
             NotFittedError: the detector has not been fitted or loaded.
+            ImageReadError: a numpy array that is neither one image nor a stack of images.
         """
         self._check_fitted()
         assert self.calibration is not None
