@@ -149,8 +149,8 @@ def absent_metrics(preds: Sequence[Prediction]) -> dict[str, str]:
         example = os.path.basename(unmasked[0].image_path or "") or "an image"
         head = ("the defective images have no ground-truth masks" if len(unmasked) == len(bad)
                 else f"{len(unmasked)} of {len(bad)} defective images have no ground-truth mask (e.g. {example})")
-        why = (f"{head}: pixel AUROC and AUPRO need a mask for every defective image (MVTec AD: "
-               "ground_truth/<defect>/<stem>_mask.png; anomalib's Folder layout: --mask-dir, masks named by image stem)")
+        why = (f"{head}: pixel AUROC and AUPRO need a mask for every defective image "
+               "(ground_truth/<defect folder>/<stem>_mask.png, or --mask-dir with masks named by image stem)")
         out.update(dict.fromkeys(PIXEL_METRICS, why))
     return out
 

@@ -24,7 +24,7 @@ from .errors import ImageReadError
 from .evaluation import EvaluationResult
 from .io import read_image
 from .prediction import Prediction
-from .visualize import evidence_panel, prediction_overlay, region_crop
+from .visualize import evidence_panel, overlay_figure, region_crop
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1b1f24;background:#fff}
@@ -121,11 +121,11 @@ def _read(path: str | None) -> np.ndarray | None:
         return None
 
 
-def _figure(pred: Prediction, pixel_threshold: float, width: int = 300, with_evidence: bool = True) -> str:
+def _figure(pred: Prediction, pixel_threshold: float, width: int = 540, with_evidence: bool = True) -> str:
     img = pred.image if pred.image is not None else _read(pred.image_path)
     if img is None or pred.anomaly_map is None:
         return ""
-    ov = prediction_overlay(pred, img, pixel_threshold)
+    ov = overlay_figure(pred, img, pixel_threshold)
     parts = [f'<img src="{_data_uri(_thumb(ov, width))}" alt="overlay">']
     if with_evidence and pred.evidence is not None:
         panel = evidence_panel(img, pred.evidence, _read(pred.evidence.train_image), side=140)
@@ -142,6 +142,21 @@ def _metric_table(result: EvaluationResult) -> str:
         f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_pct(m.get(k))}</td>" for k, _ in METRIC_COLUMNS) + "</tr>" for name, m in rows
     )
     return f"<table><tr><th>subset</th>{head}</tr>{body}</table>"
+
+
+def _absent_note(result: EvaluationResult) -> str:
+    """What the test data allowed: the image counts, and each metric left out with the reason."""
+    gt = result.ground_truth()
+    head = (f"<p class='note'>{gt['n_good']} good and {gt['n_defective']} defective images, "
+            f"{gt['n_defective_with_mask']} of them with a ground-truth mask (layout: {html.escape(result.layout or 'samples')}).")
+    if not result.absent:
+        return head + " Every metric could be computed.</p>"
+    labels = dict(METRIC_COLUMNS)
+    by_reason: dict[str, list[str]] = {}
+    for k, why in result.absent.items():
+        by_reason.setdefault(why, []).append(labels.get(k, k))
+    items = "".join(f"<li><b>{html.escape(', '.join(names))}</b>: {html.escape(why)}</li>" for why, names in by_reason.items())
+    return head + f" Not computed (shown as –):</p><ul class='note'>{items}</ul>"
 
 
 def _threshold_table(rows: list[dict]) -> str:
@@ -236,7 +251,7 @@ def render_report(
             f"<p class='note'>For comparison, the best-F1 threshold chosen on these labelled test images themselves would be "
             f"{f1['threshold']:.4f} (F1 {f1['f1']:.3f}; optimistic, as it is fitted to this set); the model's threshold gives F1 {f1['model_f1']:.3f}.</p>"
         )
-    parts += ["<h2>Metrics (%)</h2>", _metric_table(result), "<h2>Curves and scores</h2><div class='grid plots'>"]
+    parts += ["<h2>Metrics (%)</h2>", _metric_table(result), _absent_note(result), "<h2>Curves and scores</h2><div class='grid plots'>"]
     parts += [f"<figure><img src='{uri}' alt='{name}'><figcaption>{name}</figcaption></figure>" for name, uri in _plots(preds, cal.threshold, cal.false_alarm_rate, result.pro_curve)]
     parts.append("</div>")
     parts.append(f"<h2>Highest-scoring good images (false positives when flagged)</h2><div class='grid'>{''.join(_figure(p, cal.pixel_threshold) for p in good)}</div>")
@@ -248,8 +263,7 @@ def render_report(
 
 
 def write_report(path: str | os.PathLike, html_text: str) -> Path:
-    """Write the report; returns its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html_text, encoding="utf-8")
-    return path
+    """Write the report (atomically); returns its path."""
+    from .atomic import write_text
+
+    return write_text(path, html_text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -19,26 +20,45 @@ from .outputs import _write_rows
 
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
-    data: Path = typer.Argument(..., help="MVTec AD category folder (test/ and ground_truth/)."),
+    data: Optional[Path] = typer.Argument(
+        None, help="Labelled test images: an MVTec AD category (test/, ground_truth/), or a folder with good/ beside "
+        "folders of defective images (ng/, ...; masks optional in ground_truth/<folder>/), or the folder --normal-dir "
+        "and --abnormal-dir are relative to.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Results directory: metrics.json, predictions.csv/.json (and report.html)."),
+    normal_dir: Optional[Path] = typer.Option(None, "--normal-dir", help="anomalib's Folder layout: the folder of normal (good) test images."),
+    abnormal_dir: Optional[List[Path]] = typer.Option(
+        None, "--abnormal-dir", help="anomalib's Folder layout: a folder of defective images (repeatable; its name is the defect type)."
+    ),
+    mask_dir: Optional[Path] = typer.Option(
+        None, "--mask-dir", help="anomalib's Folder layout: ground-truth masks, matched to defective images by file stem (<stem>.png or <stem>_mask.png)."
+    ),
     report: bool = typer.Option(False, "--report", help="Also write report.html: curves, histograms, galleries, defect types."),
     n_types: Optional[int] = typer.Option(None, help="Number of defect types for the report's clustering (default: chosen by silhouette)."),
 ) -> None:
-    """Evaluate a model against ground truth: image AUROC, pixel AUROC, AUPRO, F1-max, AP, and the threshold's false-alarm rate."""
+    """Evaluate a model on labelled images: image AUROC, F1-max, AP and the threshold's false-alarm and
+    detection rates always; pixel AUROC and AUPRO when every defective image has a mask."""
+    from ..atomic import write_text
     from ..detectors import load_detector
+    from ..evaluation import METRIC_NAMES, f1_comparison, threshold_table
     from ..evaluation import evaluate as run_evaluation
-    from ..evaluation import f1_comparison, threshold_table
 
+    where = str(data) if data is not None else ""
+    if normal_dir is not None or abnormal_dir:
+        parts = [f"normal {normal_dir}"] if normal_dir is not None else []
+        parts += [f"abnormal {a}" for a in abnormal_dir or []] + ([f"masks {mask_dir}"] if mask_dir is not None else [])
+        where = (f"{data}: " if data is not None else "") + ", ".join(parts)
+    name = data.name if data is not None else (normal_dir or (abnormal_dir or [Path("?")])[0]).name
     try:
         det = load_detector(model_dir)
         with progress_bars() as cb:
-            result = run_evaluation(det, str(data), progress=cb)
+            result = run_evaluation(det, data, normal_dir=normal_dir, abnormal_dir=abnormal_dir or None, mask_dir=mask_dir, progress=cb)
         thresholds = threshold_table(det, result.predictions)
         f1 = f1_comparison(result.predictions)
         d = result.to_dict()
         d["model"] = {"dir": str(model_dir), "detector": det.name, **det.get_params(), "threshold": det.threshold}
         d["calibration"] = {"source": det.calibration.source, "mode": det.calibration.mode, "note": det.calibration.note}
-        d["data"] = str(data)
+        d["data"] = where
         d["thresholds"] = thresholds
         d["f1_threshold"] = f1
         if report:
@@ -50,20 +70,30 @@ def evaluate(
             if len(defective) >= 3:
                 k_range = (n_types, n_types) if n_types else (2, 8)
                 clusters = discover_defect_types(det, defective, k_range=k_range)
-                agree = agreement([defective[i].defect_type for i, _ in clusters.refs], clusters.labels)
-                d["defect_types"] = {**clusters.to_dict(), **agree}
-            title = f"{det.name} / {det.backbone_name} on {Path(data).name}"
+                d["defect_types"] = clusters.to_dict()
+                if len({p.defect_type for p in defective}) > 1:  # else there is no grouping to compare with
+                    agree = agreement([defective[i].defect_type for i, _ in clusters.refs], clusters.labels)
+                    d["defect_types"].update(agree)
+            title = f"{det.name} / {det.backbone_name} on {name}"
             html_text = render_report(
-                result, det, title=title, data=str(data), thresholds=thresholds, f1=f1,
+                result, det, title=title, data=where, thresholds=thresholds, f1=f1,
                 clusters=clusters, cluster_preds=defective, agreement=agree,
             )
             report_path = write_report(out / "report.html", html_text)
     except AnomalensError as exc:
         _fail(exc)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(d, indent=2))
+    write_text(out / "metrics.json", json.dumps(d, indent=2))
     _write_rows([p.summary(detail=True) for p in result.predictions], out)
-    out_console.print(metrics_table(d, f"{det.name} / {det.backbone_name} / {det.size_label} on {Path(data).name} (%)"))
+    gt = d["ground_truth"]
+    table = metrics_table(d, f"{det.name} / {det.backbone_name} / {det.size_label} on {name} (%)")
+    table.caption = f"{gt['n_good']} good, {gt['n_defective']} defective images ({gt['n_defective_with_mask']} with a mask); layout {d['layout'] or 'samples'}"
+    out_console.print(table)
+    by_reason: dict[str, list[str]] = {}
+    for k, why in result.absent.items():
+        by_reason.setdefault(why, []).append(METRIC_NAMES.get(k, k))
+    for why, names in by_reason.items():
+        out_console.print(f"[yellow]not computed:[/] {', '.join(names)}: {escape(why)}", soft_wrap=True)
     t = Table(title=f"threshold check on {sum(1 for p in result.predictions if p.gt_label == 0)} good test images")
     for c in ("target rate", "threshold", "false alarms", "observed %", "95% band %", "within", "detected %"):
         t.add_column(c, justify="right")
@@ -78,7 +108,8 @@ def evaluate(
     out_console.print(t)
     if "defect_types" in d:
         dt = d["defect_types"]
-        out_console.print(f"defect types found: {dt['n_clusters']} (NMI {dt['nmi']:.3f}, ARI {dt['ari']:.3f} against the defect folders)")
+        vs = f"NMI {dt['nmi']:.3f}, ARI {dt['ari']:.3f} against the defect folders" if "nmi" in dt else "one defect folder: nothing to compare with"
+        out_console.print(f"defect types found: {dt['n_clusters']} ({vs})")
     out_console.print(f"{d['n_images']} images, {d['ms_per_image']} ms/image; metrics written to {out / 'metrics.json'}")
     if report:
         out_console.print(f"report: {report_path}")
@@ -92,6 +123,7 @@ def discover(
     all_images: bool = typer.Option(False, "--all", help="Use every image, not only those flagged NG."),
 ) -> None:
     """Group the anomalous regions of flagged images into defect types, without labels."""
+    from ..atomic import write_text
     from ..data import expand_inputs
     from ..detectors import load_detector
     from ..discovery import cluster_region, discover_defect_types
@@ -112,11 +144,12 @@ def discover(
         r = cluster_region(chosen[i], j)
         rows.append({"path": chosen[i].image_path, "defect_type": c, "box": list(r.box), "area_pct": r.area_pct,
                      "peak_score": r.peak_score, "pred_score": chosen[i].pred_score})
-    (out / "defect_types.json").write_text(json.dumps({**clusters.to_dict(), "rows": rows}, indent=2))
-    with open(out / "defect_types.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    write_text(out / "defect_types.json", json.dumps({**clusters.to_dict(), "rows": rows}, indent=2))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(out / "defect_types.csv", buf.getvalue())
     t = Table(title=f"{len(rows)} regions of {len(chosen)} images: {clusters.n_clusters} defect types")
     for col in ("type", "regions", "gallery"):
         t.add_column(col)

@@ -19,15 +19,18 @@ def batch_predict(
     out: Path = typer.Option(..., "--out", "-o", help="Output Parquet dataset folder (e.g. scores.parquet); re-runs resume."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); default: a local Ray."),
     workers: int = typer.Option(2, help="Scoring actors; each loads the model once."),
-    chunk_size: int = typer.Option(16, help="Images per Parquet part (the unit of resumption)."),
+    chunk: int = typer.Option(16, "--chunk", help="Images per chunk: per Parquet part, the unit of resumption."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", hidden=True, help="Old name of --chunk."),
     engine: str = typer.Option("onnx", help="onnx (ONNX Runtime) or torch."),
 ) -> None:
     """Score many images in parallel on Ray: one Parquet row per image, resumable after an interruption."""
     from ..distributed import batch_predict as run
 
+    if chunk_size is not None:
+        chunk = chunk_size
     try:
         with progress_bars() as cb:
-            summary = run(model_dir, inputs, out, address=address, workers=workers, chunk_size=chunk_size, engine=engine,
+            summary = run(model_dir, inputs, out, address=address, workers=workers, chunk_size=chunk, engine=engine,
                           progress=lambda d, t: cb("predict", d, t))
     except AnomalensError as exc:
         _fail(exc)
@@ -42,6 +45,14 @@ def fit_many(
     root: Path = typer.Argument(..., help="Folder of categories (MVTec AD layout, or one folder of good images per category)."),
     out: Path = typer.Option(..., "--out", "-o", help="Models directory: one model folder per category."),
     model: str = typer.Option("patchcore", "--model", "-m", help="Detector: patchcore or padim."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", "-b",
+        help="efficientnet_lite0, efficientnet_lite2, mobilenet_v2 or vit_small_focus (default: efficientnet_lite2 for patchcore, efficientnet_lite0 for padim).",
+    ),
+    image_size: Optional[str] = typer.Option(
+        None, help="Short side in pixels images are resized to, aspect ratio kept (multiple of 16); several, comma-separated, "
+        "are fused (PatchCore). Default: 256,320 for PatchCore, 256 for PaDiM.",
+    ),
     false_alarm_rate: Optional[float] = typer.Option(
         None, help="Target fraction of normal images flagged NG (default: 0.01, or the smallest rate each category's images support)."
     ),
@@ -50,10 +61,16 @@ def fit_many(
 ) -> None:
     """Fit one model per category folder in parallel on Ray, with a summary table."""
     from ..distributed import fit_many as run
+    from .fitting import _sizes
 
+    params: dict = {} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}
+    if backbone:
+        params["backbone"] = backbone
+    if image_size is not None:
+        params["image_size"] = _sizes(image_size)
     try:
         with progress_bars() as cb:
-            results = run(root, out, detector=model, params={} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}, address=address,
+            results = run(root, out, detector=model, params=params, address=address,
                           workers=workers, progress=lambda r, d, t: cb("fit", d, t))
     except AnomalensError as exc:
         _fail(exc)
