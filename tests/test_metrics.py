@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from anomalens import metrics
+from anomalens.inference import normalized_score
 
 
 def slow_aupro(masks, maps, fpr_limit=0.3, n_thresholds=4000):
@@ -108,3 +113,29 @@ def test_pixel_scores_subsets_match_scikit_learn_with_ties():
         assert ps.aupro(subset) == pytest.approx(slow_aupro([masks[i] for i in subset], [maps[i] for i in subset]), abs=1e-9)
     with pytest.raises(ValueError, match="both normal"):
         ps.auroc([0, 2])  # no anomalous pixel
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    low=st.floats(-1e3, 1e3),
+    unit=st.floats(-10.0, 1e3),
+    a=st.floats(-5e3, 5e3),
+    b=st.floats(-5e3, 5e3),
+)
+def test_normalized_score_is_monotone_bounded_and_half_at_the_threshold(low, unit, a, b):
+    """anomalib's convention: 0.5 exactly at the threshold, in [0, 1], ranking as the raw score does;
+    also when the calibration gives no spread below the threshold (unit <= 0)."""
+    t = low + unit
+    assert normalized_score(t, t, low) == 0.5
+    na, nb = normalized_score(a, t, low), normalized_score(b, t, low)
+    assert 0.0 <= na <= 1.0 and 0.0 <= nb <= 1.0
+    if a <= b:
+        assert na <= nb
+    if na > 0.5:
+        assert a > t  # flagged exactly when above the threshold (ties only by rounding right at it)
+    if a <= t:
+        assert na <= 0.5
+    if unit > 1e-6:
+        assert normalized_score(low, t, low) == 0.0
+        assert normalized_score(t + 10 * unit, t, low) < 1.0  # defects far beyond keep their order
+    assert math.isnan(normalized_score(math.nan, t, low))
