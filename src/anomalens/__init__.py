@@ -2,26 +2,41 @@
 
 Quick start::
 
-    from anomalens import PatchCore
+    from anomalens import PatchCore, load_detector
     model = PatchCore().fit("path/to/category/train/good")
-    for p in model.predict(["a.png", "b.png"]):
+    model.save("model")
+    for p in load_detector("model").predict(["a.png", "b.png"]):
         print(p.image_path, p.pred_score, p.pred_label)
+
+The detectors (and torch) are imported on first use, so ``import anomalens`` works on a deployment
+install without torch (``pip install anomalens[runtime]``), where :func:`load_detector` returns the
+ONNX Runtime model of an exported folder.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import os as _os  # noqa: E402
 
 # torch's OpenMP runtime (GNU libgomp) lets an idle worker thread spin 300,000 times before it sleeps.
 # Two processes on a small machine (fit beside predict, the service beside a batch job) then burn
-# each other's cores spinning: measured on 2 cores, a video `predict` took 134 s beside another
-# instead of 19 s alone. A spin of 10,000 keeps one process as fast (19 s) and two run in 41 s
-# (benchmarks/concurrency.py). libgomp reads it when torch loads, so it is set before any import of
-# torch here; a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
+# each other's cores spinning. A spin of 10,000 keeps one process as fast and lets two share the
+# cores (benchmarks/concurrency.py). libgomp reads it when torch loads, so it is set before any import
+# of torch; a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
 if "GOMP_SPINCOUNT" not in _os.environ and "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ["GOMP_SPINCOUNT"] = "10000"
 
-from .detectors import DETECTORS, AnomalyDINO, Detector, PaDiM, PatchCore, create_detector, load_detector  # noqa: E402
+from .loading import load_detector  # noqa: E402
 from .prediction import Prediction  # noqa: E402
+
+_FROM_DETECTORS = ("AnomalyDINO", "DETECTORS", "Detector", "PaDiM", "PatchCore", "create_detector")
+
+
+def __getattr__(name: str):
+    if name in _FROM_DETECTORS:
+        from . import detectors
+
+        return getattr(detectors, name)
+    raise AttributeError(f"module 'anomalens' has no attribute {name!r}")
+
 
 __all__ = ["AnomalyDINO", "DETECTORS", "Detector", "PaDiM", "PatchCore", "Prediction", "create_detector", "load_detector", "__version__"]

@@ -59,22 +59,30 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand a mix of image files and folders into a list of image paths (folders searched recursively).
+    """Every input to score, in order: files as given, folders searched recursively.
 
-    Files are kept even when their extension is unknown, so that a bad file is reported, not skipped.
-
-    Raises:
-        DatasetError: an input does not exist, or a folder holds no image file.
+    Nothing is dropped silently: a missing file, a dangling link, a link loop, an unreadable file or a
+    folder named like an image is kept, so that scoring gives it a row with its error. In folders, an
+    entry is kept when its name has an image extension (hidden entries are skipped); links to folders
+    are not followed (no loops). A folder that cannot be listed is kept as one input (its row says why).
     """
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            out.extend(list_images(p, recursive=True))
-        elif p.exists():
+        try:
+            is_dir = p.is_dir() and not p.is_symlink()
+        except OSError:
+            is_dir = False
+        if not is_dir:
             out.append(p)
-        else:
-            raise DatasetError(f"input {p} does not exist")
+            continue
+        found: list[Path] = []
+        failed: list[Path] = []
+        for root, dirs, files in os.walk(p, onerror=lambda e: failed.append(Path(e.filename))):
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            names = files + [x for x in dirs if is_image_file(x)]  # a folder named x.png gets a row
+            found.extend(Path(root) / x for x in names if is_image_file(x) and not x.startswith("."))
+        out.extend(sorted(found) + failed)
     return out
 
 

@@ -19,8 +19,10 @@ from .errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-#: Largest image accepted, in pixels (width * height); guards against decompression bombs.
-MAX_PIXELS = 100_000_000
+#: Largest image accepted, in pixels (width * height), checked from the header before decoding: guards
+#: against decompression bombs and bounds the memory one image takes while it is scored (a 40 MP image
+#: with its anomaly map, mask and overlay stays under 2 GB). The service uses the same limit.
+MAX_PIXELS = 40_000_000
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 
@@ -30,12 +32,54 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.exists():
-        raise ImageReadError(path, "file does not exist")
-    if path.is_dir():
+def check_image_path(path: Path) -> None:
+    """Check that ``path`` names a regular file that can be read, without opening a FIFO or a device.
+
+    Raises:
+        ImageReadError: missing file, dangling symlink, symlink loop, directory, FIFO, socket or
+            device, a name longer than the file system allows, or no read permission.
+    """
+    import errno
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageReadError(path, "dangling symbolic link" if os.path.islink(path) else "file does not exist") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied") from None
+    except OSError as exc:
+        why = {errno.ELOOP: "symbolic link loop", errno.ENAMETOOLONG: "file name too long", errno.ENOTDIR: "a parent is not a folder"}
+        raise ImageReadError(path, why.get(exc.errno, f"cannot be accessed ({exc.strerror})")) from None
+    if stat.S_ISDIR(st.st_mode):
         raise ImageReadError(path, "is a directory, not an image file")
-    return _decode(path, str(path), MAX_PIXELS)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(path, "not a regular file (a FIFO, socket or device): refused without reading")
+    if not os.access(path, os.R_OK):
+        raise ImageReadError(path, "permission denied")
+
+
+def _open(path: Path, max_pixels: int | None = None) -> Image.Image:
+    check_image_path(path)
+    try:
+        return _decode(path, str(path), MAX_PIXELS if max_pixels is None else max_pixels)
+    except OSError as exc:  # raced: removed or changed between the check and the read
+        raise ImageReadError(path, f"cannot be read ({exc.strerror or exc})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` in pixels of an image file, read from its header only (no pixel decoded).
+
+    Raises:
+        ImageReadError: as :func:`check_image_path`, or not a recognised image.
+    """
+    path = Path(path)
+    check_image_path(path)
+    try:
+        with Image.open(path) as img:
+            return int(img.width), int(img.height)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError) as exc:
+        raise ImageReadError(path, f"not a recognised image format ({str(exc)[:120]})") from None
 
 
 def _decode(src, name: str, max_pixels: int) -> Image.Image:
@@ -114,15 +158,21 @@ def pil_to_rgb(img: Image.Image, name: str = "<image>") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as ``uint8`` RGB, shape ``(H, W, 3)``.
 
+    Args:
+        path: the image file.
+        max_pixels: largest image accepted (width x height), checked from the header before any pixel
+            is decoded, so memory stays bounded; default :data:`MAX_PIXELS`.
+
     Raises:
-        ImageReadError: the file is missing, a directory, corrupt, truncated, not an image, too large,
-            or of an unsupported mode. The message names the file.
+        ImageReadError: the file is missing, a dangling link or link loop, a directory, FIFO or device,
+            unreadable, corrupt, truncated, not an image, larger than ``max_pixels``, or of an
+            unsupported mode. The message names the file.
     """
     path = Path(path)
-    with _open(path) as img:
+    with _open(path, max_pixels) as img:
         return pil_to_rgb(img, str(path))
 
 

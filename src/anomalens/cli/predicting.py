@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 from rich.markup import escape
@@ -11,64 +11,113 @@ from rich.table import Table
 
 from ..errors import AnomalensError
 from .common import console, fail as _fail, out_console, progress_bars, split_names
-from .outputs import _save_overlays, _write_rows
+from .outputs import save_overlays, write_rows
+
+
+#: exit code when some inputs could not be scored (each has an error row); 0: all scored, 2: usage error
+EXIT_PARTIAL = 3
+#: pixels of input images scored per chunk: images, maps and masks of a chunk are held until its rows
+#: and overlays are written, so memory is bounded by pixels, not by the number of images
+CHUNK_PIXELS = 64 * 2**20
+CHUNK_IMAGES = 64
+
+
+def chunks_by_pixels(paths: list[Path], budget: int = CHUNK_PIXELS, most: int = CHUNK_IMAGES) -> Iterator[list[int]]:
+    """Indices of ``paths`` in consecutive chunks of at most ``budget`` pixels (from the image headers;
+    an unreadable image counts as none) and at most ``most`` images; a chunk holds at least one image."""
+    from ..errors import ImageReadError
+    from ..io import image_size
+
+    chunk: list[int] = []
+    pixels = 0
+    for i, p in enumerate(paths):
+        try:
+            w, h = image_size(p)
+            n = w * h
+        except ImageReadError:
+            n = 0
+        if chunk and (pixels + n > budget or len(chunk) >= most):
+            yield chunk
+            chunk, pixels = [], 0
+        chunk.append(i)
+        pixels += n
+    if chunk:
+        yield chunk
 
 
 def predict(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
     images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Results directory: predictions.csv/.json and overlays/."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results folder: predictions.csv, predictions.jsonl, overlays/ and evidence/."),
     heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write a heatmap overlay PNG per image."),
     false_alarm_rate: Optional[float] = typer.Option(None, help="Override the model's target false-alarm rate."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: images that already have a result row are skipped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
 ) -> None:
-    """Score images: a score, an OK/NG decision, a p-value and a heatmap overlay per image."""
-    from ..data import expand_inputs
-    from ..detectors import load_detector
+    """Score images: a score, an OK/NG decision, a p-value and a heatmap overlay per image.
 
+    Rows are appended to predictions.jsonl and predictions.csv as each chunk of images is scored, so an
+    interrupted run keeps its rows (`--resume` continues it). Every input gets a row: one that cannot
+    be read (missing, a dangling link, a folder, too large, corrupt) gets its error and the others are
+    scored. Exit code: 0 every input scored, 3 some could not be scored, 2 a usage error (nothing scored)."""
+    from ..data import expand_inputs
+    from ..loading import load_detector
+    from ..results import ResultWriter
+    from ..serialization import read_config
+
+    rows: list[dict] = []
     try:
         det = load_detector(model_dir)
         if false_alarm_rate is not None:
             det.set_false_alarm_rate(false_alarm_rate)
+        run = {"command": "predict", "model": str(model_dir.resolve()), "model_sha256": read_config(model_dir).get("config_sha256"),
+               "false_alarm_rate": false_alarm_rate}
+        writer = ResultWriter(out, run, resume=resume, overwrite=overwrite)
         paths = expand_inputs(images)
-        rows: list[dict] = []
-        # chunks keep memory flat on large folders: maps and images of a chunk are dropped once written
-        chunk = 64
+        todo = [i for i, p in enumerate(paths) if str(p) not in writer.done]
         with progress_bars() as cb:
-            for s in range(0, len(paths), chunk):
-                part = det.predict(
-                    paths[s : s + chunk], keep_images=heatmaps, progress=lambda st, d, t: cb(st, s + d, len(paths))
-                )
+            done = 0
+            for chunk in chunks_by_pixels([paths[i] for i in todo]):
+                idx = [todo[k] for k in chunk]
+                part = det.predict([paths[i] for i in idx], keep_images=heatmaps,
+                                   progress=lambda st, d, t, base=done: cb(st, base + d, len(todo)))
                 part_rows = [p.summary(detail=True) for p in part]
                 if heatmaps:
-                    _save_overlays(det, part, out, part_rows, start=s)
+                    save_overlays(det, part, out, part_rows, indices=idx)
+                writer.append(part_rows)
                 rows.extend(part_rows)
-        _write_rows(rows, out)
+                done += len(idx)
+                del part
     except AnomalensError as exc:
         _fail(exc)
     n_bad = sum(r["error"] is not None for r in rows)
     n_ng = sum(1 for r in rows if r["pred_label"] == 1)
-    t = Table(title=f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng - n_bad} OK, {n_bad} unreadable")
-    for c in ("path", "score", "decision", "p-value"):
+    kept = f"; {writer.n_kept} kept from the interrupted run" if writer.n_kept else ""
+    t = Table(title=f"{len(rows)} images scored: {n_ng} NG, {len(rows) - n_ng - n_bad} OK, {n_bad} not scored{kept}")
+    for c in ("path", "score", "normalized", "decision", "p-value"):
         t.add_column(c)
     for r in rows[:50]:
         t.add_row(
-            str(r["path"]),
+            escape(str(r["path"])),
             "-" if r["pred_score"] is None else f"{r['pred_score']:.3f}",
+            "-" if r.get("normalized_score") is None else f"{r['normalized_score']:.3f}",
             r["decision"] or "ERROR",
-            "-" if r["p_value"] is None else f"{r['p_value']:.3f}",
+            r.get("p_value_text") or ("-" if r["p_value"] is None else f"{r['p_value']:.3f}"),
         )
     if len(rows) > 50:
         t.caption = f"first 50 of {len(rows)} rows; all in predictions.csv"
     out_console.print(t)
     for r in rows:
         if r["error"] is not None:
-            console.print("[yellow]skipped:[/]", escape(r["error"]), soft_wrap=True)
+            console.print("[yellow]not scored:[/]", escape(r["error"]), soft_wrap=True)
     console.print(f"results written to {out}")
+    if n_bad:
+        raise typer.Exit(code=EXIT_PARTIAL)
 
 
 def zero_shot(
     images: List[Path] = typer.Argument(..., help="Unlabeled images of one product (files/folders): scored against each other."),
-    out: Path = typer.Option(..., "--out", "-o", help="Results directory: predictions.csv/.json and overlays/."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results folder: predictions.csv, predictions.jsonl and overlays/."),
     heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write a heatmap overlay PNG per image."),
     chunk: int = typer.Option(8, help="Query images per block of the pairwise scoring (bounds memory)."),
     reference: Optional[List[Path]] = typer.Option(
@@ -106,8 +155,8 @@ def zero_shot(
         preds = model.predict(paths, references=refs)
         rows = [p.summary(detail=True) for p in preds]
         if heatmaps:
-            _save_overlays(model, preds, out, rows)
-        _write_rows(rows, out)
+            save_overlays(model, preds, out, rows)
+        write_rows(rows, out)
     except AnomalensError as exc:
         _fail(exc)
     n_ng = sum(1 for r in rows if r["pred_label"] == 1)
