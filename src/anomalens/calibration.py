@@ -27,9 +27,23 @@ Where the calibration scores come from (``Calibration.source``):
   ``alpha = 1 / (k + 1)`` (33% at k = 2, 11% at k = 8); the leave-one-out models see one image fewer
   than the real one, so their scores run high and the observed rate is lower (README, few-shot
   table). The note says so, and :meth:`Detector.calibrate` replaces it once enough normal images exist.
+* ``"held-out"`` added by :meth:`Detector.calibrate` to any of the above (the source then names both,
+  e.g. ``"leave-one-out+held-out"``): see "Adding normal images" below.
 * ``"batch"``: one normal image leaves nothing to leave out. Decisions are then relative to each
   predicted batch (mode ``"batch"``, :func:`batch_thresholds`): an image is NG when its score is
   more than 3 robust standard deviations above the batch median, as for zero-shot.
+
+Adding normal images (:meth:`Detector.calibrate`, ``anomalens calibrate``). New normal images from the
+line are scored by the fitted model, which never saw them: held-out scores. They are *added* to the
+calibration scores the model already holds, not put in their place: every score in the pool is an
+out-of-sample score of a normal image (held-out; leave-one-out or cross-fit, from a model that saw
+fewer images than the deployed one, so a hair high; few-shot, from one or more shots fewer, higher
+still), so none is lower in distribution than a new normal image's score under the deployed model,
+and the pooled threshold keeps the promise (conservatively where the old scores run high) with more
+scores, which support lower rates and vary less. Replacing them instead by a few new scores threw
+that away: 2 images cannot set a 5% threshold. The SHA-256 of each added image is kept, so the same
+image is never counted twice. ``replace=True`` discards the old scores (a model re-fitted, a line
+that changed).
 
 Pixel threshold: the same rule applied to the maximum of each normal image's anomaly map, so at
 most a fraction ``alpha`` of normal images shows any pixel in ``pred_mask``.
@@ -41,8 +55,8 @@ it then depends on those images and carries no false-alarm guarantee.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, replace
 from typing import Sequence
-from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,6 +70,13 @@ BATCH_Z = 3.0
 MIN_BATCH = 5
 #: the target false-alarm rate when none is asked for (relaxed when the normal images cannot support it)
 DEFAULT_FALSE_ALARM_RATE = 0.01
+
+
+def check_source(source: str) -> None:
+    """Raise :class:`~anomalens.errors.ConfigError` unless ``source`` is one of :data:`SOURCES`, or
+    several joined by ``+`` (a pooled calibration)."""
+    if not (isinstance(source, str) and source and all(part in SOURCES for part in source.split("+"))):
+        raise ConfigError(f"calibration source must be one of {SOURCES} (or several joined by '+'), got {source!r}")
 
 
 def min_calibration_images(alpha: float) -> int:
@@ -211,6 +232,8 @@ class Calibration:
             there are no calibration scores and each predicted batch sets its own thresholds
             (``threshold`` and ``pixel_threshold`` are NaN here).
         note: how the threshold was set, for people.
+        added: SHA-256 of each normal image :meth:`Detector.calibrate` added (their scores are the
+            last ``len(added)`` of ``scores``), so that no image is counted twice.
     """
 
     scores: np.ndarray
@@ -221,6 +244,7 @@ class Calibration:
     source: str = "leave-one-out"
     mode: str = "conformal"
     note: str = ""
+    added: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def from_scores(
@@ -231,8 +255,7 @@ class Calibration:
         Raises:
             CalibrationError: fewer scores than ``false_alarm_rate`` needs.
         """
-        if source not in SOURCES:
-            raise ConfigError(f"calibration source must be one of {SOURCES}, got {source!r}")
+        check_source(source)
         scores = np.asarray(scores, dtype=np.float64)
         map_maxima = np.asarray(map_maxima, dtype=np.float64)
         t = conformal_threshold(scores, false_alarm_rate)
@@ -263,6 +286,7 @@ class Calibration:
         pixel_threshold: float | None,
         note: str = "",
         where: str = "model",
+        added: Sequence[str] = (),
     ) -> "Calibration":
         """Rebuild a saved calibration (model directory or ONNX metadata) and check it against the
         thresholds stored beside it.
@@ -281,6 +305,10 @@ class Calibration:
             raise ModelFileError(f"{where}: calibration is unusable: {exc}") from None
         if note:
             cal = replace(cal, note=note)
+        added = tuple(added)
+        if len(added) > cal.scores.size or not all(isinstance(h, str) and len(h) == 64 for h in added):
+            raise ModelFileError(f"{where}: malformed list of added calibration images")
+        cal = replace(cal, added=added)
         if mode == "f1":
             cal = replace(cal, threshold=float(threshold), mode="f1")
         if threshold is None or pixel_threshold is None or not (
@@ -300,7 +328,7 @@ class Calibration:
         t, f1 = f1_threshold(labels, scores)
         n_bad = int(np.sum(np.asarray(labels) == 1))
         note = f"best-F1 threshold (F1 {f1:.3f}) on {len(labels)} labelled images ({n_bad} defective); no false-alarm guarantee"
-        cal = Calibration(self.scores, self.map_maxima, self.false_alarm_rate, t, self.pixel_threshold, self.source, "f1", note)
+        cal = replace(self, threshold=t, mode="f1", note=note)
         return cal, f1
 
     def p_value(self, score: float) -> float:
@@ -309,3 +337,51 @@ class Calibration:
         if math.isnan(score) or self.is_batch_relative:
             return math.nan
         return float((1 + np.count_nonzero(self.scores >= score)) / (self.scores.size + 1))
+
+    def pooled(self, scores: np.ndarray, map_maxima: np.ndarray, digests: Sequence[str], alpha: float, note: str = "",
+               keep: bool = True) -> "Calibration":
+        """A conformal calibration at ``alpha`` from this one's scores (``keep``; none when batch-relative)
+        and the held-out ``scores`` / ``map_maxima`` (``float64`` ``(m,)``) of new normal images whose
+        SHA-256 are ``digests`` (module docstring, "Adding normal images"). ``note``: a relaxed rate.
+
+        Raises:
+            CalibrationError: an image already in this calibration, or too few scores for ``alpha``.
+        """
+        keep = keep and not self.is_batch_relative and self.scores.size > 0
+        if keep and set(digests) & set(self.added):
+            k = len(set(digests) & set(self.added))
+            raise CalibrationError(f"{k} of the {len(digests)} new images are already in the model's calibration; each image counts once")
+        old_n = self.scores.size if keep else 0
+        parts = (self.source.split("+") if keep else []) + ["held-out"]
+        source = "+".join(dict.fromkeys(parts))
+        cal = Calibration.from_scores(
+            np.concatenate([self.scores[:old_n], np.asarray(scores, dtype=np.float64)]),
+            np.concatenate([self.map_maxima[:old_n], np.asarray(map_maxima, dtype=np.float64)]), alpha, source,
+        )
+        what = f"{old_n} {self.source} + {len(digests)} held-out" if keep else f"{len(digests)} held-out"
+        cal.note = f"{note} ({cal.scores.size} normal scores: {what})" if note else (
+            f"conformal at false-alarm rate {alpha:g} from {cal.scores.size} normal scores ({what})")
+        cal.added = (tuple(self.added) if keep else ()) + tuple(digests)
+        return cal
+
+
+def pooled_false_alarm_rate(n: int, requested: float | None, current: float) -> tuple[float, str]:
+    """The false-alarm rate of a calibration of ``n`` scores (:meth:`Calibration.pooled`), and a note
+    when relaxed. ``requested`` (asked for, or the model's own request) is strict. None: the default
+    rate, relaxed to what ``n`` scores support, but never above ``current`` (the model's rate now;
+    NaN for a batch-relative model): a calibration never raises the rate unasked.
+
+    Raises:
+        CalibrationError: ``n`` too small for ``requested``, or (None) for ``current``; the message
+            says how many images are needed and which rate they would support.
+    """
+    if requested is not None:
+        return supported_false_alarm_rate(n, requested)
+    alpha, note = supported_false_alarm_rate(n, None)
+    if not math.isnan(current) and alpha > current * (1 + 1e-9):
+        raise CalibrationError(
+            f"{n} calibration scores support false-alarm rates of {alpha:.4g} or more, above the model's "
+            f"{current:.4g} ({min_calibration_images(current)} are needed): add normal images, or pass a "
+            f"false-alarm rate of {math.ceil(alpha * 1e4) / 1e4:g} or more explicitly (--false-alarm-rate) to accept it"
+        )
+    return alpha, note

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, ModelFileError
+from .manifest import KEY_ENV, MANIFEST_NAME, ONNX_NAME
 from .runtime import ONNX_FORMAT_VERSION, OnnxDetector
 
 OPSET = 18
@@ -52,12 +53,17 @@ class _InferenceGraph(nn.Module):
         return scores, self.head(grid)
 
 
-def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | None = None) -> Path:
+def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | None = None, key: bytes | None = None) -> Path:
     """Write ``detector``'s inference path to an ONNX file (dynamic batch, height and width).
+
+    The file is written atomically. ``MODEL_DIR/model.onnx`` of a model folder is written as that
+    folder's cached export (:func:`export_to_model_dir`: a new folder with the current model files,
+    the ONNX file and an updated manifest, swapped in whole).
 
     Args:
         detector: a fitted PatchCore (image score "max" or "mean_top1") or PaDiM.
         path: the ``.onnx`` file to write.
+        key: signing key for a model folder's manifest; None = ``ANOMALENS_MODEL_KEY`` when set.
         source_config_sha256: the ``config_sha256`` of the model directory exported from, stored so
             that a stale export (the directory was refitted since) can be recognised.
 
@@ -68,7 +74,17 @@ def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | N
         NotFittedError: the detector is not fitted.
         ConfigError: a setting the graph cannot express (PatchCore's re-weighted image score).
     """
+    path = Path(path)
+    if path.name == ONNX_NAME and os.path.lexists(path.parent / MANIFEST_NAME):
+        export_to_model_dir(path.parent, detector, source_config_sha256, key)
+        return path
+    return _write_onnx(detector, path, source_config_sha256)
+
+
+def _write_onnx(detector, path: Path, source_config_sha256: str | None) -> Path:
     import onnx
+
+    from .atomic import write_bytes
 
     detector._check_fitted()
     check_exportable(detector)
@@ -85,7 +101,6 @@ def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | N
         else:
             dims = tuple({0: batch, 2: 16 * torch.export.Dim(f"h16_{k}", min=4, max=512), 3: 16 * torch.export.Dim(f"w16_{k}", min=4, max=512)}
                          for k in range(n_scales))
-        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         traced = path.with_name(f"{path.name}.trace-{os.getpid()}")
         quiet = logging.getLogger("torch.onnx")
@@ -121,9 +136,7 @@ def export_onnx(detector, path: str | os.PathLike, source_config_sha256: str | N
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = "anomalens", json.dumps(meta)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)  # readers never see a half-written file
+    write_bytes(path, model.SerializeToString())  # readers never see a half-written file
     return path
 
 
@@ -147,23 +160,87 @@ def check_exportable(detector) -> None:
         raise ConfigError("ONNX export supports PatchCore's image scores 'max' and 'mean_top1', not 'reweighted'")
 
 
-def onnx_for_model_dir(model_dir: Path, config_sha256: str, threads: int | None = None, detector=None) -> "OnnxDetector":
-    """The ONNX Runtime model of ``model_dir``: its ``model.onnx`` when exported from this very model,
-    else a fresh export (into the model directory, or a temporary folder when that is read-only) of
-    ``detector`` (the loaded model of ``model_dir``; loaded here when not given)."""
+def export_to_model_dir(model_dir: str | os.PathLike, detector=None, source_config_sha256: str | None = None,
+                        key: bytes | None = None) -> Path:
+    """Export the model of ``model_dir`` into it as its cached ``model.onnx``: a new folder with the
+    current (verified) model files, the ONNX file and a manifest listing all three (signed with a
+    key) replaces the folder in one step; a kill leaves the folder as it was, or with the export.
+
+    Args:
+        detector: the loaded model of ``model_dir`` (loaded here when None).
+        source_config_sha256: stored in the ONNX metadata (None: the folder's ``config_sha256``, when
+            ``detector`` is loaded here).
+        key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set.
+
+    Returns:
+        The ``model.onnx`` path.
+
+    Raises:
+        ModelFileError: the folder does not verify, it is signed and no key is given (its manifest
+            cannot be re-signed), or another writer replaced it meanwhile.
+        ConfigError: a detector the ONNX graph cannot express (:func:`check_exportable`).
+    """
+    from .detectors.persistence import load_detector
+    from .manifest import (
+        CONFIG_NAME, TENSORS_NAME, config_of, manifest_digest, read_manifest, read_model_file, resolve_key, write_model_dir,
+    )
+
+    d = Path(model_dir)
+    key = key if key is not None else resolve_key(None)
+    digest = manifest_digest(d)
+    manifest = read_manifest(d, key)
+    if manifest["model_signature"] != "unsigned" and key is None:
+        raise ModelFileError(f"{d} is signed: exporting into it re-signs its manifest and needs the key ({KEY_ENV} or --key-file); or export with --out elsewhere")
+    config = config_of(d, manifest)
+    files = {name: read_model_file(d, manifest, name) for name in (CONFIG_NAME, TENSORS_NAME)}
+    if detector is None:
+        detector = load_detector(d, key)
+        source_config_sha256 = source_config_sha256 or config["config_sha256"]
+    check_exportable(detector)
+    with write_model_dir(d, key, expect_manifest=digest) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        _write_onnx(detector, tmp / ONNX_NAME, source_config_sha256)
+    return d / ONNX_NAME
+
+
+def onnx_for_model_dir(model_dir: Path, config_sha256: str | None = None, threads: int | None = None, detector=None,
+                       key: bytes | None = None) -> "OnnxDetector":
+    """The ONNX Runtime model of ``model_dir``: its ``model.onnx`` when the verified manifest lists it
+    and it was exported from this very model, else a fresh export of ``detector`` (the loaded model of
+    ``model_dir``; loaded here when not given) into the folder (:func:`export_to_model_dir`), or into
+    a temporary folder when the model folder cannot take it (read-only; signed and no key).
+
+    Args:
+        config_sha256: the model's ``config_sha256`` as the caller read it (None: as verified here);
+            a cached export of another model is not used.
+        key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set.
+
+    Raises:
+        ModelFileError: the folder does not verify (:func:`anomalens.manifest.verify_model_dir`).
+    """
     import tempfile
 
-    from .detectors import load_detector
+    from .detectors.persistence import load_detector
+    from .manifest import verify_model_dir
 
-    path = model_dir / "model.onnx"
-    if path.exists():
+    model_dir = Path(model_dir)
+    config = verify_model_dir(model_dir, key)  # every listed file, model.onnx included
+    sha = config["config_sha256"] if config_sha256 is None else config_sha256
+    path = model_dir / ONNX_NAME
+    if ONNX_NAME in config["model_files"] and sha == config["config_sha256"]:
         try:
             m = OnnxDetector(path, threads=threads)
-            if m.meta.get("source_config_sha256") == config_sha256:
+            if m.meta.get("source_config_sha256") == sha:
                 return m
         except ModelFileError:
-            pass  # unreadable or from another version: export again
-    if not os.access(model_dir, os.W_OK):
-        path = Path(tempfile.mkdtemp(prefix="anomalens-onnx-")) / "model.onnx"
-    export_onnx(detector if detector is not None else load_detector(model_dir), path, source_config_sha256=config_sha256)
+            pass  # from another version: export again
+    det = detector if detector is not None else load_detector(model_dir, key)
+    if os.access(model_dir, os.W_OK):
+        try:
+            return OnnxDetector(export_to_model_dir(model_dir, det, sha, key), threads=threads)
+        except ModelFileError:
+            pass  # signed without a key, or replaced meanwhile: a private export below
+    path = Path(tempfile.mkdtemp(prefix="anomalens-onnx-")) / ONNX_NAME
+    _write_onnx(det, path, sha)
     return OnnxDetector(path, threads=threads)

@@ -1,10 +1,15 @@
-"""Model files: a directory with ``model.safetensors`` (tensors) and ``config.json`` (everything else).
+"""Model files: a folder with ``model.safetensors`` (tensors), ``config.json`` (everything else) and
+``manifest.json`` (every file's size and SHA-256, optionally signed: :mod:`anomalens.manifest`).
 
 No pickle anywhere: safetensors stores raw tensors only, JSON stores the rest. ``config.json`` records
-the format version, the anomalens version, the name, dtype and shape of every tensor, and SHA-256
-checksums of the tensor file and of the config itself. Loading checks all of them, so a model from an
-incompatible version, a truncated copy, or a hand-edited file is refused with a clear error (the
-checksums detect corruption and accidental edits; they are not a cryptographic signature).
+the format version, the anomalens version, the name, dtype and shape of every tensor and the tensor
+file's SHA-256 (so the SHA-256 of ``config.json`` identifies the whole model). A save writes a whole
+new folder and swaps it in (:func:`anomalens.manifest.write_model_dir`): a kill at any instant leaves
+the old model or the new one. Loading checks the manifest before reading anything, so a model of
+another format version, a truncated copy, an edited file, or a file swapped for a FIFO or a device is
+refused with a clear :class:`~anomalens.errors.ModelFileError`.
+
+:func:`read_config` needs no torch (deployments with ONNX Runtime only); saving and loading tensors do.
 """
 
 from __future__ import annotations
@@ -13,111 +18,103 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ModelFileError
+from .manifest import (
+    CONFIG_NAME, FORMAT_VERSION, TENSORS_NAME, check_model_file, config_of, read_manifest, read_model_file, verify_model_dir,
+    write_model_dir,
+)
 
-FORMAT_VERSION = 2  # 2: zero padding counted in patch averages, aspect-kept inputs (1 is refused: refit)
-CONFIG_NAME = "config.json"
-TENSORS_NAME = "model.safetensors"
+if TYPE_CHECKING:
+    import torch
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "TENSORS_NAME", "load_model", "read_config", "save_model"]
 
 
-def _config_digest(config: dict) -> str:
-    body = {k: v for k, v in config.items() if k != "config_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def save_model(
+    directory: str | os.PathLike, config: dict, tensors: "dict[str, torch.Tensor]", key: bytes | None = None,
+    expect_manifest: str | None = None,
+) -> Path:
+    """Write ``tensors`` and ``config`` as a new model folder that replaces ``directory`` in one step.
 
+    ``config`` must be JSON-serialisable; format and version fields and the tensors' checksum are
+    added. A ``model.onnx`` cached in the old folder is dropped (it belonged to the old model).
 
-def save_model(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``tensors`` and ``config`` to ``directory`` (created if needed); returns the directory.
+    Args:
+        key: signing key (:func:`anomalens.manifest.resolve_key`); None = ``ANOMALENS_MODEL_KEY`` when set.
+        expect_manifest: read-modify-write: refuse when the folder changed since it was read
+            (:func:`anomalens.manifest.manifest_digest`).
 
-    ``config`` must be JSON-serialisable; format and version fields and checksums are added.
+    Returns:
+        The directory.
+
+    Raises:
+        ModelFileError: ``directory`` holds files that are not model files (it is not replaced), or
+            it was replaced by another writer since ``expect_manifest``.
     """
+    from safetensors.torch import save as save_tensors
+
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = d / (TENSORS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "anomalens", "format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, d / TENSORS_NAME)
-    full = dict(config)
+    blob = save_tensors(tensors, metadata={"format": "anomalens", "format_version": str(FORMAT_VERSION)})
+    full = {k: v for k, v in config.items() if k not in ("config_sha256", "model_signature", "model_files")}
     full["format"] = "anomalens"
     full["format_version"] = FORMAT_VERSION
     full["anomalens_version"] = __version__
     full["tensors"] = {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in tensors.items()}
-    full["tensors_sha256"] = _sha256(d / TENSORS_NAME)
-    full["config_sha256"] = _config_digest(full)
-    (d / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=True))
+    full["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+    with write_model_dir(d, key, expect_manifest) as tmp:
+        (tmp / TENSORS_NAME).write_bytes(blob)
+        (tmp / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=True))
     return d
 
 
-def read_config(directory: str | os.PathLike) -> dict:
-    """Read and verify ``config.json`` of a model directory (format, version, config checksum).
+def read_config(directory: str | os.PathLike, key: bytes | None = None) -> dict:
+    """Verify a model folder completely (:func:`anomalens.manifest.verify_model_dir`) and return its
+    config, with ``config_sha256``, ``model_signature`` and ``model_files`` added. Needs no torch.
 
     Raises:
-        ModelFileError: missing directory or file, invalid JSON, another format or format version,
-            or a config that was edited after saving.
+        ModelFileError: missing folder or file, a file that is not a regular file, of another size or
+            checksum, invalid or oversized JSON, another format version (re-fit), or with a key an
+            unsigned or badly signed model.
     """
-    d = Path(directory)
-    if not d.is_dir():
-        raise ModelFileError(f"model directory {d} does not exist")
-    cfg_path = d / CONFIG_NAME
-    if not cfg_path.exists():
-        raise ModelFileError(f"{d} is not an anomalens model: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{cfg_path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != "anomalens":
-        raise ModelFileError(f"{cfg_path} is not an anomalens model config")
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{d} has model format version {version!r} (written by anomalens {config.get('anomalens_version', '?')}); "
-            f"this anomalens ({__version__}) reads format version {FORMAT_VERSION}: re-fit the model with this version"
-        )
-    if config.get("config_sha256") != _config_digest(config):
-        raise ModelFileError(f"{cfg_path} was modified after it was saved (checksum mismatch); refusing to load it")
-    return config
+    return verify_model_dir(directory, key)
 
 
-def load_model(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Load and verify a model directory written by :func:`save_model`.
+def load_model(directory: str | os.PathLike, key: bytes | None = None) -> "tuple[dict, dict[str, torch.Tensor]]":
+    """Load and verify a model folder written by :func:`save_model`; every byte used is checked
+    against the manifest as it is read.
 
     Returns:
-        ``(config, tensors)``.
+        ``(config, tensors)``; ``config`` as :func:`read_config` returns it.
 
     Raises:
-        ModelFileError: any check of :func:`read_config` fails, the tensor file is missing, corrupt or
-            modified (checksum), or a tensor's name, dtype or shape differs from the config.
+        ModelFileError: any check of :func:`read_config` fails, the tensor file is corrupt, or a
+            tensor's name, dtype or shape differs from the config.
     """
+    from safetensors.torch import load as load_tensors
+
     d = Path(directory)
-    config = read_config(d)
+    manifest = read_manifest(d, key)
+    config = config_of(d, manifest)
+    blob = read_model_file(d, manifest, TENSORS_NAME)
+    for name in set(manifest["files"]) - {CONFIG_NAME, TENSORS_NAME}:  # model.onnx: the folder verifies as a whole
+        check_model_file(d, manifest, name)
     t_path = d / TENSORS_NAME
-    if not t_path.exists():
-        raise ModelFileError(f"{d} is missing {TENSORS_NAME}")
-    if _sha256(t_path) != config.get("tensors_sha256"):
-        raise ModelFileError(f"{t_path} does not match its checksum in {CONFIG_NAME}: the file is corrupt or was modified")
+    if hashlib.sha256(blob).hexdigest() != config.get("tensors_sha256"):
+        raise ModelFileError(f"{t_path} is not the tensor file {CONFIG_NAME} was saved with")
     try:
-        tensors = load_file(str(t_path))
+        tensors = load_tensors(blob)
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFileError(f"{t_path} is not a valid safetensors file ({exc})") from None
     expected = config.get("tensors", {})
-    if set(expected) != set(tensors):
+    if not isinstance(expected, dict) or set(expected) != set(tensors):
         raise ModelFileError(f"{t_path} holds tensors {sorted(tensors)} but the config lists {sorted(expected)}")
     for name, meta in expected.items():
         t = tensors[name]
-        if list(t.shape) != list(meta["shape"]) or str(t.dtype).replace("torch.", "") != meta["dtype"]:
-            raise ModelFileError(
-                f"tensor {name!r} in {t_path} has shape {list(t.shape)} / {t.dtype}, expected {meta['shape']} / {meta['dtype']}"
-            )
+        if not isinstance(meta, dict) or list(t.shape) != list(meta.get("shape", [])) or str(t.dtype).replace("torch.", "") != meta.get("dtype"):
+            raise ModelFileError(f"tensor {name!r} in {t_path} has shape {list(t.shape)} / {t.dtype}, expected {meta}")
     return config, tensors
+

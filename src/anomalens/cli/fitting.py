@@ -65,17 +65,26 @@ def fit(
         False, "--masking", help="anomalydino: score only the object (background masked by the first principal component of the tokens)."
     ),
     seed: int = typer.Option(0, help="Seed of the --shots draw and of the --holdout split."),
+    key_file: Optional[Path] = typer.Option(
+        None, "--key-file", help="File holding the model-signing key (default: the ANOMALENS_MODEL_KEY environment variable, if set): "
+        "the saved model's manifest is signed with HMAC-SHA256, and unsigned or badly signed models are refused."
+    ),
 ) -> None:
     """Fit a detector on normal images and calibrate its threshold on normal images it did not learn from.
 
     With --shots K (few-shot), the threshold is the largest leave-one-shot-out score (a false-alarm rate
     of 1/(K+1) at best); with K = 1, each predicted batch sets its own threshold. `anomalens calibrate`
-    replaces either with a conformal threshold once enough normal images exist."""
+    replaces either with a conformal threshold once enough normal images exist.
+
+    The model folder is written whole and swapped in: a kill leaves the old model or the new one."""
     from ..data import training_paths
     from ..detectors import create_detector
     from ..detectors.fitting import resolve_augment
+    from ..detectors.persistence import save_detector
+    from ..manifest import resolve_key
 
     try:
+        key = resolve_key(key_file)
         params = dict(
             image_size=_sizes(image_size), keep_aspect=not squash, border_pad=border_pad,
             false_alarm_rate=false_alarm_rate, batch_size=batch_size,
@@ -99,7 +108,7 @@ def fit(
         console.print(f"fitting [bold]{model}[/] on {what} ({det.backbone_name}, {det.size_label})")
         with progress_bars() as cb:
             det.fit(paths, progress=cb, holdout=holdout, seed=seed, shots=shots, augment=augment)
-        det.save(out)
+        save_detector(det, out, key=key)
     except AnomalensError as exc:
         _fail(exc)
     info = det.fit_info
@@ -114,31 +123,59 @@ def fit(
 def calibrate(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
     images: List[Path] = typer.Argument(
-        ..., help="Held-out normal images (files/folders); with --f1, an MVTec AD category folder (its labelled test/ split)."
+        ..., help="New normal images the model was not fitted on (files/folders); with --f1, one labelled folder: an MVTec AD "
+        "category (its test/ split) or good/ beside folders of defective images."
     ),
-    false_alarm_rate: Optional[float] = typer.Option(None, help="Target fraction of normal images flagged NG (default: the model's)."),
+    false_alarm_rate: Optional[float] = typer.Option(
+        None, help="Target fraction of normal images flagged NG (strict). Default: the model's; calibrate fails rather than raise it."
+    ),
+    replace: bool = typer.Option(False, "--replace", help="Discard the model's calibration scores and use the new images alone."),
     f1: bool = typer.Option(False, "--f1", help="Set the best-F1 threshold from labelled normal + defective images instead."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the re-calibrated model here (default: update MODEL_DIR)."),
+    key_file: Optional[Path] = typer.Option(
+        None, "--key-file", help="File holding the model-signing key (default: ANOMALENS_MODEL_KEY, if set): the model must be "
+        "signed with it, and the result is signed."
+    ),
 ) -> None:
-    """Re-calibrate a model's threshold: split conformal on held-out normal images, or best F1 on labelled images."""
-    from ..data import MVTecCategory, expand_inputs
-    from ..detectors import load_detector
+    """Add new normal images to a model's calibration (split conformal), or set the best-F1 threshold.
+
+    The new images' scores are ADDED to the calibration scores the model holds (all out of sample, so
+    the pooled threshold keeps its false-alarm promise with more scores); --replace uses the new
+    images alone. A set too small for the model's false-alarm rate is refused unless a rate is given
+    with --false-alarm-rate. The model folder is replaced whole (a kill leaves the old model or the
+    new one); a cached model.onnx of the old model is dropped."""
+    from ..data import expand_inputs
+    from ..detectors.persistence import load_detector, save_detector
+    from ..errors import ModelFileError
+    from ..folders import labelled_samples
+    from ..manifest import manifest_digest, read_manifest, resolve_key
 
     try:
-        det = load_detector(model_dir)
-        before = det.threshold
+        key = resolve_key(key_file)
+        digest = manifest_digest(model_dir)
+        if read_manifest(model_dir, key)["model_signature"] != "unsigned" and key is None:
+            raise ModelFileError(f"{model_dir} is signed: calibrate needs its key (--key-file or ANOMALENS_MODEL_KEY) to sign the result")
+        det = load_detector(model_dir, key)
+        before, n_before = det.threshold, det.calibration.scores.size
         with progress_bars() as cb:
             if f1:
                 if len(images) != 1:
-                    raise typer.BadParameter("--f1 takes one MVTec AD category folder")
+                    raise typer.BadParameter("--f1 takes one folder of labelled images")
                 if false_alarm_rate is not None:
                     det.set_false_alarm_rate(false_alarm_rate)
-                preds = [p for p in det.predict(MVTecCategory(images[0]).test_samples(), progress=cb) if p.ok]
+                preds = [p for p in det.predict(labelled_samples(images[0]), progress=cb) if p.ok]
                 det.set_f1_threshold([p.gt_label for p in preds], [p.pred_score for p in preds])
             else:
-                det.calibrate(expand_inputs(images), false_alarm_rate, progress=cb)
-        det.save(out or model_dir)
+                det.calibrate(expand_inputs(images), false_alarm_rate, progress=cb, replace=replace)
+        target = out or model_dir
+        in_place = Path(target).resolve() == Path(model_dir).resolve()
+        save_detector(det, target, key=key, expect_manifest=digest if in_place else None)
     except AnomalensError as exc:
         _fail(exc)
-    console.print(f"threshold {_num(before)} -> {det.threshold:.4f}: {det.calibration.note}")
-    console.print(f"saved {out or model_dir}")
+    console.print(f"threshold {_num(before)} -> {_num(det.threshold)}: {det.calibration.note}")
+    if not f1:
+        n = det.calibration.scores.size
+        how = "replaced" if replace else f"{n_before} + {n - n_before} added"
+        console.print(f"calibration now holds {n} normal scores ({how}); false-alarm rate {det.false_alarm_rate:g}")
+    console.print(f"saved {target}")
+

@@ -10,12 +10,23 @@ import torch
 from ..augment import AUGMENTATIONS
 from ..calibration import Calibration
 from ..errors import ModelFileError
-from ..serialization import load_model, read_config, save_model
+from ..serialization import load_model, save_model
 
 
-def save_detector(det, directory: str | os.PathLike) -> None:
+def save_detector(det, directory: str | os.PathLike, key: bytes | None = None, expect_manifest: str | None = None) -> None:
     """Write a fitted detector: its learned tensors and calibration scores (safetensors) and a JSON
-    config with its parameters, thresholds, calibration note, training images and fit information."""
+    config with its parameters, thresholds, calibration note, training images and fit information.
+
+    The new folder replaces ``directory`` in one step (:func:`anomalens.serialization.save_model`):
+    a kill leaves the old model or the new one; a ``model.onnx`` of the old model is dropped.
+
+    Args:
+        key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set (:mod:`anomalens.manifest`).
+        expect_manifest: refuse when the folder changed since it was read (read-modify-write).
+
+    Raises:
+        ModelFileError: ``directory`` holds files that are not model files, or changed meanwhile.
+    """
     cal = det.calibration
     tensors = dict(det._state_tensors())
     tensors["calibration.scores"] = torch.from_numpy(np.asarray(cal.scores, dtype=np.float64))
@@ -28,12 +39,13 @@ def save_detector(det, directory: str | os.PathLike) -> None:
         "calibration": {
             "source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size),
             "false_alarm_rate": None if cal.is_batch_relative else cal.false_alarm_rate,
+            "added_sha256": list(cal.added),
         },
         "train_images": det.train_images,
         "train_views": det.train_views,
         "fit_info": det.fit_info,
     }
-    save_model(directory, config, tensors)
+    save_model(directory, config, tensors, key=key, expect_manifest=expect_manifest)
 
 
 def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
@@ -61,7 +73,7 @@ def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
     det.calibration = Calibration.restore(
         scores, maxima, float(alpha), source=cal_cfg.get("source", det.calibration_source),
         mode=cal_cfg.get("mode", "conformal"), threshold=config["threshold"], pixel_threshold=config["pixel_threshold"],
-        note=str(cal_cfg.get("note", "")),
+        note=str(cal_cfg.get("note", "")), added=cal_cfg.get("added_sha256") or (),
     )
     if not det.calibration.is_batch_relative:
         det.false_alarm_rate = det.calibration.false_alarm_rate
@@ -75,20 +87,26 @@ def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
     return det
 
 
-def load_detector(directory: str | os.PathLike):
-    """Load any saved detector (PatchCore, PaDiM, ...) from a model directory.
+def load_detector(directory: str | os.PathLike, key: bytes | None = None):
+    """Load any saved detector (PatchCore, PaDiM, ...) from a model directory, every file checked
+    against its manifest first (:mod:`anomalens.manifest`).
+
+    Args:
+        key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set. With a key, unsigned or badly
+            signed models are refused; without one, a signed model's checksums are checked, not its
+            signature.
 
     Raises:
-        ModelFileError: missing, incompatible, corrupt or modified model files (see
+        ModelFileError: missing, incompatible (older format: re-fit), corrupt, modified or unsigned
+            (with a key) model files, files that are not regular files (see
             :func:`anomalens.serialization.load_model`), or an unknown detector type.
     """
     from . import DETECTORS
 
-    config = read_config(directory)
+    config, tensors = load_model(directory, key)
     name = config.get("detector")
     if name == "video":
         raise ModelFileError(f"{directory} is a video model: use anomalens video predict / VideoDetector.load")
     if name not in DETECTORS:
         raise ModelFileError(f"model in {directory} is of unknown detector type {name!r}; known: {sorted(DETECTORS)}")
-    config, tensors = load_model(directory)
     return detector_from_files(DETECTORS[name], config, tensors)

@@ -698,8 +698,17 @@ class VideoDetector:
         )
 
     # ------------------------------------------------------------------ save / load
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the model (safetensors + JSON, no pickle; see :mod:`anomalens.serialization`)."""
+    def save(self, directory: str | os.PathLike, key: bytes | None = None) -> Path:
+        """Write the model (safetensors + JSON + manifest, no pickle; see :mod:`anomalens.serialization`)
+        as a whole new folder swapped in for ``directory``: a kill leaves the old model or the new one.
+
+        Args:
+            key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set (:mod:`anomalens.manifest`).
+
+        Raises:
+            NotFittedError: not fitted.
+            ModelFileError: ``directory`` holds files that are not model files.
+        """
         self._check_fitted()
         cal = self.calibration
         assert cal is not None and self.work_hw is not None
@@ -714,16 +723,21 @@ class VideoDetector:
             "calibration": {"source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size)},
             "fit_info": self.fit_info,
         }
-        return save_model(directory, config, tensors)
+        return save_model(directory, config, tensors, key=key)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "VideoDetector":
-        """Load a saved video model.
+    def load(cls, directory: str | os.PathLike, key: bytes | None = None) -> "VideoDetector":
+        """Load a saved video model, every file checked against its manifest first.
+
+        Args:
+            key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set: unsigned or badly signed
+                models are then refused.
 
         Raises:
-            ModelFileError: missing, corrupt, modified or mismatched files, or not a video model.
+            ModelFileError: missing, corrupt, modified, unsigned (with a key), older-format (re-fit)
+                or mismatched files, files that are not regular files, or not a video model.
         """
-        config, tensors = load_model(directory)
+        config, tensors = load_model(directory, key)
         if config.get("detector") != cls.name:
             raise ModelFileError(f"{directory} holds a {config.get('detector')!r} model, not a video model (use anomalens predict)")
         try:
