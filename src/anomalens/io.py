@@ -9,6 +9,7 @@ Masks are returned as ``bool`` arrays of shape ``(H, W)``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -76,8 +77,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     path = Path(path)
     check_image_path(path)
     try:
-        with Image.open(path) as img:
-            return int(img.width), int(img.height)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return int(img.width), int(img.height)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError) as exc:
         raise ImageReadError(path, f"not a recognised image format ({str(exc)[:120]})") from None
 
@@ -86,7 +89,9 @@ def _decode(src, name: str, max_pixels: int) -> Image.Image:
     """Open and fully decode ``src`` (a path or a binary file object); the size is checked from the
     header, before any pixel is decoded."""
     try:
-        img = Image.open(src)
+        with warnings.catch_warnings():  # our own limit is checked below, from the header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(src)
         if img.width * img.height > max_pixels:
             raise ImageReadError(name, f"{img.width}x{img.height} exceeds the limit of {max_pixels} pixels")
         img.load()  # decode now, so truncated files fail here and not later

@@ -45,6 +45,11 @@ def chunks_by_pixels(paths: list[Path], budget: int = CHUNK_PIXELS, most: int = 
         yield chunk
 
 
+def printable(text) -> str:
+    """``text`` for a terminal: bytes of a file name that are not UTF-8 shown as ``\\xNN``."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def predict(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
     images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
@@ -53,6 +58,7 @@ def predict(
     false_alarm_rate: Optional[float] = typer.Option(None, help="Override the model's target false-alarm rate."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: images that already have a result row are skipped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
+    chunk_size: int = typer.Option(CHUNK_IMAGES, min=1, help="Images scored and written together (fewer if their pixels exceed 64 MP): a kill loses at most one chunk."),
 ) -> None:
     """Score images: a score, an OK/NG decision, a p-value and a heatmap overlay per image.
 
@@ -77,7 +83,7 @@ def predict(
         todo = [i for i, p in enumerate(paths) if str(p) not in writer.done]
         with progress_bars() as cb:
             done = 0
-            for chunk in chunks_by_pixels([paths[i] for i in todo]):
+            for chunk in chunks_by_pixels([paths[i] for i in todo], most=chunk_size):
                 idx = [todo[k] for k in chunk]
                 part = det.predict([paths[i] for i in idx], keep_images=heatmaps,
                                    progress=lambda st, d, t, base=done: cb(st, base + d, len(todo)))
@@ -98,7 +104,7 @@ def predict(
         t.add_column(c)
     for r in rows[:50]:
         t.add_row(
-            escape(str(r["path"])),
+            escape(printable(r["path"])),
             "-" if r["pred_score"] is None else f"{r['pred_score']:.3f}",
             "-" if r.get("normalized_score") is None else f"{r['normalized_score']:.3f}",
             r["decision"] or "ERROR",
@@ -109,7 +115,7 @@ def predict(
     out_console.print(t)
     for r in rows:
         if r["error"] is not None:
-            console.print("[yellow]not scored:[/]", escape(r["error"]), soft_wrap=True)
+            console.print("[yellow]not scored:[/]", escape(printable(r["error"])), soft_wrap=True)
     console.print(f"results written to {out}")
     if n_bad:
         raise typer.Exit(code=EXIT_PARTIAL)
