@@ -25,7 +25,7 @@ def client(fitted_patchcore):
     from anomalens.service import create_app
 
     _, model_dir = fitted_patchcore
-    return TestClient(create_app({"hazelnut": model_dir, "again": model_dir}, engine="torch"))
+    return TestClient(create_app({"hazelnut": model_dir, "again": model_dir}, engine="torch", recent=20))
 
 
 def test_predict_endpoint_matches_python(client, hazelnut, fitted_patchcore):
@@ -39,6 +39,8 @@ def test_predict_endpoint_matches_python(client, hazelnut, fitted_patchcore):
     assert [x["decision"] for x in res] == ["NG", "OK"]
     for x, p in zip(res, expected):
         assert x["pred_score"] == pytest.approx(p.pred_score, rel=1e-6) and x["p_value"] == p.p_value
+        assert x["normalized_score"] == pytest.approx(p.normalized_score, rel=1e-6)  # Prediction.summary() passed through
+        assert x["p_value_at_floor"] == p.p_value_at_floor and "path" not in x
         assert len(x["regions"]) == len(p.regions)
         heat = Image.open(io.BytesIO(base64.b64decode(x["heatmap_png"])))
         assert heat.size == (256, 256)
@@ -86,7 +88,8 @@ def test_service_over_http_survives_malformed_requests_and_concurrency(fitted_pa
 
 
 def test_web_page_upload_in_chromium(fitted_patchcore, hazelnut, tmp_path):
-    """Headless Chromium: choose an image on the page, see NG, the overlay, the regions, the recent list."""
+    """Headless Chromium on a service with an API key: the page asks for the key; choose an image, see NG
+    colour-coded, the part beside its overlay, the score against the threshold, the regions, the recent list."""
     driver_path = shutil.which("chromedriver")
     if driver_path is None:
         msg = "chromedriver not found (apt-get install chromium-driver)"
@@ -105,16 +108,25 @@ def test_web_page_upload_in_chromium(fitted_patchcore, hazelnut, tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1300,1000",
                  f"--user-data-dir={tmp_path / 'profile'}"):
         opts.add_argument(flag)
-    with load.Server([str(fitted_patchcore[1])]) as srv:
+    with load.Server([str(fitted_patchcore[1])], extra=["--recent"], env={"ANOMALENS_API_KEY": "page-test-key"}) as srv:
         driver = webdriver.Chrome(service=Service(driver_path), options=opts)
         try:
             driver.get(f"http://127.0.0.1:{srv.port}/")
+            WebDriverWait(driver, 30).until(ec.visibility_of_element_located((By.ID, "key")))  # 401: the page asks for the key
+            driver.find_element(By.ID, "key").send_keys("page-test-key")
+            driver.find_element(By.ID, "keysave").click()
             WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text)
             driver.find_element(By.ID, "file").send_keys(str(hazelnut / "test" / "hole" / "000.png"))
             WebDriverWait(driver, 60).until(ec.text_to_be_present_in_element((By.ID, "verdict"), "NG"))
             WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#recent tbody tr"))
             assert driver.find_element(By.ID, "overlay").is_displayed()
-            assert "score" in driver.find_element(By.ID, "facts").text
+            part = driver.find_element(By.ID, "part")  # the uploaded part, beside the overlay, loaded
+            WebDriverWait(driver, 10).until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", part) == 256)
+            assert part.is_displayed() and part.location["y"] == driver.find_element(By.ID, "overlay").location["y"]
+            red = driver.execute_script("return getComputedStyle(arguments[0]).backgroundColor", driver.find_element(By.ID, "verdict"))
+            assert red == "rgb(207, 34, 46)"  # NG in red
+            facts = driver.find_element(By.ID, "facts").text
+            assert "against threshold" in facts and "normalized score" in facts
             rows = driver.find_elements(By.CSS_SELECTOR, "#regions tbody tr")
             assert rows and rows[0].find_elements(By.TAG_NAME, "td")[0].text == "1"
             assert "000.png" in driver.find_element(By.ID, "recent").text
@@ -129,6 +141,8 @@ def test_web_page_upload_in_chromium(fitted_patchcore, hazelnut, tmp_path):
             assert not driver.find_element(By.ID, "overlay").is_displayed()  # no stale result beside the error
             driver.find_element(By.ID, "file").send_keys(str(hazelnut / "test" / "good" / "000.png"))
             WebDriverWait(driver, 60).until(ec.text_to_be_present_in_element((By.ID, "verdict"), "OK"))
+            green = driver.execute_script("return getComputedStyle(arguments[0]).backgroundColor", driver.find_element(By.ID, "verdict"))
+            assert green == "rgb(26, 127, 55)"
             assert driver.find_element(By.ID, "error").text == ""
         finally:
             driver.quit()

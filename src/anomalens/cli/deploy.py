@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,7 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import AnomalensError
-from .common import console, fail as _fail, out_console
+from .common import console, fail as _fail, fmt_threshold, out_console
+
+API_KEY_ENV = "ANOMALENS_API_KEY"
 
 
 def export(
@@ -45,13 +48,39 @@ def export(
     console.print(msg)
 
 
+def _read_api_key(api_key_file: Optional[Path]) -> Optional[str]:
+    """The service's API key: the contents of ``api_key_file``, else ``ANOMALENS_API_KEY``, else None."""
+    if api_key_file is None:
+        key = os.environ.get(API_KEY_ENV, "").strip()
+        return key or None
+    try:
+        key = api_key_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnomalensError(f"cannot read the API key file {api_key_file}: {exc}") from None
+    if not key:
+        raise AnomalensError(f"the API key file {api_key_file} is empty")
+    return key
+
+
 def serve(
     model_dirs: List[Path] = typer.Argument(..., help="One or more model directories; each is served under its folder name."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
-    engine: str = typer.Option("onnx", help="onnx (ONNX Runtime: same results, faster; exports MODEL_DIR/model.onnx if missing or stale) or torch."),
-    max_upload_mb: float = typer.Option(20.0, help="Largest request body accepted, in MB."),
+    engine: str = typer.Option("onnx", help="onnx (ONNX Runtime: same results, faster; exports MODEL_DIR/model.onnx if missing or stale, which needs torch) or torch."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per model (default: all cores)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help=f"File holding the API key clients must send as 'Authorization: Bearer <key>' (default: the environment variable {API_KEY_ENV}; neither: no authentication)."),
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help="Model-signing key file: refuse models that are unsigned or not signed with it (default: ANOMALENS_MODEL_KEY)."),
+    recent: bool = typer.Option(False, "--recent/--no-recent", help="Serve GET /recent, the last 20 results with every client's file names (off by default)."),
+    docs: bool = typer.Option(True, "--docs/--no-docs", help="Serve the API docs at /docs (local assets, no CDN); /openapi.json is always served."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest request body accepted, in MB (chunked bodies are counted as they arrive)."),
     max_pixels: int = typer.Option(40_000_000, help="Largest image accepted, in pixels."),
+    max_request_pixels: int = typer.Option(50_000_000, help="Largest total of pixels over one request's images (from their headers, before decoding)."),
+    max_files: int = typer.Option(16, help="Most images per request."),
+    max_active: int = typer.Option(4, help="Scoring requests at once; more are answered 503 with Retry-After."),
+    max_connections: int = typer.Option(256, help="Open connections at most; more are answered 503 and closed."),
+    header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send a complete request head."),
+    body_timeout: float = typer.Option(60.0, help="Seconds a request body has to arrive."),
+    keep_alive_timeout: int = typer.Option(5, help="Seconds an idle keep-alive connection stays open."),
 ) -> None:
     """Serve models over HTTP: POST /predict, GET /health, /models, /model, and a web page at /."""
     from ..service import serve as run_service
@@ -62,29 +91,115 @@ def serve(
         if name in names:
             _fail(AnomalensError(f"two models are named {name!r}: give them different folder names"))
         names[name] = d
-    console.print(f"serving {', '.join(names)} on http://{host}:{port}/ (API docs at /docs)")
     try:
-        run_service(names, host=host, port=port, engine=engine, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
+        api_key = _read_api_key(api_key_file)
+        key = _model_key(key_file)
+        auth = "API key required" if api_key else "no API key (anyone who can reach it can use it)"
+        console.print(f"serving {', '.join(names)} on http://{host}:{port}/ ({auth}; API schema at /openapi.json)")
+        run_service(names, host=host, port=port, engine=engine, threads=threads, key=key, api_key=api_key, recent=20 if recent else 0,
+                    docs=docs, max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_request_pixels=max_request_pixels, max_files=max_files,
+                    max_active=max_active, max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout,
+                    keep_alive_timeout=keep_alive_timeout)
     except AnomalensError as exc:
         _fail(exc)
 
 
-def info(model_dir: Path = typer.Argument(..., help="Model directory.")) -> None:
-    """Show a saved model's configuration, threshold and fit statistics."""
+def _model_key(key_file: Optional[Path]):
+    """The model-signing key (:func:`anomalens.manifest.resolve_key`): from ``key_file``, else
+    ``ANOMALENS_MODEL_KEY``, else None."""
+    try:
+        from ..manifest import resolve_key
+    except ImportError:
+        if key_file is not None:
+            raise AnomalensError("--key-file: this install cannot check model signatures") from None
+        return None
+    return resolve_key(key_file)
+
+
+def info(
+    model_dir: Path = typer.Argument(..., help="Model directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw configuration as JSON (training image paths only with --paths)."),
+    paths: bool = typer.Option(False, "--paths", help="Include the training images' paths (absolute paths of the training machine)."),
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help="Model-signing key file: check the signature (default: ANOMALENS_MODEL_KEY)."),
+) -> None:
+    """Show a saved model: detector, backbone, sizes, threshold, calibration, training, runtime, signature."""
     from ..serialization import read_config
 
     try:
-        cfg = read_config(model_dir)
+        key = _model_key(key_file)
+        cfg = read_config(model_dir, key=key) if key is not None else read_config(model_dir)
     except AnomalensError as exc:
         _fail(exc)
     cfg.pop("tensors", None)
     train = cfg.get("train_images") or []
-    if len(train) > 3:  # a count and the first few, not hundreds of paths
-        cfg["train_images"] = [*train[:3], f"... {len(train)} images in all"]
-    note = (cfg.get("calibration") or {}).get("note")
-    if note:
-        console.print(f"threshold: {escape(note)}", soft_wrap=True)
-    out_console.print_json(json.dumps(cfg))
+    if not paths:
+        cfg["train_images"] = len(train)
+    if as_json:
+        out_console.print_json(json.dumps(cfg))
+        return
+    out_console.print(info_table(model_dir, cfg, train if paths else None))
+
+
+def info_table(model_dir: Path, cfg: dict, train_paths: Optional[list] = None) -> Table:
+    """The rich table of ``anomalens info``: one row per fact, from a verified config."""
+    params = cfg.get("params") or {}
+    fit = cfg.get("fit_info") or {}
+    cal = cfg.get("calibration") or {}
+    n_train = fit.get("n_train_images", len(train_paths) if train_paths is not None else cfg.get("train_images"))
+    sizes = fit.get("image_sizes") or params.get("image_size")
+    sizes = sizes if isinstance(sizes, list) else [sizes] if sizes else []
+    threshold = cfg.get("threshold")
+    t = Table(title=f"model {model_dir}", show_header=False, title_justify="left")
+    t.add_column("", style="bold")
+    t.add_column("")
+    rows = [
+        ("detector", cfg.get("detector")),
+        ("backbone", params.get("backbone")),
+        ("image sizes", ", ".join(f"{s} px" for s in sizes) + (" (short side, aspect kept)" if params.get("keep_aspect") else "") if sizes else None),
+        ("threshold", fmt_threshold(float(threshold)) if isinstance(threshold, (int, float)) else threshold),
+        ("false-alarm rate", f"{100 * cal['false_alarm_rate']:g}% of normal images" if isinstance(cal.get("false_alarm_rate"), (int, float)) else None),
+        ("calibration", f"{cal.get('source', '?')}, {cal.get('n', fit.get('n_calibration_images', '?'))} scores ({cal.get('mode', '?')})" if cal else None),
+        ("threshold note", cal.get("note")),
+        ("training images", n_train),
+        ("fit time", f"{fit['seconds_total']:.1f} s" if isinstance(fit.get("seconds_total"), (int, float)) else None),
+        ("runtime", runtime_of(model_dir, cfg)),
+        ("signature", cfg.get("model_signature", "unknown (this install does not read signatures)")),
+        ("anomalens version", cfg.get("anomalens_version")),
+    ]
+    for name, value in rows:
+        if value is not None and value != "":
+            t.add_row(name, escape(str(value)))
+    for p in train_paths or []:
+        t.add_row("", escape(str(p)))
+    return t
+
+
+def runtime_of(model_dir: Path, cfg: dict) -> str:
+    """What ``predict`` and ``serve`` run this model on: ONNX Runtime when the folder holds a
+    ``model.onnx`` exported from this very model and onnxruntime is importable, else torch."""
+    import importlib.util
+
+    path = Path(model_dir) / "model.onnx"
+    has_ort = importlib.util.find_spec("onnxruntime") is not None
+    if not path.is_file():
+        why = "no model.onnx; `anomalens export` writes one"
+    elif not has_ort:
+        why = "onnxruntime is not installed"
+    else:
+        try:
+            try:
+                from ..runtime import OnnxDetector
+            except ImportError:
+                from ..export import OnnxDetector
+            meta = OnnxDetector(path, threads=1).meta
+        except AnomalensError as exc:
+            return f"torch (model.onnx is unusable: {exc})"
+        if meta.get("source_config_sha256") == cfg.get("config_sha256"):
+            return "ONNX Runtime (model.onnx, exported from this model)"
+        why = "model.onnx is stale: exported from an earlier fit; `anomalens export` again"
+    if importlib.util.find_spec("torch") is None:
+        return f"none on this install: no torch, and {why}"
+    return f"torch ({why})"
 
 
 def backbones() -> None:
