@@ -15,7 +15,7 @@ from rich.table import Table
 from ..errors import AnomalensError
 from .common import fail as _fail, fmt_pct as _fmt, out_console, progress_bars
 from .common import metrics_table
-from .outputs import _write_rows
+from .outputs import write_rows
 
 
 def evaluate(
@@ -84,7 +84,7 @@ def evaluate(
         _fail(exc)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "metrics.json", json.dumps(d, indent=2))
-    _write_rows([p.summary(detail=True) for p in result.predictions], out)
+    write_rows([p.summary(detail=True) for p in result.predictions], out)
     gt = d["ground_truth"]
     table = metrics_table(d, f"{det.name} / {det.backbone_name} / {det.size_label} on {name} (%)")
     table.caption = f"{gt['n_good']} good, {gt['n_defective']} defective images ({gt['n_defective_with_mask']} with a mask); layout {d['layout'] or 'samples'}"
