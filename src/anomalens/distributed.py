@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 from .errors import AnomalensError, DatasetError
 
-SCHEMA_FIELDS = ("path", "pred_score", "pred_label", "p_value", "anomalous_area_pct", "n_regions", "error")
+SCHEMA_FIELDS = ("path", "pred_score", "normalized_score", "pred_label", "p_value", "p_value_at_floor", "anomalous_area_pct", "n_regions", "error")
 
 
 def _init_ray(address: str | None, workers: int):
@@ -72,8 +72,10 @@ class _ChunkScorer:
                 {
                     "path": pa.array(rows["path"], pa.string()),
                     "pred_score": pa.array(rows["pred_score"], pa.float64()),
+                    "normalized_score": pa.array(rows["normalized_score"], pa.float64()),
                     "pred_label": pa.array(rows["pred_label"], pa.int8()),
                     "p_value": pa.array(rows["p_value"], pa.float64()),
+                    "p_value_at_floor": pa.array(rows["p_value_at_floor"], pa.bool_()),
                     "anomalous_area_pct": pa.array(rows["anomalous_area_pct"], pa.float64()),
                     "n_regions": pa.array(rows["n_regions"], pa.int32()),
                     "error": pa.array(rows["error"], pa.string()),

@@ -112,8 +112,7 @@ class MuSc:
 
     Raises:
         ConfigError: invalid layers, backbone or augmentation; a CNN named twice; cnn_maps < 0.
-        AnomalensError: fewer than 3 images
-        in the batch.
+        AnomalensError: fewer than 3 images in the batch.
     """
 
     def __init__(
@@ -346,9 +345,9 @@ class MuSc:
             AnomalensError: fewer than 3 readable images (mutual scoring needs others to compare
             with); ImageReadError / DatasetError: an unreadable or missing reference image.
         """
-        from .inference import read_input
+        from .inference import as_inputs, normalized_score, read_input
 
-        items = list(images)
+        items = as_inputs(images)
         out: list[Prediction | None] = [None] * len(items)
         ok_idx, arrays, truths = [], [], []
         for i, item in enumerate(items):
@@ -374,6 +373,7 @@ class MuSc:
             mask = amap > pixel_threshold
             out[i] = Prediction(
                 pred_score=float(s[j]),
+                normalized_score=normalized_score(float(s[j]), threshold, float(s.min())),
                 pred_label=int(s[j] > threshold),
                 anomaly_map=amap,
                 pred_mask=mask,
