@@ -91,8 +91,10 @@ def test_few_shot_with_rotations_threshold_evidence_and_recalibration(hazelnut):
     assert len(rest) == 46
     with pytest.raises(CalibrationError):  # the shots themselves are refused
         det.calibrate(cat.train_paths(), 0.05)
-    det.calibrate(rest, 0.05)
-    assert det.calibration.source == "held-out" and det.false_alarm_rate == 0.05
+    n_shots = det.calibration.scores.size
+    det.calibrate(rest, 0.05)  # added to the few-shot calibration scores
+    assert det.calibration.source == "few-shot+held-out" and det.false_alarm_rate == 0.05
+    assert det.calibration.scores.size == n_shots + 46
 
 
 def test_few_shot_model_round_trip(hazelnut, tmp_path):

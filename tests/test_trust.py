@@ -94,7 +94,8 @@ def test_too_few_calibration_images_is_a_clear_error(hazelnut, tmp_path):
 
 
 def test_held_out_calibration(hazelnut, fitted_patchcore, tmp_path):
-    """Split conformal: hold out 40% at fit time, or re-calibrate a fitted model on new normal images."""
+    """Split conformal: hold out 40% at fit time; or add new normal images to a fitted model's
+    calibration (pooled with its leave-one-out scores; --replace uses them alone)."""
     from anomalens import PatchCore, load_detector
 
     det = PatchCore(false_alarm_rate=0.05).fit(hazelnut, holdout=0.4)
@@ -105,20 +106,40 @@ def test_held_out_calibration(hazelnut, fitted_patchcore, tmp_path):
     assert again.calibration.source == "held-out" and again.threshold == det.threshold
 
     base, model_dir = fitted_patchcore
+    model = load_detector(model_dir)  # a copy: the session's model stays as fitted
     train = sorted((hazelnut / "train" / "good").glob("*.png"))
     with pytest.raises(CalibrationError, match="50 of the 50 calibration images were used to fit the model"):
-        base.calibrate(train)
+        model.calibrate(train)
     good_test = sorted((hazelnut / "test" / "good").glob("*.png"))
     with pytest.raises(CalibrationError, match="needs at least 19 normal calibration images, got 2"):
-        base.calibrate(good_test)
+        model.calibrate(good_test, replace=True)  # 2 images alone cannot set a 5% threshold
+    model.calibrate(good_test)  # added to the 50 leave-one-out scores
+    cal = model.calibration
+    assert cal.scores.size == 52 and cal.source == "leave-one-out+held-out" and model.false_alarm_rate == 0.05
+    np.testing.assert_array_equal(cal.scores[:50], base.calibration.scores)
+    assert np.mean(cal.scores > cal.threshold) <= 0.05  # the pooled threshold keeps the rate on its own scores
+    with pytest.raises(CalibrationError, match="already in the model's calibration"):
+        model.calibrate(good_test)  # an image counts once
     r = runner.invoke(app, ["calibrate", str(model_dir), str(hazelnut / "test" / "good"), "--out", str(tmp_path / "c")])
-    assert r.exit_code == 2 and "got 2" in r.output
-
-    # best-F1 threshold from labelled images, kept through save/load
-    r = runner.invoke(app, ["calibrate", str(model_dir), str(hazelnut), "--f1", "--out", str(tmp_path / "f1")])
     assert r.exit_code == 0, r.output
+    assert "calibration now holds 52 normal scores (50 + 2 added)" in " ".join(r.output.split())
+    assert load_detector(tmp_path / "c").calibration.added == cal.added
+    r = runner.invoke(app, ["calibrate", str(model_dir), str(hazelnut / "test" / "good"), "--replace", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "got 2" in r.output and not (tmp_path / "r").exists()
+
+    # best-F1 threshold from labelled images, kept through save/load: an MVTec AD category, or good/
+    # beside folders of defective images
+    layout = tmp_path / "lab"
+    layout.mkdir()
+    for name, src in (("good", "good"), ("ng", "crack"), ("scratched", "print")):
+        (layout / name).symlink_to(hazelnut / "test" / src)
+    for data, out in ((hazelnut, "f1"), (layout, "f1_folders")):
+        r = runner.invoke(app, ["calibrate", str(model_dir), str(data), "--f1", "--out", str(tmp_path / out)])
+        assert r.exit_code == 0, r.output
+        f1 = load_detector(tmp_path / out)
+        assert f1.calibration.mode == "f1" and "best-F1" in f1.calibration.note
+    assert "on 6 labelled images (4 defective)" in f1.calibration.note
     f1 = load_detector(tmp_path / "f1")
-    assert f1.calibration.mode == "f1" and "best-F1" in f1.calibration.note
     preds = f1.predict(sorted((hazelnut / "test").rglob("*.png")))
     labels = [int("/good/" not in p.image_path) for p in preds]
     assert [p.pred_label for p in preds] == labels  # hazelnut_reduced's test set is separable

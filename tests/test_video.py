@@ -387,28 +387,3 @@ def test_max_rule_sees_a_still_object_among_walkers(ped2_slice, ped2_model, tmp_
     assert auc_d >= 0.9 and auc_d > auc_o + 0.15, (auc_d, auc_o)  # measured: 0.96 against 0.59 (0.98 against 0.63 before the far band; 0.95 against 0.59 before the fade)
     r = CliRunner().invoke(app, ["video", "fit", str(ped2_slice["train"]), "--out", str(tmp_path / "bad"), "--frame-rule", "mean"])
     assert r.exit_code != 0 and "frame_rule" in r.output
-
-
-def test_a_model_saved_before_the_frame_rule_loads_with_the_sum(ped2_slice, ped2_model, tmp_path):
-    """A model file written before ``frame_rule`` / ``scale_quantile`` and the flow options existed
-    (their keys absent from its params, checksum valid) loads with the rule it was fitted under, the
-    sum of the parts, and the flow it was fitted with (half resolution, no far band)."""
-    import shutil
-
-    from anomalens.serialization import CONFIG_NAME, _config_digest
-    from anomalens.video import VideoDetector
-
-    old = tmp_path / "old"
-    shutil.copytree(ped2_model, old)
-    config = json.loads((old / CONFIG_NAME).read_text())
-    for key in ("frame_rule", "scale_quantile", "flow_finest_scale", "flow_patch", "flow_upscale", "flow_upscale_rows"):
-        del config["params"][key]
-    config["config_sha256"] = _config_digest(config)
-    (old / CONFIG_NAME).write_text(json.dumps(config))
-    det = VideoDetector.load(old)
-    assert (det.frame_rule, det.scale_quantile, det.flow_finest_scale, det.flow_patch) == ("sum", 0.5, 1, 8)
-    assert det.flow_upscale == 1.0 and VideoDetector.load(ped2_model).flow_upscale == 1.5  # no far band before it existed
-    p = det.predict(ped2_slice["test"] / "frames" / "04")
-    peak_parts = np.maximum(p.motion_scores, p.appearance_scores)
-    assert np.all(p.raw_scores >= peak_parts - 1e-5) and np.any(p.raw_scores > peak_parts + 1e-3)
-    assert np.all(p.raw_scores <= p.motion_scores + p.appearance_scores + 1e-5)

@@ -159,6 +159,10 @@ def training_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         data = [data]
     paths = expand_inputs(data)
     if not paths:
+        folders = [str(d) for d in data if os.path.isdir(d)]
+        if folders:
+            raise DatasetError(f"folder {', '.join(folders)} contains no image files "
+                               f"(looked for {', '.join(sorted({'.png', '.jpg', '.bmp', '.tif', '.webp'}))})")
         raise DatasetError("no training images given")
     return paths
 

@@ -132,6 +132,9 @@ def colour_bar(height: int, vmin: float, vmax: float, pixel_threshold: float | N
     return out
 
 
+MAX_FIGURE_SIDE = 2048  # pixels: the long side of the part shown in an overlay figure
+
+
 def overlay_figure(pred: Prediction, image: np.ndarray, pixel_threshold: float) -> np.ndarray:
     """What an operator reads at a glance: a header with the decision on its colour (green OK, red NG),
     the score against the threshold, the normalized score and the p-value; below it the part (left),
@@ -144,13 +147,22 @@ def overlay_figure(pred: Prediction, image: np.ndarray, pixel_threshold: float) 
 
     Returns:
         ``uint8`` RGB ``(header + H, 2 W + gaps + colour bar, 3)``; the part is unchanged at
-        ``[-H:, :W]``.
+        ``[-H:, :W]``. An image larger than :data:`MAX_FIGURE_SIDE` pixels on its long side is shown
+        downscaled to it (area interpolation; the mask nearest), so a figure's memory is bounded.
     """
     assert pred.anomaly_map is not None
+    amap, mask = pred.anomaly_map, pred.pred_mask
+    vmin, vmax = heat_range(pixel_threshold, amap)
+    if max(image.shape[:2]) > MAX_FIGURE_SIDE:
+        f = MAX_FIGURE_SIDE / max(image.shape[:2])
+        size = (max(1, round(image.shape[1] * f)), max(1, round(image.shape[0] * f)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        amap = cv2.resize(np.asarray(amap, np.float32), size, interpolation=cv2.INTER_AREA)
+        if mask is not None:
+            mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     h, w = image.shape[:2]
     scale = max(0.4, min(1.6, h / 560))
-    vmin, vmax = heat_range(pixel_threshold, pred.anomaly_map)
-    heat = overlay(image, pred.anomaly_map, pixel_threshold=pixel_threshold, mask=pred.pred_mask)
+    heat = overlay(image, amap, pixel_threshold=pixel_threshold, mask=mask)
     gap = np.full((h, max(4, w // 64), 3), 255, np.uint8)
     body = np.concatenate([image, gap, heat, gap, colour_bar(h, vmin, vmax, pixel_threshold, scale)], axis=1)
     return np.concatenate([_header(pred, body.shape[1], scale), body], axis=0)

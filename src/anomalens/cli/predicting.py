@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import AnomalensError
+from ..errors import AnomalensError, ConfigError
 from .common import console, fail as _fail, out_console, progress_bars, split_names
 from .outputs import save_overlays, write_rows
 
@@ -74,6 +74,8 @@ def predict(
     rows: list[dict] = []
     try:
         det = load_detector(model_dir)
+        if getattr(det, "is_video", False):
+            raise ConfigError(f"{model_dir} is a video model: score videos with `anomalens video predict`")
         if false_alarm_rate is not None:
             det.set_false_alarm_rate(false_alarm_rate)
         run = {"command": "predict", "model": str(model_dir.resolve()), "model_sha256": read_config(model_dir).get("config_sha256"),

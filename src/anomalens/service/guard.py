@@ -3,6 +3,7 @@
 Every request passes :class:`Guard` before FastAPI sees it, so a rejected request costs no body
 reading, no spooling to disk and no decoding. In order:
 
+0. **431** -- request headers over 16 KB in all.
 1. **401** -- with an API key set, every path but the open ones (``/health``, the web page, the API
    docs and ``/openapi.json``) needs ``Authorization: Bearer <key>`` (compared in constant time).
 2. **415** -- a scoring request (``POST /predict``) that is not ``multipart/form-data``.
@@ -71,16 +72,19 @@ class Guard:
         max_active: how many scoring requests may run at once (receiving, decoding, scoring).
         body_timeout: seconds a request's body may take to arrive, counted from its headers.
         retry_after: seconds sent in ``Retry-After`` with a 503.
+        max_head_bytes: the largest total of header names and values (431 past it; uvicorn's h11
+            bounds only a head that arrives in pieces).
     """
 
     def __init__(self, app, *, api_key: str | None = None, max_body_bytes: int = 20 * 2**20, max_active: int = 4,
-                 body_timeout: float = 60.0, retry_after: int = 1):
+                 body_timeout: float = 60.0, retry_after: int = 1, max_head_bytes: int = 16 * 1024):
         self.app = app
         self.key_digest = _digest(api_key) if api_key else None
         self.max_body = int(max_body_bytes)
         self.max_active = int(max_active)
         self.body_timeout = float(body_timeout)
         self.retry_after = int(retry_after)
+        self.max_head = int(max_head_bytes)
         self.active = 0  # scoring requests in flight; only touched on the event loop's thread
 
     def authorized(self, headers: Headers) -> bool:
@@ -100,6 +104,8 @@ class Guard:
         has_body = chunked or (length is not None and length.strip() not in ("", "0"))
         close = {"Connection": "close"} if has_body else {}  # answered before reading: do not read the rest
 
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.max_head:
+            return await send_json_error(send, 431, f"request headers over {self.max_head // 1024} KB", {"Connection": "close"})
         if not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or self.authorized(headers)):
             return await send_json_error(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                          {"WWW-Authenticate": "Bearer", **close})

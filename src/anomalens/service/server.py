@@ -5,7 +5,8 @@ connection that has not yet sent a complete request head for ever: one that send
 few header bytes now and then. :class:`GuardedH11Protocol` (uvicorn's h11 protocol, extended) closes
 such a connection after ``header_timeout`` seconds with a 408, refuses connections past
 ``max_connections`` with a 503, and answers a malformed request with the service's JSON error shape.
-The request head's size is bounded by h11 (``h11_max_incomplete_event_size``, 16 KB: 431-like 400).
+A request head arriving in pieces is bounded by h11 (``h11_max_incomplete_event_size``, 16 KB: a
+400); one arriving whole is bounded by :class:`~anomalens.service.guard.Guard` (431).
 """
 
 from __future__ import annotations

@@ -244,6 +244,8 @@ class VideoDetector:
         ConfigError: invalid values.
     """
 
+    is_video = True  # a model of frames in time (the image commands refuse it)
+
     name = "video"
 
     def __init__(
