@@ -56,7 +56,7 @@ def test_batch_predict_resumes_after_kill(fitted_patchcore, transistor, tmp_path
     test_dir = transistor / "test"
     out = tmp_path / "scores.parquet"
     cmd = [sys.executable, "-m", "anomalens.cli", "batch-predict", str(model_dir), str(test_dir), "--out", str(out),
-           "--chunk-size", "5", "--workers", "2", "--engine", "torch"]
+           "--chunk", "5", "--workers", "2", "--engine", "torch"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.time()
     try:

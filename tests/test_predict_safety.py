@@ -83,7 +83,7 @@ def test_a_killed_run_keeps_its_rows_and_resumes_exactly(model, hazelnut, tmp_pa
     assert len(want) == n
     for kill_after in (4, 16, 28):  # rows on disk when the kill comes
         out = tmp_path / f"killed-{kill_after}"
-        proc = subprocess.Popen([*PREDICT, str(model), str(folder), "--out", str(out), "--chunk-size", "4"],
+        proc = subprocess.Popen([*PREDICT, str(model), str(folder), "--out", str(out), "--chunk", "4"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -96,7 +96,7 @@ def test_a_killed_run_keeps_its_rows_and_resumes_exactly(model, hazelnut, tmp_pa
         kept = read_rows(out / "predictions.jsonl")
         assert len(kept) >= kill_after
         assert all(r["pred_score"] == pytest.approx(want[r["path"]], rel=1e-6) for r in kept)
-        res = subprocess.run([*PREDICT, str(model), str(folder), "--out", str(out), "--resume", "--chunk-size", "4"], capture_output=True, text=True)
+        res = subprocess.run([*PREDICT, str(model), str(folder), "--out", str(out), "--resume", "--chunk", "4"], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         rows = read_rows(out / "predictions.jsonl")
         assert sorted(r["path"] for r in rows) == sorted(want)  # every image exactly once

@@ -185,8 +185,8 @@ def test_evaluate_says_which_layouts_it_reads(tmp_path, hazelnut):
 
 
 def test_scaleout_options_reach_the_work(monkeypatch, tmp_path):
-    """fit-many takes --backbone and --image-size as fit does; batch-predict takes --chunk as zero-shot
-    does (the old --chunk-size still works)."""
+    """fit-many takes --backbone and --image-size as fit does; batch-predict takes --chunk as predict
+    does."""
     import anomalens.distributed as dist
 
     seen: dict = {}
@@ -199,10 +199,9 @@ def test_scaleout_options_reach_the_work(monkeypatch, tmp_path):
         n_images = n_chunks = n_skipped = n_scored = workers = n_errors = 0
         seconds = images_per_second = 0.0
 
-    for flag in ("--chunk", "--chunk-size"):
-        seen.clear()
-        monkeypatch.setattr(dist, "batch_predict", lambda model_dir, inputs, out, **kw: seen.update(kw) or Summary())
-        r = runner.invoke(app, ["batch-predict", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "p"), flag, "5"])
-        assert r.exit_code == 0, r.output
-        assert seen["chunk_size"] == 5
-    assert "--chunk-size" not in runner.invoke(app, ["batch-predict", "--help"]).output
+    monkeypatch.setattr(dist, "batch_predict", lambda model_dir, inputs, out, **kw: seen.update(kw) or Summary())
+    r = runner.invoke(app, ["batch-predict", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "p"), "--chunk", "5"])
+    assert r.exit_code == 0, r.output
+    assert seen["chunk_size"] == 5
+    for cmd in ("batch-predict", "predict"):
+        assert "--chunk-size" not in runner.invoke(app, [cmd, "--help"]).output

@@ -58,7 +58,7 @@ def predict(
     false_alarm_rate: Optional[float] = typer.Option(None, help="Override the model's target false-alarm rate."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: images that already have a result row are skipped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
-    chunk_size: int = typer.Option(CHUNK_IMAGES, min=1, help="Images scored and written together (fewer if their pixels exceed 64 MP): a kill loses at most one chunk."),
+    chunk: int = typer.Option(CHUNK_IMAGES, "--chunk", min=1, help="Images scored and written together (fewer if their pixels exceed 64 MP): a kill loses at most one chunk."),
 ) -> None:
     """Score images: a score, an OK/NG decision, a p-value and a heatmap overlay per image.
 
@@ -85,7 +85,7 @@ def predict(
         todo = [i for i, p in enumerate(paths) if str(p) not in writer.done]
         with progress_bars() as cb:
             done = 0
-            for chunk in chunks_by_pixels([paths[i] for i in todo], most=chunk_size):
+            for chunk in chunks_by_pixels([paths[i] for i in todo], most=chunk):
                 idx = [todo[k] for k in chunk]
                 part = det.predict([paths[i] for i in idx], keep_images=heatmaps,
                                    progress=lambda st, d, t, base=done: cb(st, base + d, len(todo)))

@@ -20,14 +20,11 @@ def batch_predict(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); default: a local Ray."),
     workers: int = typer.Option(2, help="Scoring actors; each loads the model once."),
     chunk: int = typer.Option(16, "--chunk", help="Images per chunk: per Parquet part, the unit of resumption."),
-    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", hidden=True, help="Old name of --chunk."),
     engine: str = typer.Option("onnx", help="onnx (ONNX Runtime) or torch."),
 ) -> None:
     """Score many images in parallel on Ray: one Parquet row per image, resumable after an interruption."""
     from ..distributed import batch_predict as run
 
-    if chunk_size is not None:
-        chunk = chunk_size
     try:
         with progress_bars() as cb:
             summary = run(model_dir, inputs, out, address=address, workers=workers, chunk_size=chunk, engine=engine,
