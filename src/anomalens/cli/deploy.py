@@ -23,7 +23,8 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default: MODEL_DIR/model.onnx)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the exported file once and compare it with the Python model."),
 ) -> None:
-    """Export the whole inference path (resize, backbone, scoring, map) to ONNX, thresholds included."""
+    """Export the model to ONNX: normalisation, backbone, scoring and map in one graph, thresholds and
+    calibration in its metadata. Images are resized outside the graph, by the same code as in Python."""
     import numpy as np
 
     from ..detectors import load_detector
