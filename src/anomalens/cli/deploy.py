@@ -77,7 +77,9 @@ def serve(
     max_pixels: int = typer.Option(40_000_000, help="Largest image accepted, in pixels."),
     max_request_pixels: int = typer.Option(50_000_000, help="Largest total of pixels over one request's images (from their headers, before decoding)."),
     max_files: int = typer.Option(16, help="Most images per request."),
-    max_active: int = typer.Option(4, help="Scoring requests at once; more are answered 503 with Retry-After."),
+    max_active: int = typer.Option(4, help="Scoring requests at once; more wait in line (--max-queue)."),
+    max_queue: int = typer.Option(16, min=0, help="Scoring requests that may wait for a slot; more are answered 503 with Retry-After."),
+    queue_timeout: float = typer.Option(10.0, help="Seconds a request waits for a scoring slot before its 503."),
     max_connections: int = typer.Option(256, help="Open connections at most; more are answered 503 and closed."),
     header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send a complete request head."),
     body_timeout: float = typer.Option(60.0, help="Seconds a request body has to arrive."),
@@ -99,7 +101,7 @@ def serve(
         console.print(f"serving {', '.join(names)} on http://{host}:{port}/ ({auth}; API schema at /openapi.json)")
         run_service(names, host=host, port=port, engine=engine, threads=threads, key=key, api_key=api_key, recent=20 if recent else 0,
                     docs=docs, max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_request_pixels=max_request_pixels, max_files=max_files,
-                    max_active=max_active, max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout,
+                    max_active=max_active, max_queue=max_queue, queue_timeout=queue_timeout, max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout,
                     keep_alive_timeout=keep_alive_timeout)
     except AnomalensError as exc:
         _fail(exc)

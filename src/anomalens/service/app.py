@@ -138,6 +138,8 @@ def create_app(
     max_request_pixels: int = 50_000_000,
     max_files: int = 16,
     max_active: int = 4,
+    max_queue: int = 16,
+    queue_timeout: float = 10.0,
     body_timeout: float = 60.0,
     recent: int = 0,
     docs: bool = True,
@@ -156,7 +158,9 @@ def create_app(
         max_request_pixels: largest sum of pixels over one request's images, checked from their
             headers before any is decoded.
         max_files: most images per request.
-        max_active: scoring requests at once; more are answered 503 with ``Retry-After``.
+        max_active: scoring requests at once; more wait in line.
+        max_queue, queue_timeout: requests that may wait for a slot, and for how many seconds; past
+            either the answer is 503 with ``Retry-After``.
         body_timeout: seconds a request body may take to arrive.
         recent: how many recent results ``GET /recent`` keeps; 0 (the default) turns it off.
         docs: serve the API docs at ``/docs`` (from the assets of ``fastapi-offline``: no CDN; off
@@ -181,7 +185,8 @@ def create_app(
     )
     app.state.docs = assets is not None
     bearer = [Security(HTTPBearer(auto_error=False, description="the service's API key (when it has one)"))]
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(max_upload_mb * 2**20), max_active=max_active, body_timeout=body_timeout)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=int(max_upload_mb * 2**20), max_active=max_active, body_timeout=body_timeout,
+                       max_queue=max_queue, queue_timeout=queue_timeout)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

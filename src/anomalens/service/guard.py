@@ -11,7 +11,9 @@ reading, no spooling to disk and no decoding. In order:
    a body without one (``Transfer-Encoding: chunked``) is counted while it streams, and answered
    with 413 as soon as it passes the limit. **408** -- a body that has not fully arrived within
    ``body_timeout`` seconds of the request's headers.
-4. **503** with ``Retry-After`` -- more than ``max_active`` scoring requests at once.
+4. **503** with ``Retry-After`` -- ``max_active`` scoring requests are running and ``max_queue``
+   more are waiting for a slot, or a request waited ``queue_timeout`` seconds without getting one.
+   Waiting costs nothing but the connection: no byte of the body is read before a slot is free.
 
 Every answer is JSON ``{"error": "..."}``. Any response that starts before the request's body was
 read to its end (a rejection, a multipart syntax error, ...) carries ``Connection: close``, so the
@@ -71,13 +73,16 @@ class Guard:
         max_body_bytes: the largest request body, in bytes (declared or streamed).
         max_active: how many scoring requests may run at once (receiving, decoding, scoring).
         body_timeout: seconds a request's body may take to arrive, counted from its headers.
+        max_queue: scoring requests that may wait for a slot (first come, first served).
+        queue_timeout: seconds a request waits for a slot before its 503.
         retry_after: seconds sent in ``Retry-After`` with a 503.
         max_head_bytes: the largest total of header names and values (431 past it; uvicorn's h11
             bounds only a head that arrives in pieces).
     """
 
     def __init__(self, app, *, api_key: str | None = None, max_body_bytes: int = 20 * 2**20, max_active: int = 4,
-                 body_timeout: float = 60.0, retry_after: int = 1, max_head_bytes: int = 16 * 1024):
+                 body_timeout: float = 60.0, retry_after: int = 1, max_head_bytes: int = 16 * 1024,
+                 max_queue: int = 16, queue_timeout: float = 10.0):
         self.app = app
         self.key_digest = _digest(api_key) if api_key else None
         self.max_body = int(max_body_bytes)
@@ -85,7 +90,11 @@ class Guard:
         self.body_timeout = float(body_timeout)
         self.retry_after = int(retry_after)
         self.max_head = int(max_head_bytes)
+        self.max_queue = int(max_queue)
+        self.queue_timeout = float(queue_timeout)
         self.active = 0  # scoring requests in flight; only touched on the event loop's thread
+        self.waiting = 0  # scoring requests waiting for a slot
+        self.slots = asyncio.Semaphore(self.max_active)  # FIFO; binds to the running loop on first use
 
     def authorized(self, headers: Headers) -> bool:
         """True when the request carries the right bearer token (or no key is set)."""
@@ -121,14 +130,30 @@ class Guard:
                 return await send_json_error(send, 413, f"request body over the limit of {self.max_body / 2**20:g} MB", close)
         if not scoring:
             return await self._run(scope, receive, send, has_body)
-        if self.active >= self.max_active:
-            return await send_json_error(send, 503, f"busy: {self.max_active} requests are being scored; retry in {self.retry_after} s",
-                                         {"Retry-After": str(self.retry_after), **close})
+        if not await self._take_slot():
+            return await send_json_error(
+                send, 503, f"busy: {self.max_active} requests are being scored and {self.waiting} waiting; retry in {self.retry_after} s",
+                {"Retry-After": str(self.retry_after), **close})
         self.active += 1
         try:
             await self._run(scope, receive, send, has_body)
         finally:
             self.active -= 1
+            self.slots.release()
+
+    async def _take_slot(self) -> bool:
+        """Take a scoring slot, waiting in line when all are busy; False when the line is full or the
+        wait passed ``queue_timeout``."""
+        if self.slots.locked() and self.waiting >= self.max_queue:
+            return False
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.queue_timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
 
     async def _run(self, scope, receive, send, has_body: bool) -> None:
         loop = asyncio.get_running_loop()
