@@ -44,7 +44,7 @@ from anomalens.data import MVTecCategory  # noqa: E402
 from anomalens.detectors import create_detector  # noqa: E402
 from anomalens.evaluation import compute_metrics  # noqa: E402
 from anomalens.io import to_rgb_array  # noqa: E402
-from anomalens.zeroshot import MuSc  # noqa: E402
+from anomalens.zeroshot import REFERENCE_BACKBONE, MuSc  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 #: published numbers (image AUROC %), MVTec AD; "-" where the paper has no such category
@@ -189,7 +189,7 @@ def reference_row(cat: MVTecCategory, k: int, draws: int, mutual: dict, **musc) 
             per[name].append(100 * m[name])
         good = [p for p in preds if p.gt_label == 0]
         fars.append(100 * sum(p.pred_label for p in good) / len(good))
-    row = {"category": cat.name, "method": "MuSc + k references", "backbone": _musc_backbone(model), "reference_backbone": model.reference_backbone,
+    row = {"category": cat.name, "method": "MuSc + k references", "backbone": _musc_backbone(model), "reference_backbone": REFERENCE_BACKBONE,
            "image_size": "224 px", "k": k, "augment": model.reference_augment, "draws": draws, "promised_far": math.nan, "observed_far": fars,
            "fit_s": 0.0, "ms_per_image": 1000 * (float(np.mean(secs)) + mutual["seconds"]) / len(samples)}
     for name in METRICS:
@@ -227,7 +227,6 @@ def main() -> None:
                     help="skip zero-shot above 224 px on test sets larger than this (the pairwise work grows 16-fold)")
     ap.add_argument("--references", action="store_true", help="also MuSc with the k images as references (few-shot with the batch)")
     ap.add_argument("--musc-cnn", default=None, help="CNNs of MuSc's mutual score, comma-separated (default: MuSc's own; 'none' = the ViT alone)")
-    ap.add_argument("--reference-backbone", default=None, help="CNN of the reference vote of the MuSc + k references rows")
     ap.add_argument("--reference-augment", default=None, help="views of the references in the MuSc + k references rows (default: MuSc's own)")
     ap.add_argument("--extra", default="{}", help="JSON of further arguments for every few-shot detector (a probe; recorded in the rows)")
     ap.add_argument("--out", default=None)
@@ -236,8 +235,6 @@ def main() -> None:
     musc = {}  # MuSc arguments for every MuSc row
     if args.musc_cnn:
         musc["cnn_backbone"] = None if args.musc_cnn.lower() == "none" else args.musc_cnn.split(",")
-    if args.reference_backbone:
-        musc["reference_backbone"] = args.reference_backbone
     if args.reference_augment:
         musc["reference_augment"] = args.reference_augment
     cats = find_categories(Path(args.data))
