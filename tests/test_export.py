@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from anomalens import load_detector
 from anomalens.cli import app
 
 runner = CliRunner()
@@ -41,7 +42,7 @@ def test_onnx_parity_on_hazelnut_cli(hazelnut, fitted_patchcore, tmp_path):
     images = sorted((hazelnut / "test").rglob("*.png"))
     onnx_model = OnnxDetector(out)
     assert onnx_model.threshold == det.threshold and onnx_model.pixel_threshold == det.pixel_threshold
-    assert_parity(det.predict(images), onnx_model.predict(images))
+    assert_parity(load_detector(model_dir).use_engine("torch").predict(images), onnx_model.predict(images))
     # a batch of 16 (same size) in one call gives the same as one image per call
     batch = [p for p in images][:5] * 3
     s16, _ = onnx_model.score_batch([__import__("anomalens.io", fromlist=["read_image"]).read_image(p) for p in batch])
@@ -98,3 +99,33 @@ def test_onnx_bad_files(tmp_path, fitted_patchcore):
         OnnxDetector(bad)
     r = runner.invoke(app, ["export", str(fitted_patchcore[1]), "--format", "tflite"])
     assert r.exit_code == 2 and "unknown export format" in r.output
+
+
+def test_loaded_model_predicts_on_onnx_runtime_by_default(fitted_patchcore, hazelnut, tmp_path, monkeypatch):
+    """A model folder's predictions run the same graph on ONNX Runtime: exported into the folder at
+    the first prediction (not at fit or save), listed in the manifest, reused by the next load; the
+    predictions, and the evidence of flagged images, are the torch engine's."""
+    import shutil
+
+    from anomalens.detectors import engine
+    from anomalens.manifest import verify_model_dir
+
+    d = tmp_path / "m"
+    shutil.copytree(fitted_patchcore[1], d)
+    load_detector(d).save(d)  # as `anomalens fit` leaves it: no model.onnx
+    assert not (d / "model.onnx").exists()
+    fast, slow = load_detector(d), load_detector(d).use_engine("torch")
+    assert fast.engine == "onnxruntime" and slow.engine == "torch"
+    images = sorted((hazelnut / "test").rglob("*.png"))
+    a, b = slow.predict(images), fast.predict(images)
+    assert "model.onnx" in verify_model_dir(d)["model_files"] and fast._graph is not None
+    assert_parity(a, b)
+    flagged = [(x.evidence, y.evidence) for x, y in zip(a, b) if x.pred_label]
+    assert len(flagged) >= 5 and all(x is not None and y is not None for x, y in flagged)
+    assert [(x.train_index, x.train_grid_xy, x.train_box) for x, _ in flagged] == [(y.train_index, y.train_grid_xy, y.train_box) for _, y in flagged]
+    stamp = (d / "model.onnx").stat().st_mtime_ns
+    again = load_detector(d)
+    assert again.predict(images[:1])[0].pred_score == pytest.approx(b[0].pred_score, rel=1e-6)
+    assert (d / "model.onnx").stat().st_mtime_ns == stamp and again._graph is not None  # the cached graph, not a new export
+    monkeypatch.setattr(engine, "onnxruntime_available", lambda: False)
+    assert load_detector(d).engine == "torch"

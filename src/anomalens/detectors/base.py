@@ -10,34 +10,39 @@ A detector is used like a scikit-learn / PyOD estimator::
 ``images`` may be file paths, PIL images or ``uint8`` numpy arrays of any size and mode. Each is
 resized so that its short side is ``image_size`` and its aspect ratio is kept
 (:func:`~anomalens.common.model_input_hw`); maps are returned at the image's own size.
-The fit modes live in :mod:`~anomalens.detectors.fitting`, the prediction loop in
+Each detector scores with one ``torch.nn.Module`` (:class:`~anomalens.detectors.scoring.AnomalyModel`
+with the method's scorer, :attr:`Detector.model`), run by Python prediction and traced by the ONNX
+export alike. The fit modes live in :mod:`~anomalens.detectors.fitting`, the prediction loop in
 :mod:`anomalens.inference`, saving and loading in :mod:`~anomalens.detectors.persistence`.
 """
 
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..backbones import DEFAULT_IMAGE_SIZE, get_spec, make_backbone
 from ..calibration import DEFAULT_FALSE_ALARM_RATE, Calibration
-from ..common import AnomalyMapHead, PatchFeatureExtractor, group_by_shape, model_input_hw, resize_map, to_model_input
+from ..common import AnomalyMapHead, PatchFeatureExtractor, group_by_shape, model_input_hw, to_model_input
 from ..data import Sample, normal_images
 from ..errors import AnomalensError, ConfigError
 from ..explain import Evidence, Region
 from ..inference import EvidenceFn, Progress, no_progress, run_predictions
 from ..io import ImageLike
 from ..prediction import Prediction
-from . import fitting
+from . import engine, fitting
+from .hooks import DetectorHooks
 from .options import check_options
+from .scoring import AnomalyModel
 from .thresholds import Thresholds
 
 
-class Detector(Thresholds, ABC):
+class Detector(Thresholds, DetectorHooks):
     """Base class: backbone features, calibration, prediction, saving. Subclasses add the scoring.
 
     Args:
@@ -75,11 +80,13 @@ class Detector(Thresholds, ABC):
     default_image_sizes: ClassVar[tuple[int, ...]] = (DEFAULT_IMAGE_SIZE,)
     #: how many image sizes the detector can fuse
     max_scales: ClassVar[int] = 1
-    #: backbone used when none is given (chosen per detector on the benchmark suite: README, "Choosing the defaults")
+    #: backbone used when none is given (chosen per detector on the benchmark suite)
     default_backbone: ClassVar[str] = "efficientnet_lite0"
     #: support-set augmentation of a few-shot fit when none is given (chosen per detector on the
-    #: few-shot benchmark: README, "Few-shot: a handful of good images")
+    #: few-shot benchmark)
     default_augment: ClassVar[str] = "none"
+    #: patch features are scaled to unit length before fitting and scoring (AnomalyDINO's tokens)
+    unit_features: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -126,6 +133,14 @@ class Detector(Thresholds, ABC):
         self.batch_thresholds: tuple[float, float] | None = None
         self._extractor: PatchFeatureExtractor | None = None
         self._map_head: AnomalyMapHead | None = None
+        self._model: AnomalyModel | None = None
+        #: the engine asked for: ``"auto"`` (default), ``"torch"`` or ``"onnxruntime"`` (:meth:`use_engine`)
+        self.engine_preference = "auto"
+        #: the model folder this detector was loaded from or saved to (its exported graph is cached there)
+        self.model_dir: Path | None = None
+        self._model_key: bytes | None = None
+        self._graph = None
+        self._graph_failed = False
 
     # ------------------------------------------------------------------ configuration
     def get_params(self) -> dict[str, Any]:
@@ -160,6 +175,41 @@ class Detector(Thresholds, ABC):
         return self._map_head
 
     @property
+    def model(self) -> AnomalyModel:
+        """The fitted inference graph (:class:`~anomalens.detectors.scoring.AnomalyModel`): model input
+        per scale -> ``(pred_score, anomaly_map, patch_scores, nearest)``; built on first use after
+        a fit or load (fitted state only). Python prediction runs it and the ONNX export traces it."""
+        if self._model is None:
+            self._model = AnomalyModel(self.extractor, self._build_scorer(), self.map_head, self.unit_features, self._patch_weights())
+            self._model.eval()
+        return self._model
+
+    @property
+    def engine(self) -> str:
+        """``"onnxruntime"`` or ``"torch"``: what :meth:`predict` runs :attr:`model` on (before the
+        first prediction: what it will run on). See :mod:`~anomalens.detectors.engine`."""
+        return engine.wanted_engine(self)
+
+    def use_engine(self, name: str) -> "Detector":
+        """Choose the engine: ``"auto"`` (ONNX Runtime on the graph cached in :attr:`model_dir` when
+        it can, else torch), ``"torch"``, or ``"onnxruntime"`` (as auto). Returns ``self``.
+
+        Raises:
+            ConfigError: an unknown name.
+        """
+        if name not in engine.ENGINES:
+            raise ConfigError(f"unknown engine {name!r}; choose one of {engine.ENGINES}")
+        self.engine_preference = name
+        if name == "torch":
+            self._graph = None
+        return self
+
+    def _forget_graph(self, model_dir: Path | None = None, key: bytes | None = None) -> None:
+        """Drop the fitted graph and its session (a new fit, or a new folder)."""
+        self._model, self._graph, self._graph_failed = None, None, False
+        self.model_dir, self._model_key = model_dir, key
+
+    @property
     def image_size(self) -> int:
         """The largest short side (pixels): the scale the anomaly maps and evidence are computed at."""
         return self.image_sizes[-1]
@@ -187,62 +237,6 @@ class Detector(Thresholds, ABC):
     def is_fitted(self) -> bool:
         return self.calibration is not None
 
-    # ------------------------------------------------------------------ subclass hooks
-    def _start_fit(self, first_hw: tuple[int, int]) -> None:
-        """Called with the first training image's ``(H, W)`` before any feature is extracted."""
-
-    @abstractmethod
-    def _fit_features(
-        self, features: list[list[torch.Tensor]], progress: Progress, keep_all: bool = False, groups: torch.Tensor | None = None
-    ) -> None:
-        """Learn from the normal images' patch features: ``features[k][i]`` is image ``i``'s ``float32``
-        ``(D, h_ik, w_ik)`` at scale ``k`` (``keep_all``: few images, keep every patch; ``groups``: as
-        in :meth:`_out_of_sample_scores`)."""
-
-    @abstractmethod
-    def _score_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per scale ``(B, D, h_k, w_k)`` features -> ``(image_scores (B,), patch_scores (B, h, w))``
-        ``float32`` on the last (largest) scale's grid, and for memory-bank detectors the ``int64``
-        ``(B, h, w)`` bank row nearest to each patch (else None)."""
-
-    def _export_scores(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(image scores, patch scores)`` in plain tensor ops that ``torch.onnx.export`` can trace."""
-        raise ConfigError(f"{type(self).__name__} cannot be exported to ONNX")
-
-    def _residuals(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Per scale ``(B, D, h_k, w_k)`` features -> the last scale's features minus the normal features
-        they are compared with, ``(B, D, h, w)``.
-
-        Used to describe what is abnormal in a region (:mod:`anomalens.discovery`). Default: the
-        features themselves (no normal reference).
-        """
-        return features[-1]
-
-    def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, nearest: torch.Tensor | None) -> Evidence | None:
-        """Nearest normal patch for ``region`` of an image of shape ``hw`` (memory-bank detectors only)."""
-        return None
-
-    @abstractmethod
-    def _out_of_sample_scores(
-        self, features: list[list[torch.Tensor]], progress: Progress, groups: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Scores ``(n,)`` and patch-score grids ``(h_i, w_i)`` of the training images by a model that
-        did not learn from each of them (for calibration). ``groups`` (few-shot): ``int64`` ``(N,)``
-        source image of each feature map (its augmented views share it, the original view first);
-        then one score per source image, from its original view, with all its views left out."""
-
-    @abstractmethod
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """Learned tensors to save."""
-
-    @abstractmethod
-    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore learned tensors (shapes already checked against the config)."""
-
-    def _expected_shapes(self, config: dict) -> dict[str, list[int]] | None:
-        """Shapes the loaded tensors must have given ``config`` (None: no extra check)."""
-        return None
-
     # ------------------------------------------------------------------ features
     @torch.inference_mode()
     def extract(self, images: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
@@ -257,7 +251,8 @@ class Detector(Thresholds, ABC):
 
     def _group_features(self, images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """Per scale ``(B, D, h_k, w_k)`` features of images that share the model-input ``shapes``."""
-        return [self.extractor(to_model_input(images, hw)) for hw in shapes]
+        feats = [self.extractor(to_model_input(images, hw)) for hw in shapes]
+        return [F.normalize(f, dim=1) for f in feats] if self.unit_features else feats
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -304,27 +299,16 @@ class Detector(Thresholds, ABC):
             ImageReadError: a training image cannot be read (the message names it; training stops,
                 since a model silently fitted on fewer images than given is worse than an error).
         """
+        self._forget_graph()
         return fitting.fit_detector(
             self, normal_images(images), progress or no_progress, holdout=holdout, seed=seed, shots=shots, augment=augment
         )
 
     # ------------------------------------------------------------------ predict
-    @torch.inference_mode()
     def _score_batch(self, images: Sequence[np.ndarray]) -> tuple[list[float], list[np.ndarray], list[torch.Tensor], list[torch.Tensor | None]]:
-        """Scores, maps at each image's size, patch-score grids and nearest bank rows, per image."""
-        n = len(images)
-        scores: list[float] = [0.0] * n
-        maps: list[np.ndarray] = [None] * n  # type: ignore[list-item]
-        grids: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-        nearest: list[torch.Tensor | None] = [None] * n
-        for shapes, idx in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
-            sc, gr, nn = self._score_features(self._group_features([images[i] for i in idx], shapes))
-            mp = self.map_head(gr)
-            for k, i in enumerate(idx):
-                scores[i], grids[i] = float(sc[k]), gr[k]
-                maps[i] = resize_map(mp[k], images[i].shape[:2])
-                nearest[i] = None if nn is None else nn[k]
-        return scores, maps, grids, nearest
+        """Scores, maps at each image's size, patch-score grids and nearest bank rows, per image
+        (:func:`~anomalens.detectors.engine.score_images`, on :attr:`engine`)."""
+        return engine.score_images(self, images)
 
     def score_batch(self, images: Sequence[np.ndarray]) -> tuple[list[float], list[np.ndarray]]:
         """Score ``uint8`` RGB images ``(H_i, W_i, 3)``.

@@ -28,6 +28,7 @@ from ..calibration import BATCH_Z, MIN_BATCH, Calibration, supported_false_alarm
 from ..errors import CalibrationError, ConfigError, DatasetError
 from ..inference import Progress
 from ..io import to_rgb_array
+from .engine import score_images
 
 
 @dataclass
@@ -225,7 +226,7 @@ def calibration_scores(det, images: Sequence, progress: Progress) -> tuple[np.nd
     scores, maxima = [], []
     for s in range(0, len(images), det.batch_size):
         batch = [to_rgb_array(img) for img in images[s : s + det.batch_size]]
-        sc, maps, _, _ = det._score_batch(batch)
+        sc, maps, _, _ = score_images(det, batch, open_graph=False)
         scores.extend(sc)
         maxima.extend(float(m.max()) for m in maps)
         progress("calibration", min(len(images), s + det.batch_size), len(images))

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import Detector, Progress
+from .scoring import PadimScorer
 
 
 def _precision(s1: torch.Tensor, s2: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +48,7 @@ class PaDiM(Detector):
     name = "padim"
     calibration_source = "cross-fit"
     #: EfficientNet-Lite0: with Lite2 (PatchCore's default) hazelnut_reduced fell from 100.0 to 87.5
-    #: image AUROC (README, "Choosing the defaults")
+    #: image AUROC
     default_backbone = "efficientnet_lite0"
 
     def __init__(self, *, n_features: int = 100, eps: float = 0.01, cv_folds: int = 5, seed: int = 0, **kwargs):
@@ -108,29 +109,14 @@ class PaDiM(Detector):
         # contiguous like a loaded model (linalg.inv returns column-major), so both sum in the same order
         self.mean, self.precision = mean.float().contiguous(), prec.float().contiguous()
         self._chol = None
+        self._model = None
         self._sums = (s1, s2, n)
 
-    @staticmethod
-    def _mahalanobis(x: torch.Tensor, mean: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
-        """``x (B, P, d)`` -> distances ``(B, P)``."""
-        diff = x - mean[None]
-        m = torch.einsum("bpi,pij,bpj->bp", diff, prec, diff)
-        return m.clamp_(min=0).sqrt_()
+    _mahalanobis = staticmethod(PadimScorer.mahalanobis)
 
-    def _score_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, None]:
-        assert self.mean is not None and self.precision is not None and self.grid is not None
-        features = features[0]
-        b, _, h, w = features.shape
-        if (h, w) != self.grid:
-            raise ConfigError(f"feature grid {h}x{w} differs from the fitted {self.grid}")
-        x = self._select(features).float()
-        dist = self._mahalanobis(x, self.mean, self.precision).view(b, h, w)
-        return dist.flatten(1).max(1).values, dist, None
-
-    def _export_scores(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores in plain tensor ops for ONNX export (the same as :meth:`_score_features`)."""
-        scores, dist, _ = self._score_features(features)
-        return scores, dist
+    def _build_scorer(self) -> PadimScorer:
+        assert self.mean is not None and self.precision is not None and self.channels is not None and self.grid is not None
+        return PadimScorer(self.channels, self.mean, self.precision, self.grid)
 
     def _residuals(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Whitened residuals ``L^T (x - mean)`` with ``precision = L L^T`` per position, ``(B, d, h, w)``.
@@ -183,6 +169,7 @@ class PaDiM(Detector):
         self.mean = tensors["mean"].float()
         self.precision = tensors["precision"].float()
         self._chol = None
+        self._model = None
         self.channels = tensors["channels"].long()
         self.grid = tuple(int(v) for v in tensors["grid"].tolist())  # type: ignore[assignment]
         if self.grid[0] * self.grid[1] != self.mean.shape[0] or min(self.grid) < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ def save_detector(det, directory: str | os.PathLike, key: bytes | None = None, e
         "fit_info": det.fit_info,
     }
     save_model(directory, config, tensors, key=key, expect_manifest=expect_manifest)
+    det._forget_graph(Path(directory), key)  # the graph is exported into the new folder on first use
 
 
 def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
@@ -56,8 +58,9 @@ def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
             calibration whose thresholds do not follow from its scores.
     """
     try:
-        det = cls(**config["params"])
-    except (TypeError, KeyError) as exc:
+        # knn_backend: retired (one exact search in the scoring module); same scores, so such models load
+        det = cls(**{k: v for k, v in config["params"].items() if k != "knn_backend"})
+    except (TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"model config has invalid parameters ({exc})") from None
     expected = det._expected_shapes(config)
     if expected:
@@ -109,4 +112,6 @@ def load_detector(directory: str | os.PathLike, key: bytes | None = None):
         raise ModelFileError(f"{directory} is a video model: use anomalens video predict / VideoDetector.load")
     if name not in DETECTORS:
         raise ModelFileError(f"model in {directory} is of unknown detector type {name!r}; known: {sorted(DETECTORS)}")
-    return detector_from_files(DETECTORS[name], config, tensors)
+    det = detector_from_files(DETECTORS[name], config, tensors)
+    det._forget_graph(Path(directory), key)  # its exported graph, cached there, runs predict (engine "auto")
+    return det
