@@ -5,12 +5,10 @@ finds no match. Where the product allows it (round or symmetric parts, textures)
 flipped copies of the k images to the bank covers those poses; this is the support-set augmentation
 of RegAD (Huang et al., "Registration based Few-Shot Anomaly Detection", ECCV 2022) and of the
 few-shot rows of PatchCore (Roth et al., CVPR 2022). Where orientation matters (a transistor whose
-misplacement *is* a defect), augmentations could teach the model that the defect is normal; measured,
-the 90-degree turns still helped transistor at 1-2 shots (likely, not tested separately: a bank of
-one or two images lacks the board's small variations, and the turned views supply patches of the
-same kind) and cost it at most half a point at 4-8, so ``"rotations"`` is PatchCore's few-shot default
-(:attr:`~anomalens.detectors.base.Detector.default_augment`; README, "Few-shot: a handful of good
-images"); ``"none"`` turns it off.
+misplacement *is* a defect), augmentations could teach the model that the defect is normal; even
+so, ``"rotations"`` is PatchCore's few-shot default
+(:attr:`~anomalens.detectors.base.Detector.default_augment`; why: docs/design/decisions.md);
+``"none"`` turns it off.
 
 Flips and multiples of 90 degrees are exact pixel permutations (no interpolation). ``"rotations45"``
 adds the 45-degree steps of AnomalyDINO (Damm et al., "AnomalyDINO: Boosting Patch-based Few-shot

@@ -31,7 +31,7 @@ from torch import nn
 from .efficientnet_lite import EfficientNetLite
 from .errors import ConfigError
 
-#: default short side of the model input for the CNNs (pixels); chosen on the benchmark suite (README)
+#: default short side of the model input for the CNNs (pixels); why: docs/design/decisions.md
 DEFAULT_IMAGE_SIZE = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -214,9 +214,8 @@ class OnnxViTBackbone(nn.Module):
     (37 x 37, DINOv2's 518 px grid) to the input's token grid, as DINOv2 does. We free the input's
     height and width, add the inner residual outputs ``/backbone/encoder/layer.N/Add_1_output_0`` as
     graph outputs and prune every node the requested layers do not need (the deeper blocks and the
-    saliency decoder): at 448 x 448 px, up to layer 7, one image takes about 0.45 s on 2 cores
-    (``benchmarks/fewshot.py`` prints the measured cost). The class (and any register) token is
-    dropped and the patch tokens are laid out as a map.
+    saliency decoder). The class (and any register) token is dropped and the patch tokens are laid
+    out as a map.
 
     Input: ``float32`` ``(B, 3, H, W)`` normalised with ImageNet mean/std, ``H`` and ``W`` multiples
     of 14. Output: one ``float32`` ``(B, 384, H / 14, W / 14)`` map per layer (stride 14).

@@ -18,15 +18,14 @@ Where the calibration scores come from (``Calibration.source``):
   without its own patches (the jackknife; Barber et al., "Predictive inference with the jackknife+",
   Annals of Statistics 2021). No image is held out. The jackknife's worst-case guarantee is weaker
   (``2 alpha``), but its scores are those of a model fitted on ``n - 1`` images, a hair more
-  pessimistic than the full model's, and the observed rate on real test images stays at or under
-  ``alpha`` (README, "Thresholds you can trust").
+  pessimistic than the full model's (observed rates: docs/guides/thresholds.md).
 * ``"cross-fit"`` (PaDiM's default): K-fold cross-fitting, the same idea with K folds.
 * ``"few-shot"``: a model fitted on ``k`` normal images (``fit(..., shots=k)``), each scored against
   the memory bank of the *other* ``k - 1`` (and their augmented views). ``k`` scores support no rate
   below ``1 / (k + 1)``, so the threshold is the largest of them, the conformal rule at
   ``alpha = 1 / (k + 1)`` (33% at k = 2, 11% at k = 8); the leave-one-out models see one image fewer
-  than the real one, so their scores run high and the observed rate is lower (README, few-shot
-  table). The note says so, and :meth:`Detector.calibrate` replaces it once enough normal images exist.
+  than the real one, so their scores run high and the observed rate is lower. The note says so,
+  and :meth:`Detector.calibrate` replaces it once enough normal images exist.
 * ``"held-out"`` added by :meth:`Detector.calibrate` to any of the above (the source then names both,
   e.g. ``"leave-one-out+held-out"``): see "Adding normal images" below.
 * ``"batch"``: one normal image leaves nothing to leave out. Decisions are then relative to each
