@@ -21,30 +21,34 @@ video_app = typer.Typer(no_args_is_help=True, help="Video anomaly detection for 
 def fit(
     train: Path = typer.Argument(..., help="Normal videos: UCSD training/ (frames/NN/*.jpg), a folder of frame folders or video files, or one video."),
     out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
+    method: Optional[str] = typer.Option(None, help="objects: objects from background and motion, tracked, scored by speed, size and appearance; cells: flow and appearance per grid cell. Default: the library's (see anomalens.video.detector)."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="CNN for appearance features."),
-    image_size: int = typer.Option(256, help="Frames are resized to this square size for the backbone (pixels)."),
-    appearance: bool = typer.Option(True, "--appearance/--no-appearance", help="Score how patches look."),
-    motion: bool = typer.Option(True, "--motion/--no-motion", help="Score how patches move (optical flow)."),
-    motion_peak: bool = typer.Option(True, "--motion-peak/--no-motion-peak", help="Motion descriptor also holds the busiest cell of each 3x3 neighbourhood (small fast objects)."),
-    flow_finest_scale: int = typer.Option(0, help="Finest pyramid level of the optical flow: 0 = the working resolution (small far objects keep their speed), 1 = half of it (models before this option)."),
-    flow_upscale: float = typer.Option(1.5, help="Enlarge frames this many times for the optical flow (finer than a pixel for small far objects; about upscale^2 times the flow's cost). 1 = off."),
-    flow_upscale_rows: float = typer.Option(0.6, help="Fraction of the frame's height, from the top (the far part of the scene), that --flow-upscale enlarges; the rows below keep the frame's resolution. 1 = the whole frame."),
-    temporal_sigma: float = typer.Option(1.0, help="Smoothing of the frame scores in frames (the stream's delay is 3x this)."),
-    frame_rule: str = typer.Option("max", help="max: the map is the larger of motion and appearance at each cell (a frame is as abnormal as its most abnormal cue); sum: their sum (the rule before)."),
-    scale_quantile: float = typer.Option(0.95, help="Each cue is divided by this quantile of its frame maxima on the calibration frames (0.95: times a busy normal frame; 0.5: times the median one)."),
-    false_alarm_rate: float = typer.Option(0.01, help="Target fraction of normal frames flagged."),
-    calibration: str = typer.Option("crossfit", help="crossfit: every video calibrates, scored against memories fitted without it (default); holdout: some videos are kept out of the memories to calibrate (faster)."),
-    folds: int = typer.Option(4, help="crossfit: groups of videos (a single video is cut into this many parts)."),
-    calibration_videos: Optional[int] = typer.Option(None, help="holdout: normal videos held out to calibrate (default 25%, at least 1)."),
+    temporal_sigma: Optional[float] = typer.Option(None, help="Smoothing of the frame scores in frames (the stream's delay is 3x this). Default: the method's."),
+    folds: int = typer.Option(4, help="Cross-fit: groups of videos (a single video is cut into this many parts)."),
+    attributes: Optional[str] = typer.Option(None, help="objects: attributes that score, comma-separated (speed, size, appearance)."),
+    combine: Optional[str] = typer.Option(None, help="objects: an object's score is the sum or the max of its attribute scores."),
+    alarms_per_hour: Optional[float] = typer.Option(None, help="objects: false-alarm episodes per hour of normal footage the threshold allows."),
+    fps: Optional[float] = typer.Option(None, min=0.1, help="objects: frame rate of the footage (default: read from the videos; frame folders: 10)."),
+    image_size: Optional[int] = typer.Option(None, help="cells: frames are resized to this square size for the backbone (pixels)."),
+    appearance: Optional[bool] = typer.Option(None, "--appearance/--no-appearance", help="cells: score how patches look."),
+    motion: Optional[bool] = typer.Option(None, "--motion/--no-motion", help="cells: score how patches move (optical flow)."),
+    flow_upscale: Optional[float] = typer.Option(None, help="cells: enlarge the far rows this many times for the optical flow (1 = off)."),
+    flow_upscale_rows: Optional[float] = typer.Option(None, help="cells: fraction of the frame's height, from the top, that --flow-upscale enlarges."),
+    false_alarm_rate: Optional[float] = typer.Option(None, help="cells: target fraction of normal frames flagged."),
+    calibration: Optional[str] = typer.Option(None, help="cells: crossfit (default) or holdout."),
+    calibration_videos: Optional[int] = typer.Option(None, help="cells, holdout: normal videos held out to calibrate (default 25%, at least 1)."),
 ) -> None:
-    """Learn normal appearance and motion of one camera view, and calibrate the frame threshold."""
-    from ..video.detector import VideoDetector
+    """Learn what is normal for one camera view, and set the alarm threshold."""
+    from ..video.detector import DEFAULT_METHOD, make_video_detector
 
+    method = method or DEFAULT_METHOD
+    given = {"temporal_sigma": temporal_sigma, "attributes": split_names(attributes) if attributes else None, "combine": combine,
+             "alarms_per_hour": alarms_per_hour, "fps": fps, "image_size": image_size, "appearance": appearance, "motion": motion,
+             "flow_upscale": flow_upscale, "flow_upscale_rows": flow_upscale_rows, "false_alarm_rate": false_alarm_rate,
+             "calibration": calibration, "calibration_videos": calibration_videos}
+    params = {"backbone": backbone, "folds": folds, **{k: v for k, v in given.items() if v is not None}}
     try:
-        det = VideoDetector(
-            backbone=backbone, image_size=image_size, appearance=appearance, motion=motion, motion_peak=motion_peak, flow_finest_scale=flow_finest_scale, flow_upscale=flow_upscale, flow_upscale_rows=flow_upscale_rows,
-            temporal_sigma=temporal_sigma, frame_rule=frame_rule, scale_quantile=scale_quantile, false_alarm_rate=false_alarm_rate, calibration=calibration, folds=folds, calibration_videos=calibration_videos,
-        )
+        det = make_video_detector(method, **params)
         with progress_bars() as cb:
             det.fit(train, progress=cb)
         det.save(out)
@@ -52,13 +56,13 @@ def fit(
         _fail(exc)
     info = det.fit_info
     console.print(
-        f"saved {out}  fit {info['seconds_total']:.1f}s on {info['n_train_frames']} frames of {len(info['train_videos'])} videos  "
+        f"saved {out}  ({method})  fit {info['seconds_total']:.1f}s on {info['n_train_frames']} frames of {len(info['train_videos'])} videos  "
         f"threshold {det.threshold:.3f}"
     )
     console.print(f"threshold: {det.calibration.note}")
     from ..video.evaluate import EpisodePromise
 
-    console.print(f"alarms to expect on new normal footage: {_promise_text(EpisodePromise.of(det))}")
+    console.print(f"alarms to expect on new normal footage: {_promise_text(EpisodePromise.of(det), getattr(det, 'fps', None))}")
 
 
 def _promise_text(promise, fps: float | None = None) -> str:
@@ -71,16 +75,26 @@ def _promise_text(promise, fps: float | None = None) -> str:
 def _write_outputs(det, video: Path, out: Path, labels: list[int] | None, mp4: bool):
     """Predict one video, streaming frames into the annotated MP4; then the CSV and the plot."""
     from ..video.io import video_fps, video_name
-    from ..video.output import AnnotatedVideoWriter, plot_scores, write_frame_csv
+    from ..video.output import AnnotatedVideoWriter, ObjectRowsWriter, plot_scores, write_frame_csv
 
     d = out / video_name(video)
     fps = video_fps(video)
     writer = AnnotatedVideoWriter(d / "annotated.mp4", fps, det.threshold, det.pixel_threshold) if mp4 else None
+    rows = ObjectRowsWriter(d / "objects.csv") if det.method == "objects" else None
+
+    def on_frame(fp) -> None:
+        if writer is not None:
+            writer.write(fp)
+        if rows is not None:
+            rows.write(fp)
+
     try:
-        pred = det.predict(video, on_frame=writer.write if writer else None, keep_frames=mp4)
+        pred = det.predict(video, on_frame=on_frame, keep_frames=mp4)
     finally:
         if writer is not None:
             writer.close()
+    if rows is not None:
+        rows.close()
     write_frame_csv(pred, d / "scores.csv", labels)
     plot_scores(pred, d / "scores.png", labels, fps)
     return pred, d
@@ -90,7 +104,7 @@ def _write_outputs(det, video: Path, out: Path, labels: list[int] | None, mp4: b
 def predict(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens video fit`."),
     videos: List[Path] = typer.Argument(..., help="Videos: frame folders, video files, or folders of them."),
-    out: Path = typer.Option(..., "--out", "-o", help="Results: OUT/<video>/scores.csv, scores.png, annotated.mp4."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results: OUT/<video>/scores.csv, objects.csv (object models: one row per object and frame), scores.png, annotated.mp4."),
     mp4: bool = typer.Option(True, "--mp4/--no-mp4", help="Write the annotated MP4."),
     labels: Optional[Path] = typer.Option(None, help="Frame labels JSON (video id -> 0/1 per frame), shaded in the plot."),
 ) -> None:

@@ -20,7 +20,9 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..metrics import image_auroc
-from .detector import VideoDetector, VideoPrediction, iter_labelled
+from .base import VideoModel as VideoDetector
+from .results import VideoPrediction
+from .sources import iter_labelled
 from .io import list_videos, video_name
 
 

@@ -1,6 +1,7 @@
-"""What `anomalens video predict` writes: frame scores as CSV, the score curve as PNG, and an
-annotated MP4 (heatmap, outline of the abnormal region, score and decision on every frame, and the
-score curve so far along the bottom), written frame by frame as the stream is scored.
+"""What `anomalens video predict` writes: frame scores as CSV, per-object rows as CSV (object
+detector), the score curve as PNG, and an annotated MP4 (heatmap, outline of the abnormal region,
+object boxes with their cause, score and decision on every frame, and the score curve so far along
+the bottom), written frame by frame as the stream is scored.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..atomic import write_text
 from ..errors import ConfigError
 from ..visualize import overlay
-from .detector import FramePrediction, VideoPrediction
+from .results import FramePrediction, VideoPrediction
 
 CSV_FIELDS = ("frame", "pred_score", "raw_score", "pred_label", "cause", "motion_score", "appearance_score", "anomalous_area_pct", "gt_label")
 
@@ -33,6 +35,50 @@ def write_frame_csv(pred: VideoPrediction, path: str | os.PathLike, labels: list
             w.writerow([i, f"{pred.pred_scores[i]:.5f}", f"{pred.raw_scores[i]:.5f}", int(pred.pred_labels[i]), pred.causes[i],
                         _num(pred.motion_scores[i]), _num(pred.appearance_scores[i]), f"{pred.anomalous_area_pct[i]:.3f}", gt])
     return path
+
+
+class ObjectRowsWriter:
+    """Per-object rows of a streamed prediction, written as one CSV (atomically) at :meth:`close`.
+
+    Columns: ``frame, track, x0, y0, x1, y1, score, cause, pred_label`` (the frame's decision) and one
+    column per attribute score (``speed``, ``size``, ``appearance``; empty when the model does not
+    score it). Boxes are in the frame's pixels (``x1``, ``y1`` exclusive); scores are in units of normal
+    objects (1 = the calibration quantile of normal training objects).
+    """
+
+    FIELDS = ("frame", "track", "x0", "y0", "x1", "y1", "score", "cause", "pred_label", "speed", "size", "appearance")
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._rows: list[str] = [",".join(self.FIELDS)]
+
+    def write(self, fp: FramePrediction) -> None:
+        """Add the objects of one frame."""
+        for o in fp.objects:
+            att = [f"{o.scores[a]:.4f}" if a in o.scores else "" for a in ("speed", "size", "appearance")]
+            self._rows.append(",".join([str(fp.index), str(o.track), *map(str, o.box), f"{o.score:.4f}", o.cause, str(fp.pred_label), *att]))
+
+    @property
+    def n_rows(self) -> int:
+        return len(self._rows) - 1
+
+    def close(self) -> Path:
+        """Write the CSV (atomically); returns its path."""
+        return write_text(self.path, "\n".join(self._rows) + "\n")
+
+
+def draw_objects(image: np.ndarray, fp: FramePrediction, threshold: float) -> np.ndarray:
+    """A copy of ``image`` (``uint8`` RGB) with the frame's object boxes: red with ``cause score`` for
+    objects scoring above ``threshold``, thin grey for the others."""
+    out = np.array(image, copy=True)
+    for o in reversed(fp.objects):  # the most abnormal drawn last, on top
+        x0, y0, x1, y1 = o.box
+        if o.score > threshold:
+            cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (255, 40, 40), 2)
+            cv2.putText(out, f"{o.cause} {o.score:.1f}", (x0, max(10, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+        else:
+            cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (170, 170, 170), 1)
+    return out
 
 
 def _num(v: float) -> str:
@@ -100,9 +146,10 @@ class AnnotatedVideoWriter:
             raise ConfigError("the annotated video needs the frames: predict with keep_frames=True")
         self._history.append(fp.pred_score)
         caption = f"frame {fp.index}  {'ABNORMAL' if fp.pred_label else 'normal'}  score {fp.pred_score:.2f}"
-        if fp.pred_label:
+        if fp.pred_label and fp.cause:
             caption += f"  ({fp.cause})"
-        top = overlay(fp.image, fp.anomaly_map, pixel_threshold=self.pixel_threshold, mask=fp.pred_mask, caption=caption)
+        image = draw_objects(fp.image, fp, self.threshold) if fp.objects else fp.image
+        top = overlay(image, fp.anomaly_map, pixel_threshold=self.pixel_threshold, mask=fp.pred_mask, caption=caption)
         frame = np.concatenate([top, self._strip(fp.image.shape[1])], axis=0)
         if self._writer is None:
             h, w = frame.shape[:2]

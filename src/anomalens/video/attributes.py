@@ -1,0 +1,97 @@
+"""What each object is: its velocity, its size and place, and how it looks.
+
+The attributes follow Reiss & Hoshen ("Attribute-based Representations for Accurate and
+Interpretable Video Anomaly Detection", 2022), with what ships offline:
+
+* **speed**: the optical flow on the object's foreground pixels: its mean velocity and speed, and
+  those of its fastest quarter of pixels (pixels per frame), averaged over the last frames of the
+  object's track, beside the object's place (the camera's perspective: far objects move fewer pixels);
+* **size**: the box's height, width (log pixels) and the place of its foot in the frame (the camera's
+  perspective: far objects are small), so that a cart or a group is judged against what is seen *there*;
+* **appearance**: a frozen ImageNet CNN's embedding of the object's crop (mean of its last feature
+  map), L2-normalised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backbones import make_backbone
+
+#: length of the velocity vector (:func:`object_velocity`)
+VELOCITY_DIM = 6
+#: the attributes, in the order of scores and causes
+ATTRIBUTES = ("speed", "size", "appearance")
+
+
+def object_velocity(flow: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per object, its velocity from the flow on its foreground pixels.
+
+    Args:
+        flow: ``float32`` ``(H, W, 2)`` pixels per frame.
+        boxes: ``int`` ``(N, 4)`` ``x0, y0, x1, y1``.
+        mask: ``bool`` ``(H, W)`` foreground.
+
+    Returns:
+        ``float32`` ``(N, 6)``: mean ``dx, dy`` and mean speed (pixels per frame) of the object's
+        foreground pixels, then the same over its fastest quarter of pixels (a fast part of a merged
+        blob, a cyclist among walkers, is not averaged away). Zeros for an object without pixels.
+    """
+    out = np.zeros((len(boxes), 6), np.float32)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        f = flow[y0:y1, x0:x1][mask[y0:y1, x0:x1]]
+        if not len(f):
+            continue
+        mag = np.hypot(f[:, 0], f[:, 1])
+        top = mag >= np.quantile(mag, 0.75)
+        out[i, :3] = f[:, 0].mean(), f[:, 1].mean(), mag.mean()
+        out[i, 3:] = f[top, 0].mean(), f[top, 1].mean(), mag[top].mean()
+    return out
+
+
+def geometry(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """``float32`` ``(N, 4)``: log height and log width in pixels, foot row and centre column as
+    fractions of the frame's height and width."""
+    b = boxes.astype(np.float32).reshape(-1, 4)
+    h, w = hw
+    return np.stack([np.log(np.maximum(b[:, 3] - b[:, 1], 1)), np.log(np.maximum(b[:, 2] - b[:, 0], 1)), b[:, 3] / h, (b[:, 0] + b[:, 2]) / (2 * w)], 1)
+
+
+class CropEmbedder:
+    """A frozen CNN's embedding of object crops.
+
+    Args:
+        backbone: a name of :data:`anomalens.backbones.BACKBONES` (a CNN).
+        size: crops are resized to ``size x size`` pixels (multiple of 16).
+        context: fraction of the box's side added around it.
+        grid: each feature map is averaged over ``grid x grid`` parts of the crop (1: the whole crop).
+        pretrained: False only for tests that do not need the weights.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", size: int = 96, context: float = 0.1, grid: int = 2, pretrained: bool = True):
+        self.net = make_backbone(backbone, pretrained=pretrained)
+        self.size, self.context, self.grid = int(size), float(context), int(grid)
+        self.dim = int(sum(self.net.channels)) * self.grid ** 2
+
+    def crops(self, rgb: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """``uint8`` ``(H, W, 3)`` frame, boxes ``(N, 4)`` -> ``float32`` ``(N, 3, size, size)`` in [0, 1]."""
+        h, w = rgb.shape[:2]
+        t = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float().div_(255.0)
+        out = []
+        for x0, y0, x1, y1 in boxes:
+            px, py = self.context * (x1 - x0), self.context * (y1 - y0)
+            a, b = max(0, int(x0 - px)), max(0, int(y0 - py))
+            c, d = min(w, int(np.ceil(x1 + px))), min(h, int(np.ceil(y1 + py)))
+            out.append(F.interpolate(t[None, :, b:d, a:c], size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True))
+        return torch.cat(out) if out else torch.zeros((0, 3, self.size, self.size))
+
+    @torch.inference_mode()
+    def __call__(self, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """``float32`` ``(N, dim)`` L2-normalised embeddings (mean of each chosen layer's map, concatenated)."""
+        if not len(boxes):
+            return np.zeros((0, self.dim), np.float32)
+        maps = self.net(self.net.normalize(self.crops(rgb, boxes)))
+        e = torch.cat([F.adaptive_avg_pool2d(m, self.grid).flatten(1) for m in maps], 1)
+        return F.normalize(e, dim=1).numpy().astype(np.float32)

@@ -1,0 +1,128 @@
+"""How unusual each object is, per attribute: kNN distance to the normal training objects, in units
+learnt from normal video.
+
+Each attribute (:data:`~anomalens.video.attributes.ATTRIBUTES`) has its own vectors
+(:func:`attribute_vectors`) and its own bank (every training object). An object's raw score for an
+attribute is the mean distance to its ``k`` nearest training objects. Raw distances of different
+attributes, and of objects in different videos, are not comparable; so each attribute's raw score is
+divided by its ``quantile`` on normal objects that were *not* in the bank (cross-fit: each group of
+training videos scored against the others' objects). A score of 1 is then "as unusual as the
+``quantile`` of normal objects"; the object's score is its largest attribute score, and that attribute
+is its cause. A frame is as abnormal as its most abnormal object (0 without objects).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..knn import NearestNeighbours
+from .attributes import ATTRIBUTES
+
+#: weight of the foot row and centre column (fractions of the frame) against pixels per frame (speed)
+#: and log pixels (size): a tenth of the frame's height weighs as much as 0.05 px per frame
+PLACE_WEIGHT = 0.5
+
+
+def attribute_vectors(speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT) -> dict[str, np.ndarray]:
+    """The vectors each attribute's kNN compares, for ``N`` objects.
+
+    Args:
+        speed: ``float32`` ``(N, 6)`` velocities (:func:`~anomalens.video.attributes.object_velocity`).
+        geometry: ``float32`` ``(N, 4)``: log height, log width, foot row, centre column.
+        appearance: ``float32`` ``(N, D)`` crop embeddings, or None / ``D = 0`` (no appearance).
+
+    Returns:
+        ``{"speed": (N, 8), "size": (N, 4), "appearance": (N, D)}`` (``float32``; no appearance key
+        without embeddings): velocity beside the place; height, width and place; the embedding.
+    """
+    g = np.asarray(geometry, np.float32).reshape(-1, 4)
+    place = place_weight * g[:, 2:]
+    out = {"speed": np.concatenate([np.asarray(speed, np.float32).reshape(len(g), -1), place], 1), "size": np.concatenate([g[:, :2], place], 1)}
+    if appearance is not None and np.asarray(appearance).ndim == 2 and np.asarray(appearance).shape[1]:
+        out["appearance"] = np.asarray(appearance, np.float32)
+    return out
+
+
+def knn_scores(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Mean L2 distance of each query ``(Q, D)`` to its ``k`` nearest rows of ``bank`` ``(M, D)``: ``(Q,)``."""
+    if not len(queries):
+        return np.zeros(0, np.float32)
+    d, _ = NearestNeighbours(torch.from_numpy(np.ascontiguousarray(bank, np.float32))).search(torch.from_numpy(np.ascontiguousarray(queries, np.float32)), min(k, len(bank)))
+    return d.mean(1).numpy()
+
+
+class AttributeDensity:
+    """Per-attribute kNN density of normal objects, with cross-fit scales.
+
+    Args:
+        k: neighbours averaged.
+        quantile: the quantile of cross-fit normal object scores that becomes 1.
+        attributes: which attributes score (a subset of :data:`ATTRIBUTES`).
+    """
+
+    def __init__(self, k: int = 1, quantile: float = 0.99, attributes: tuple[str, ...] = ATTRIBUTES):
+        if k < 1 or not 0 < quantile < 1 or not attributes or set(attributes) - set(ATTRIBUTES):
+            raise ConfigError(f"need k >= 1, 0 < quantile < 1 and attributes among {ATTRIBUTES}; got k={k}, quantile={quantile}, attributes={attributes}")
+        self.k, self.quantile, self.attributes = int(k), float(quantile), tuple(a for a in ATTRIBUTES if a in attributes)
+        self.banks: dict[str, np.ndarray] = {}
+        self.scales: dict[str, float] = {}
+
+    def fit(self, vectors: dict[str, np.ndarray], groups: np.ndarray) -> dict[str, np.ndarray]:
+        """Banks from every training object, scales from cross-fit scores.
+
+        Args:
+            vectors: :func:`attribute_vectors` of all training objects.
+            groups: ``int`` ``(N,)`` the fold of each object (objects of one video in one fold; at least 2 folds).
+
+        Returns:
+            the cross-fit raw scores per attribute, ``(N,)`` each (the calibration uses them).
+
+        Raises:
+            ConfigError: fewer than 2 folds, or an attribute without vectors.
+        """
+        folds = np.unique(groups)
+        if len(folds) < 2:
+            raise ConfigError("cross-fit needs normal objects from at least 2 groups of videos")
+        raw = {}
+        for a in self.attributes:
+            if a not in vectors:
+                raise ConfigError(f"attribute {a!r} has no vectors (appearance off?)")
+            x = vectors[a]
+            r = np.zeros(len(x), np.float32)
+            for f in folds:
+                inside = groups == f
+                r[inside] = knn_scores(x[~inside], x[inside], self.k)
+            raw[a] = r
+            self.banks[a] = np.ascontiguousarray(x, np.float32)
+            self.scales[a] = float(max(np.quantile(r, self.quantile), 1e-6))
+        return raw
+
+    def raw(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw kNN scores of objects against the banks, per attribute ``(N,)``."""
+        return {a: knn_scores(self.banks[a], vectors[a], self.k) for a in self.attributes}
+
+    def scaled(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """``float32`` ``(N, A)``: each attribute's raw score over its scale (columns in :attr:`attributes` order)."""
+        n = len(next(iter(raw.values()))) if raw else 0
+        return np.stack([raw[a] / self.scales[a] for a in self.attributes], 1).reshape(n, len(self.attributes)).astype(np.float32)
+
+
+def frame_scores(object_scores: np.ndarray, frames: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """The frame score (its most abnormal object's largest attribute score, 0 without objects) and
+    the row of that object (-1 without objects).
+
+    Args:
+        object_scores: ``(N, A)`` scaled scores; frames: ``int`` ``(N,)`` frame of each object.
+
+    Returns:
+        ``float64`` ``(n_frames,)`` scores and ``int64`` ``(n_frames,)`` object rows.
+    """
+    s = np.zeros(n_frames)
+    arg = np.full(n_frames, -1, np.int64)
+    best = object_scores.max(1) if object_scores.size else np.zeros(len(frames))
+    for i in np.argsort(best):  # ascending: the largest of a frame is written last
+        s[frames[i]] = best[i]
+        arg[frames[i]] = i
+    return s, arg
