@@ -107,7 +107,7 @@ def test_truncated_unreadable_and_corrupt_videos_keep_earlier_scores(ped2_slice,
 
 def test_prediction_streams(ped2_slice, ped2_model, monkeypatch):
     """The first result arrives after delay + 1 frames were read, not after the whole video."""
-    import anomalens.video.detector as vd
+    import anomalens.video.cells as vd
 
     reads = []
     real = vd.iter_frames
@@ -118,7 +118,7 @@ def test_prediction_streams(ped2_slice, ped2_model, monkeypatch):
             yield i, frame
 
     monkeypatch.setattr(vd, "iter_frames", counting)
-    det = vd.VideoDetector.load(ped2_model)
+    det = vd.CellVideoDetector.load(ped2_model)
     stream = det.predict_stream(ped2_slice["test"] / "frames" / "04")
     first = next(stream)
     assert first.index == 0 and len(reads) == det.delay + 1
@@ -322,7 +322,6 @@ def test_flow_at_full_resolution_keeps_a_small_objects_speed(ped2_slice):
     block inside it as the enlarged frame does, and one below it as the frame's own pixels do."""
     from anomalens.errors import ConfigError
     from anomalens.io import read_image
-    from anomalens.video import VideoDetector
     from anomalens.video.motion import FlowComputer
 
     frames = sorted((ped2_slice["train"] / "frames" / "01").glob("*.jpg"))
@@ -348,7 +347,6 @@ def test_flow_at_full_resolution_keeps_a_small_objects_speed(ped2_slice):
     assert abs(up - v) < abs(full - v) and abs(m["x1.5", 120] - v) < abs(full - v), m  # flow_upscale: finer than the frame's pixels
     # the band: enlarged rows measure as the enlarged frame, the rows below as the frame's own pixels
     assert abs(m["band", 120] - m["x1.5", 120]) < 0.05 and abs(m["band", 190] - m[0, 190]) < 0.05, m
-    assert VideoDetector().flow_finest_scale == 0  # the default model measures at full resolution
     with pytest.raises(ConfigError):
         FlowComputer(-1)
     with pytest.raises(ConfigError):
@@ -361,11 +359,10 @@ def test_flow_at_full_resolution_keeps_a_small_objects_speed(ped2_slice):
 
 def test_max_rule_sees_a_still_object_among_walkers(ped2_slice, ped2_model, tmp_path):
     """A still foreign block on the walkway of unseen normal video (training 05, frames 60-180, people
-    walking) against the models fitted on the training slice. With the default frame rule the frame
-    score is the larger of the two cues (each divided by the 95th percentile of its normal frame
-    maxima), so the walkers' motion elsewhere in the frame cannot hide the block's appearance; the
-    previous rule (the maximum of motion + appearance, each divided by its median) ranks the event's
-    frames lower. A bad rule is refused by the CLI."""
+    walking) against the cell model fitted on the training slice: the frame score is the larger of the
+    two cues (each divided by the 95th percentile of its normal frame maxima), so the walkers' motion
+    elsewhere in the frame cannot hide the block's appearance. The options of the retired rules are
+    refused by the CLI."""
     from conftest import PED2, link_frames, require
 
     from anomalens.video import VideoDetector
@@ -375,15 +372,11 @@ def test_max_rule_sees_a_still_object_among_walkers(ped2_slice, ped2_model, tmp_
     link_frames(require(PED2) / "training" / "frames" / "05", tmp_path / "normal" / "05", 60, 180)
     labels = make_synthetic_set(tmp_path / "normal", tmp_path / "synth", kinds=("still",), seed=0)["05"]
     video = tmp_path / "synth" / "frames" / "05"
-    default = VideoDetector.load(ped2_model)
-    assert default.frame_rule == "max" and default.scale_quantile == 0.95
-    old = VideoDetector(false_alarm_rate=0.05, frame_rule="sum", scale_quantile=0.5).fit(ped2_slice["train"])
-    pd, po = default.predict(video), old.predict(video)
-    # the rules' definitions, frame by frame (parts in their own scales)
+    pd = VideoDetector.load(ped2_model).predict(video)
     np.testing.assert_allclose(pd.raw_scores, np.maximum(pd.motion_scores, pd.appearance_scores), rtol=1e-5)
-    assert np.all(po.raw_scores >= np.maximum(po.motion_scores, po.appearance_scores) - 1e-5)
-    auc_d, auc_o = frame_auc(labels, pd.pred_scores), frame_auc(labels, po.pred_scores)
-    print(f"still object: frame AUC max rule {auc_d:.3f}, sum rule {auc_o:.3f}")
-    assert auc_d >= 0.9 and auc_d > auc_o + 0.15, (auc_d, auc_o)  # measured: 0.96 against 0.59 (0.98 against 0.63 before the far band; 0.95 against 0.59 before the fade)
-    r = CliRunner().invoke(app, ["video", "fit", str(ped2_slice["train"]), "--out", str(tmp_path / "bad"), "--frame-rule", "mean"])
-    assert r.exit_code != 0 and "frame_rule" in r.output
+    auc = frame_auc(labels, pd.pred_scores)
+    print(f"still object: frame AUC {auc:.3f}")
+    assert auc >= 0.9, auc  # measured: 0.96
+    for retired in ("--frame-rule", "--scale-quantile", "--flow-finest-scale", "--no-motion-peak"):
+        r = CliRunner().invoke(app, ["video", "fit", str(ped2_slice["train"]), "--out", str(tmp_path / "bad"), retired, "1"])
+        assert r.exit_code != 0 and "No such option" in r.output, retired

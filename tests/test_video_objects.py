@@ -1,0 +1,140 @@
+"""The object-level video detector on a slice of UCSD Ped2 (real frames): objects and tracks, the CLI
+end to end (per-object rows, boxes in the MP4), the alarm threshold in episodes per hour, model files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from anomalens.cli import app
+
+
+@pytest.fixture(scope="module")
+def objects_model(ped2_slice, tmp_path_factory):
+    """An object model fitted by the CLI on the training slice (4 videos x 60 frames, 4 folds)."""
+    out = tmp_path_factory.mktemp("objects") / "m"
+    r = CliRunner().invoke(app, ["video", "fit", str(ped2_slice["train"]), "--method", "objects", "--out", str(out), "--fps", "10"])
+    assert r.exit_code == 0, r.output
+    assert "episodes per hour" in " ".join(r.output.split())
+    return out
+
+
+def test_objects_are_found_and_tracked_on_real_frames(ped2_slice):
+    """On test video 02 (slice: frames 64-123, a cyclist from slice frame 30) every frame has objects,
+    boxes lie inside the frame, and a walker keeps its track id from frame to frame."""
+    from anomalens.video.objects import IoUTracker
+    from anomalens.video.pipeline import ObjectPipeline
+    from anomalens.video.objects import ObjectParams
+
+    train = sorted((ped2_slice["train"] / "frames").iterdir())
+    bg = ObjectPipeline.background_of(train, every=5)
+    assert bg.shape == (240, 360)
+    frames = list(ObjectPipeline(bg, ObjectParams(), None).frames(ped2_slice["test"] / "frames" / "02"))
+    assert len(frames) == 60 and all(len(f) >= 1 for f in frames)
+    boxes = np.concatenate([f.boxes for f in frames])
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 360).all() and (boxes[:, 3] <= 240).all() and (boxes[:, 2] > boxes[:, 0]).all()
+    ids = [set(f.tracks.tolist()) for f in frames]
+    kept = np.mean([len(a & b) / max(1, len(b)) for a, b in zip(ids, ids[1:])])
+    assert kept > 0.6, kept  # most objects continue a track of the previous frame
+    assert all(f.speed.shape == (len(f), 6) and f.appearance.shape == (len(f), 0) for f in frames)
+    # walkers move about a pixel per frame; frame 0 has no flow yet
+    speeds = np.concatenate([f.speed[:, 2] for f in frames[1:]])
+    assert 0.2 < float(np.median(speeds)) < 3 and not frames[0].speed.any()
+    t = IoUTracker()
+    a = t.update(np.array([[10, 10, 30, 50], [100, 10, 120, 50]]))
+    b = t.update(np.array([[102, 10, 122, 50], [12, 10, 32, 50], [200, 100, 220, 140]]))
+    assert b.tolist() == [a[1], a[0], 2]
+
+
+def test_object_model_evaluate_and_predict_end_to_end(ped2_slice, objects_model, tmp_path):
+    r = CliRunner().invoke(app, ["video", "evaluate", str(objects_model), str(ped2_slice["test"]), str(ped2_slice["labels"]), "--out", str(tmp_path / "ev"), "--fps", "10"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    print({p["video"]: p["frame_auc"] for p in m["per_video"]}, m["frame_auc_micro"])
+    assert m["frame_auc_micro"] >= 0.85 and all(p["frame_auc"] >= 0.8 for p in m["per_video"]), m
+
+    r = CliRunner().invoke(app, ["video", "predict", str(objects_model), str(ped2_slice["test"] / "frames" / "02"), "--out", str(tmp_path / "p"),
+                                 "--labels", str(ped2_slice["labels"])])
+    assert r.exit_code == 0, r.output
+    d = tmp_path / "p" / "02"
+    frames = list(csv.DictReader(open(d / "scores.csv")))
+    objects = list(csv.DictReader(open(d / "objects.csv")))
+    assert len(frames) == 60 and len(objects) >= 60
+    assert {o["cause"] for o in objects} <= {"speed", "appearance"} and all(o["size"] == "" for o in objects)
+    for o in objects:
+        x0, y0, x1, y1 = (int(o[k]) for k in ("x0", "y0", "x1", "y1"))
+        assert 0 <= x0 < x1 <= 360 and 0 <= y0 < y1 <= 240
+        assert float(o["score"]) == pytest.approx(float(o["speed"]) + float(o["appearance"]), abs=2e-4)  # combine="sum"
+    # the frame's raw score is its most abnormal object's score
+    best = {}
+    for o in objects:
+        best[int(o["frame"])] = max(best.get(int(o["frame"]), 0.0), float(o["score"]))
+    for f in frames:
+        assert float(f["raw_score"]) == pytest.approx(best.get(int(f["frame"]), 0.0), abs=1e-4)
+    # the cyclist's frames (labelled from slice frame 30) are flagged, and what flags them is named
+    labels = json.loads(ped2_slice["labels"].read_text())["02"]
+    flagged = [int(f["pred_label"]) for f in frames]
+    assert sum(f for f, y in zip(flagged, labels) if y) >= 15
+    assert all(f["cause"] in ("speed", "appearance") for f in frames if f["pred_label"] == "1")
+    cap = cv2.VideoCapture(str(d / "annotated.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 60
+    cap.release()
+
+
+def test_boxes_are_drawn_with_their_cause():
+    from anomalens.video.output import draw_objects
+    from anomalens.video.results import FramePrediction, ObjectScore
+
+    img = np.zeros((60, 80, 3), np.uint8)
+    objs = [ObjectScore(1, (10, 20, 30, 50), {"speed": 3.0}, 3.0, "speed"), ObjectScore(2, (50, 5, 70, 25), {"speed": 0.2}, 0.2, "speed")]
+    fp = FramePrediction(0, 3.0, 3.0, 1, np.zeros((60, 80), np.float32), np.zeros((60, 80), bool), 3.0, float("nan"), "speed", objects=objs)
+    out = draw_objects(img, fp, threshold=1.0)
+    assert tuple(out[20, 15]) == (255, 40, 40)  # the abnormal object's red box
+    assert tuple(out[5, 60]) == (170, 170, 170)  # a normal object's grey box
+    assert out[25:45, 15:25].sum() == 0 and img.sum() == 0  # inside untouched, the input not modified
+
+
+def test_threshold_keeps_episodes_per_hour():
+    """The lowest threshold whose calibration runs show at most ``alarms_per_hour x hours`` episodes,
+    and the per-frame rate that gives the same threshold conformally."""
+    from anomalens.calibration import conformal_threshold
+    from anomalens.video.alarm import episode_threshold
+
+    runs = [np.array([0.0, 1.0, 5.0, 1.0, 0.0]), np.array([0.0, 2.0, 2.0, 0.0])]
+    t, alpha, eps = episode_threshold(runs, fps=10, alarms_per_hour=1)  # 0.9 s of footage: no episode allowed
+    assert t == 5.0 and eps == 0 and conformal_threshold(np.concatenate(runs), alpha) == 5.0
+    t, alpha, eps = episode_threshold(runs, fps=10, alarms_per_hour=4000)  # 1 episode allowed
+    assert t == 2.0 and eps == 1 and conformal_threshold(np.concatenate(runs), alpha) == 2.0
+
+
+def test_object_model_promise_on_unseen_normal_footage_and_files(ped2_slice, objects_model, tmp_path):
+    """The threshold's promise holds on normal footage the model never saw (the first 60 frames of
+    training videos 05-08); the model reloads with the same scores; a video model of the format
+    before is refused with a message to re-fit."""
+    from conftest import PED2, link_frames, require
+
+    from anomalens.errors import ModelFileError
+    from anomalens.serialization import load_model, save_model
+    from anomalens.video import ObjectVideoDetector, VideoDetector
+
+    normal = tmp_path / "normal"
+    for v in ("05", "06", "07", "08"):
+        link_frames(require(PED2) / "training" / "frames" / v, normal / v, 0, 60)
+    r = CliRunner().invoke(app, ["video", "evaluate", str(objects_model), str(normal), "--all-normal", "--fps", "10", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    check = json.loads((tmp_path / "ev" / "metrics.json").read_text())["episode_promise"]
+    assert check["kept"], check
+
+    det = VideoDetector.load(objects_model)
+    assert isinstance(det, ObjectVideoDetector) and det.is_video and det.fps == 10
+    assert det.calibration.scores.size == 240 and 0 < det.false_alarm_rate < 0.01
+    config, tensors = load_model(objects_model)
+    old = {k: v for k, v in config.items() if k not in ("video_format", "method", "state")}
+    save_model(tmp_path / "old", old, tensors)
+    with pytest.raises(ModelFileError, match="re-fit"):
+        VideoDetector.load(tmp_path / "old")
