@@ -144,7 +144,72 @@ def trace_graph(detector) -> bytes:
             )
     finally:
         detector.extractor.micro_batch = old
-    return buf.getvalue()
+    return constant_pads(buf.getvalue(), detector)
+
+
+#: image sizes whose model inputs cover every parity of ``h / 16`` and ``w / 16`` (and of ``/ 32``)
+#: at the default sizes: the pads that agree on all of them are the same for every model input
+_PROBE_HW = ((256, 256), (256, 368), (368, 256), (256, 304), (304, 256), (240, 300))
+
+
+def constant_pads(graph: bytes, detector) -> bytes:
+    """The traced graph with each ``Pad`` amount that the tracer computes from the input shape (TF
+    "SAME" padding of the stride-2 convolutions) made a constant when it is the same for every
+    model input of ``detector`` (probed on :data:`_PROBE_HW`; one shape for a fixed geometry).
+    A zero ``Pad`` whose only consumer is a convolution is folded into the convolution's ``pads``
+    (ONNX Runtime then runs it without a copy and a layout change); amounts that differ stay computed."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load_model_from_string(graph)
+    g = model.graph
+    known = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    pads = sorted({n.input[1] for n in g.node if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] not in known})
+    if not pads:
+        return graph
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in pads)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    geometries = {detector.input_shapes(hw) for hw in (_PROBE_HW if detector.fixed_input_hw is None else _PROBE_HW[:1])}
+    runs = [session.run(None, {n: np.zeros((1, 3, *hw), np.float32) for n, hw in zip(names, shapes)}) for shapes in geometries]
+    constant = {name: runs[0][i] for i, name in enumerate(pads) if all(np.array_equal(r[i], runs[0][i]) for r in runs)}
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dropped = []
+    for node in g.node:
+        if node.op_type != "Pad" or len(node.input) < 2 or node.input[1] not in constant:
+            continue
+        value = constant[node.input[1]].astype(np.int64)
+        users = consumers.get(node.output[0], [])
+        zero_fill = len(node.input) < 3 or not node.input[2]
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+        if len(users) == 1 and users[0].op_type == "Conv" and mode == b"constant" and zero_fill and value.size == 8 \
+                and not value[[0, 1, 4, 5]].any() and (value >= 0).all():
+            conv = users[0]  # zero padding folded into the convolution's own pads
+            attr = next((a for a in conv.attribute if a.name == "pads"), None)
+            old = list(attr.ints) if attr is not None else [0, 0, 0, 0]
+            new = [old[0] + int(value[2]), old[1] + int(value[3]), old[2] + int(value[6]), old[3] + int(value[7])]
+            if attr is None:
+                conv.attribute.append(helper.make_attribute("pads", new))
+            else:
+                attr.ints[:] = new
+            conv.input[0] = node.input[0]
+            dropped.append(node)
+        else:
+            node.input[1] = f"{node.name or node.output[0]}_constant_pads"
+            g.initializer.append(numpy_helper.from_array(value, node.input[1]))
+    for node in dropped:
+        g.node.remove(node)
+    return model.SerializeToString()
 
 
 def geometry_of(detector) -> dict:
