@@ -39,7 +39,7 @@ def test_predict_endpoint_matches_python(client, hazelnut, fitted_patchcore):
     assert [x["decision"] for x in res] == ["NG", "OK"]
     for x, p in zip(res, expected):
         assert x["pred_score"] == pytest.approx(p.pred_score, rel=1e-6) and x["p_value"] == p.p_value
-        assert x["normalized_score"] == pytest.approx(p.normalized_score, rel=1e-6)  # Prediction.summary() passed through
+        assert x["normalized_score"] == pytest.approx(p.normalized_score, abs=1e-5)  # Prediction.summary() passed through
         assert x["p_value_at_floor"] == p.p_value_at_floor and "path" not in x
         assert len(x["regions"]) == len(p.regions)
         heat = Image.open(io.BytesIO(base64.b64decode(x["heatmap_png"])))
