@@ -65,11 +65,11 @@ def test_object_model_evaluate_and_predict_end_to_end(ped2_slice, objects_model,
     frames = list(csv.DictReader(open(d / "scores.csv")))
     objects = list(csv.DictReader(open(d / "objects.csv")))
     assert len(frames) == 60 and len(objects) >= 60
-    assert {o["cause"] for o in objects} <= {"speed", "appearance"} and all(o["size"] == "" for o in objects)
+    assert {o["cause"] for o in objects} <= {"speed", "size", "appearance"} and all(o["size"] != "" for o in objects)
     for o in objects:
         x0, y0, x1, y1 = (int(o[k]) for k in ("x0", "y0", "x1", "y1"))
         assert 0 <= x0 < x1 <= 360 and 0 <= y0 < y1 <= 240
-        assert float(o["score"]) == pytest.approx(float(o["speed"]) + float(o["appearance"]), abs=2e-4)  # combine="sum"
+        assert float(o["score"]) == pytest.approx(sum(float(o[a]) for a in ("speed", "size", "appearance")), abs=3e-4)  # combine="sum"
     # the frame's raw score is its most abnormal object's score
     best = {}
     for o in objects:
@@ -80,7 +80,7 @@ def test_object_model_evaluate_and_predict_end_to_end(ped2_slice, objects_model,
     labels = json.loads(ped2_slice["labels"].read_text())["02"]
     flagged = [int(f["pred_label"]) for f in frames]
     assert sum(f for f, y in zip(flagged, labels) if y) >= 15
-    assert all(f["cause"] in ("speed", "appearance") for f in frames if f["pred_label"] == "1")
+    assert all(f["cause"] in ("speed", "size", "appearance") for f in frames if f["pred_label"] == "1")
     cap = cv2.VideoCapture(str(d / "annotated.mp4"))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 60
     cap.release()
