@@ -177,7 +177,11 @@ def constant_pads(graph: bytes, detector) -> bytes:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    geometries = {detector.input_shapes(hw) for hw in (_PROBE_HW if detector.fixed_input_hw is None else _PROBE_HW[:1])}
+    static = [tuple(i.shape[2:]) for i in session.get_inputs()]
+    if all(isinstance(d, int) for hw in static for d in hw):  # one fixed geometry (PaDiM)
+        geometries = {tuple(static)}
+    else:
+        geometries = {detector.input_shapes(hw) for hw in _PROBE_HW}
     runs = [session.run(None, {n: np.zeros((1, 3, *hw), np.float32) for n, hw in zip(names, shapes)}) for shapes in geometries]
     constant = {name: runs[0][i] for i, name in enumerate(pads) if all(np.array_equal(r[i], runs[0][i]) for r in runs)}
     consumers: dict[str, list] = {}

@@ -1,14 +1,13 @@
-"""Exact nearest-neighbour search over a memory bank (L2 distance).
+"""Exact nearest-neighbour search over a bank of vectors (L2 distance).
 
-Two interchangeable backends, same results:
+PatchCore and AnomalyDINO score inside their scoring module
+(:class:`~anomalens.detectors.scoring.PatchCoreScorer`: one matrix product and a minimum, the same
+graph in Python and ONNX); their leave-one-out calibration masks a training image's own patches in
+:func:`pairwise_sq_dists`. :class:`NearestNeighbours` serves the other searches (support sets of the
+re-weighted score, the video detector's memories), with two interchangeable backends, same results:
 
-* ``"faiss"`` (PatchCore's default): ``faiss.IndexFlatL2`` (Johnson et al., "Billion-scale similarity
-  search with GPUs", 2019). Measured on this 2-core CPU with real 152-d features, one image's 1600
-  queries: 10.5 ms against a 3,400-vector bank, 28.8 ms at 10,000 (``benchmarks/core.py``).
-* ``"torch"``: ``||q||^2 - 2 q.m + ||m||^2`` by chunked matrix products, minimum over the bank: 16.1 and
-  79.7 ms in the same test (an earlier probe had found the opposite order with other settings). It
-  is a plain torch graph, so it is the path that exports to ONNX, and the leave-one-out calibration
-  uses it to mask a training image's own patches.
+* ``"torch"``: ``||q||^2 - 2 q.m + ||m||^2`` by chunked matrix products, minimum over the bank.
+* ``"faiss"``: ``faiss.IndexFlatL2`` (Johnson et al., "Billion-scale similarity search with GPUs", 2019).
 """
 
 from __future__ import annotations

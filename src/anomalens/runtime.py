@@ -64,6 +64,8 @@ def resize_map(anomaly_map: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     if m.shape != tuple(hw):
         m = cv2.resize(m, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_LINEAR)
     return m
+
+
 class OnnxDetector:
     """Predict with an exported ONNX file on ONNX Runtime: the same :class:`Prediction` as the model.
 
@@ -155,8 +157,6 @@ class OnnxDetector:
     def decision_function(self, images: Iterable[ImageLike]) -> np.ndarray:
         """Image anomaly scores, ``float64`` ``(N,)``; NaN for unreadable images."""
         return np.array([p.pred_score for p in self.predict(images)], dtype=np.float64)
-
-
 
 
 def load_inference_model(model_dir: str | os.PathLike, engine: str = "auto", threads: int | None = None):
