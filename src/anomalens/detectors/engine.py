@@ -26,6 +26,8 @@ from ..errors import AnomalensError, ConfigError
 #: engines a detector can be asked to use
 ENGINES = ("auto", "torch", "onnxruntime")
 _LOCK = threading.Lock()
+#: bytes of patch-to-bank distances one graph call may hold (a large few-shot bank scores fewer images per call)
+DISTANCE_BUDGET = 256 << 20
 
 
 def onnxruntime_available() -> bool:
@@ -107,7 +109,9 @@ def _open(det) -> GraphSession:
 def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> tuple[list[float], list[np.ndarray], list[torch.Tensor], list[torch.Tensor | None]]:
     """Score ``uint8`` RGB images ``(H_i, W_i, 3)`` on ``det``'s engine, one graph call per model-input shape.
 
-    ``open_graph=False`` (calibration, which rewrites the model folder itself): the ONNX Runtime
+    Images of one shape go through one call, or several when their patch-to-bank distances would
+    exceed :data:`DISTANCE_BUDGET` (large few-shot banks). ``open_graph=False`` (calibration, which
+    rewrites the model folder itself): the ONNX Runtime
     session only when it is open already, else torch; the folder is never exported into.
 
     Returns:
@@ -120,10 +124,15 @@ def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> 
     grids: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
     nearest: list[torch.Tensor | None] = [None] * n
     run = (graph_session(det) if open_graph else det._graph) or det.model
-    for shapes, idx in group_by_shape([det.input_shapes(img.shape[:2]) for img in images]).items():
-        sc, mp, gr, nn = run(*[to_model_input([images[i] for i in idx], hw) for hw in shapes])
-        for k, i in enumerate(idx):
-            scores[i], grids[i] = float(sc[k]), gr[k]
-            maps[i] = resize_map(mp[k], images[i].shape[:2])
-            nearest[i] = None if nn is None else nn[k]
+    rows = getattr(det.model.scorer, "bank_rows", 0)
+    for shapes, group in group_by_shape([det.input_shapes(img.shape[:2]) for img in images]).items():
+        patches = max(h * w for h, w in shapes) // det.extractor.stride ** 2
+        per_call = max(1, DISTANCE_BUDGET // max(1, 4 * patches * rows))  # images whose distance matrix fits the budget
+        for s in range(0, len(group), per_call):
+            idx = group[s : s + per_call]
+            sc, mp, gr, nn = run(*[to_model_input([images[i] for i in idx], hw) for hw in shapes])
+            for k, i in enumerate(idx):
+                scores[i], grids[i] = float(sc[k]), gr[k]
+                maps[i] = resize_map(mp[k], images[i].shape[:2])
+                nearest[i] = None if nn is None else nn[k]
     return scores, maps, grids, nearest

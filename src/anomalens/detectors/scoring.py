@@ -73,6 +73,11 @@ class PatchCoreScorer(nn.Module):
         self.register_buffer("scale_stats", scale_stats.float().clone())
         self.register_buffer("support", support.long() if support is not None else None)
 
+    @property
+    def bank_rows(self) -> int:
+        """Rows of the largest bank: each scored patch takes one ``float32`` distance per row."""
+        return max(self.bank(k).shape[0] for k in range(self.n_scales))
+
     def bank(self, k: int) -> torch.Tensor:
         """Scale ``k``'s memory bank, ``float32`` ``(M_k, D)``."""
         return getattr(self, f"bank_{k}")
