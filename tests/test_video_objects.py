@@ -138,3 +138,17 @@ def test_object_model_promise_on_unseen_normal_footage_and_files(ped2_slice, obj
     save_model(tmp_path / "old", old, tensors)
     with pytest.raises(ModelFileError, match="re-fit"):
         VideoDetector.load(tmp_path / "old")
+
+
+def test_a_single_video_is_cut_into_folds(ped2_slice):
+    """One training video (60 frames) is read once and cut into 4 consecutive parts of 15 frames, each
+    part's objects scored against the other parts' (cross-fit); too short a video is refused."""
+    from anomalens.errors import DatasetError
+    from anomalens.video import ObjectVideoDetector
+
+    video = ped2_slice["train"] / "frames" / "01"
+    det = ObjectVideoDetector(attributes=("speed", "size")).fit([video])
+    assert det.fit_info["calibration_part_frames"] == [15, 15, 15, 15] and det.calibration.scores.size == 60
+    assert len(det.fit_info["train_videos"]) == 4 and det.fit_info["n_objects"] > 60
+    with pytest.raises(DatasetError, match="at least"):
+        ObjectVideoDetector(folds=40).fit([video])

@@ -144,18 +144,16 @@ class ObjectVideoDetector(VideoModel):
         progress("background", 1, 1)
         pipe = self._pipeline()
         cols: dict[str, list] = {k: [] for k in ("frame", "unit", "speed", "geometry", "appearance")}
-        n_frames = []
-        for u, seg in enumerate(units):
-            n = 0
-            for fo in pipe.frames(seg.video):
-                if fo.index < seg.start or (seg.stop is not None and fo.index >= seg.stop):
-                    continue
-                n += 1
+        n_frames = [0] * len(units)
+        for i, video in enumerate(vids):  # each video read once; a single video's parts are its frame ranges
+            parts = [(u, seg) for u, seg in enumerate(units) if seg.video == video]
+            for fo in pipe.frames(video):
+                u, seg = next((u, seg) for u, seg in parts if fo.index >= seg.start and (seg.stop is None or fo.index < seg.stop))
+                n_frames[u] += 1
                 for k, v in (("frame", np.full(len(fo), fo.index - seg.start)), ("unit", np.full(len(fo), u)), ("speed", fo.speed),
                              ("geometry", fo.geometry), ("appearance", fo.appearance)):
                     cols[k].append(v)
-            n_frames.append(n)
-            progress("frames", u + 1, len(units))
+            progress("frames", i + 1, len(vids))
         t1 = time.perf_counter()
         cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
         if len(cat["frame"]) == 0:

@@ -92,10 +92,10 @@ class ObjectPipeline:
             prev = gray
             boxes, mask = fg(gray, flow)
             ids = tracker.update(boxes)
-            tall = (boxes[:, 3] - boxes[:, 1]) >= self.min_height
-            boxes, ids = boxes[tall], ids[tall]
             speed = np.zeros((len(boxes), VELOCITY_DIM), np.float32)
-            if flow is not None and len(boxes):
+            if flow is not None and len(boxes):  # every track's history, so that scoring fewer objects changes no speed
                 speed = np.stack([tracker.mean_of(int(t), v) for t, v in zip(ids, object_velocity(flow, boxes, mask))])
+            tall = (boxes[:, 3] - boxes[:, 1]) >= self.min_height
+            boxes, ids, speed = boxes[tall], ids[tall], speed[tall]
             app = self.embedder(rgb, boxes) if self.embedder is not None else np.zeros((len(boxes), 0), np.float32)
             yield FrameObjects(i, boxes, ids, speed.astype(np.float32), geometry(boxes, gray.shape), app, gray.shape, rgb if keep_frames else None)
