@@ -79,6 +79,9 @@ class OnnxDetector:
             thresholds that do not match the stored calibration scores.
     """
 
+    #: what scores the images (as :attr:`anomalens.detectors.base.Detector.engine`)
+    engine = "onnxruntime"
+
     def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = 8):
         import onnxruntime as ort
 
