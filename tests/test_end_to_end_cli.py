@@ -23,8 +23,8 @@ def test_fit_predict_evaluate_cli(hazelnut, tmp_path):
     assert r.exit_code == 0, r.output
     assert (model / "config.json").exists() and (model / "model.safetensors").exists()
     assert "false-alarm rate 0.0196, not 0.01" in " ".join(r.output.split()), r.output
-    assert "image score mean_top1" in r.output  # 50 normal images: the top-1% mean, said and saved
-    assert json.loads((model / "config.json").read_text())["params"]["image_score"] == "mean_top1"
+    assert "image score max" in r.output  # the paper's maximum patch score, said and saved
+    assert json.loads((model / "config.json").read_text())["params"]["image_score"] == "max"
     r = runner.invoke(app, ["info", str(model)])
     assert r.exit_code == 0 and "false-alarm rate 0.0196, not 0.01" in " ".join(r.output.split()), r.output
 

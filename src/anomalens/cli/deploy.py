@@ -42,7 +42,7 @@ def export(
         if check:
             rng = np.random.default_rng(0)
             img = rng.integers(0, 256, (det.image_size, det.image_size * 3 // 2, 3), dtype=np.uint8)  # not square
-            a, b = det.score_batch([img])[0][0], OnnxDetector(path).score_batch([img])[0][0]
+            a, b = det.use_engine("torch").score_batch([img])[0][0], OnnxDetector(path).score_batch([img])[0][0]
             msg += f"; check: score {a:.5f} (Python) vs {b:.5f} (ONNX Runtime)"
     except AnomalensError as exc:
         _fail(exc)
@@ -178,31 +178,33 @@ def info_table(model_dir: Path, cfg: dict, train_paths: Optional[list] = None) -
 
 
 def runtime_of(model_dir: Path, cfg: dict) -> str:
-    """What ``predict`` and ``serve`` run this model on: ONNX Runtime when the folder holds a
-    ``model.onnx`` exported from this very model and onnxruntime is importable, else torch."""
+    """What ``predict``, ``evaluate`` and the Python API run this model on (the loaded model's
+    ``engine``), and why: ONNX Runtime on the folder's graph (``model.onnx``, exported into the folder
+    at the first prediction), or torch."""
     import importlib.util
 
-    path = Path(model_dir) / "model.onnx"
-    has_ort = importlib.util.find_spec("onnxruntime") is not None
-    if not path.is_file():
-        why = "no model.onnx; `anomalens export` writes one"
-    elif not has_ort:
-        why = "onnxruntime is not installed"
-    else:
-        try:
-            try:
-                from ..runtime import OnnxDetector
-            except ImportError:
-                from ..export import OnnxDetector
-            meta = OnnxDetector(path, threads=1).meta
-        except AnomalensError as exc:
-            return f"torch (model.onnx is unusable: {exc})"
-        if meta.get("source_config_sha256") == cfg.get("config_sha256"):
-            return "ONNX Runtime (model.onnx, exported from this model)"
-        why = "model.onnx is stale: exported from an earlier fit; `anomalens export` again"
-    if importlib.util.find_spec("torch") is None:
-        return f"none on this install: no torch, and {why}"
-    return f"torch ({why})"
+    from ..loading import load_detector
+
+    try:
+        det = load_detector(model_dir)
+    except AnomalensError as exc:
+        return f"none: {exc}"
+    engine = getattr(det, "engine", "torch")
+    if engine == "onnxruntime":
+        if "model.onnx" in cfg.get("model_files", ()):
+            return "ONNX Runtime (model.onnx in the folder)"
+        return "ONNX Runtime (the graph is exported into the folder at the first prediction, a few seconds)"
+    if getattr(det, "is_video", False):
+        return "torch (video models run on torch)"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "torch (onnxruntime is not installed)"
+    from ..export import check_exportable
+
+    try:
+        check_exportable(det)
+    except AnomalensError as exc:
+        return f"torch ({exc})"
+    return "torch"
 
 
 def backbones() -> None:

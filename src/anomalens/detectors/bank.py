@@ -13,19 +13,8 @@ from ..knn import NearestNeighbours, pairwise_sq_dists
 from ..sampler import greedy_coreset
 
 #: fewest normal images whose leave-one-out image scores standardise a scale; with fewer (few-shot),
-#: their leave-one-out patch scores do (thousands of values instead of a handful). Also the fewest
-#: for which ``image_score=None`` takes the top-1% mean instead of the maximum.
+#: their leave-one-out patch scores do (thousands of values instead of a handful).
 MIN_IMAGES_FOR_IMAGE_STATS = 10
-
-
-def default_image_score(n_images: int) -> str:
-    """PatchCore's image score for a bank of ``n_images`` normal images (``image_score=None``):
-    ``"mean_top1"`` from :data:`MIN_IMAGES_FOR_IMAGE_STATS` images on, ``"max"`` below.
-
-    Fitted on all normal images, the top-1% mean raised the worst category of the benchmark suite
-    (magnetic_tile) on each of the three CNNs and lowered no category; fitted on 1-8 images it
-    lowered the worst category at every k."""
-    return "mean_top1" if n_images >= MIN_IMAGES_FOR_IMAGE_STATS else "max"
 
 
 class ScaleBank:

@@ -5,10 +5,9 @@ Fit: locally aware patch features of the normal images (:class:`~anomalens.commo
 form a memory bank, subsampled by greedy k-center coreset (:mod:`anomalens.sampler`).
 Predict: every test patch's score is the L2 distance to its nearest memory-bank feature; the anomaly
 map is the score grid upsampled to the image and Gaussian-smoothed (sigma 4); the image score is the
-mean of its highest 1% patch scores (AnomalyDINO's image score, Damm et al., WACV 2025) when the bank
-holds 10 or more normal images, else the maximum patch score (the paper's; ``image_score=None``
-chooses so at fit time), or optionally the paper's re-weighted maximum (Eq. 7), which discounts a
-patch whose nearest bank feature lies in a dense region of the bank.
+maximum patch score (the paper's), or optionally the paper's re-weighted maximum (Eq. 7), which
+discounts a patch whose nearest bank feature lies in a dense region of the bank, or the mean of the
+highest 1% patch scores (AnomalyDINO's image score, Damm et al., WACV 2025).
 
 Multi-scale (our addition; ``image_size=(256, 320)``, the default): one bank per input size. Distances
 at different sizes are not on one scale, so each scale's scores are standardised by the mean and
@@ -30,12 +29,12 @@ import torch
 
 from ..errors import ConfigError, ModelFileError
 from ..explain import Evidence, Region
-from .bank import MIN_IMAGES_FOR_IMAGE_STATS, ScaleBank, build_bank, default_image_score, leave_one_out, support_sets
+from .bank import MIN_IMAGES_FOR_IMAGE_STATS, ScaleBank, build_bank, leave_one_out, support_sets
 from .base import Detector, Progress
 from .evidence import bank_evidence
 from .scoring import IMAGE_SCORES, PatchCoreScorer
 
-__all__ = ["PatchCore", "ScaleBank", "default_image_score", "IMAGE_SCORES", "MIN_IMAGES_FOR_IMAGE_STATS"]
+__all__ = ["PatchCore", "ScaleBank", "IMAGE_SCORES", "MIN_IMAGES_FOR_IMAGE_STATS"]
 
 
 class PatchCore(Detector):
@@ -44,10 +43,9 @@ class PatchCore(Detector):
     Args:
         coreset_ratio: fraction of all training patches kept in each memory bank, in (0, 1].
         projection_dim: random-projection dimension used only to *select* the coreset (paper: 128).
-        image_score: ``"max"`` (max patch distance), ``"reweighted"`` (paper Eq. 7; one scale only),
-            ``"mean_top1"`` (mean of the highest 1% of the patch scores, as AnomalyDINO), or None
-            (default): chosen at fit time by the number of normal images (:func:`default_image_score`;
-            the choice is saved with the model, and :attr:`image_score` holds it after fit).
+        image_score: ``"max"`` (default: the largest patch distance, the paper's), ``"reweighted"``
+            (paper Eq. 7; one scale only) or ``"mean_top1"`` (mean of the highest 1% of the patch
+            scores, as AnomalyDINO).
         num_neighbours: support-set size ``b`` of the re-weighting (paper: 9).
         **kwargs: see :class:`~anomalens.detectors.base.Detector` (backbone, layers, image_size, ...).
 
@@ -79,24 +77,21 @@ class PatchCore(Detector):
         *,
         coreset_ratio: float = 0.01,
         projection_dim: int = 128,
-        image_score: str | None = None,
+        image_score: str = "max",
         num_neighbours: int = 9,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if not 0.0 < coreset_ratio <= 1.0:
             raise ConfigError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        if image_score is not None and image_score not in IMAGE_SCORES:
-            raise ConfigError(f"image_score must be one of {IMAGE_SCORES} or None, got {image_score!r}")
+        if image_score not in IMAGE_SCORES:
+            raise ConfigError(f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}")
         if image_score == "reweighted" and len(self.image_sizes) > 1:
             raise ConfigError("image_score='reweighted' takes one image size")
         if num_neighbours < 1:
             raise ConfigError(f"num_neighbours must be >= 1, got {num_neighbours}")
         self.coreset_ratio = float(coreset_ratio)
         self.projection_dim = int(projection_dim)
-        #: the image score asked for (None: by the number of images, at fit time)
-        self.image_score_option = image_score
-        #: the image score in use: the option, or after a fit with None, :func:`default_image_score`
         self.image_score = image_score
         self.num_neighbours = int(num_neighbours)
         self.banks: list[ScaleBank] = []
@@ -128,7 +123,6 @@ class PatchCore(Detector):
         self, features: list[list[torch.Tensor]], progress: Progress, keep_all: bool = False, groups: torch.Tensor | None = None
     ) -> None:
         n_sources = len(features[0]) if groups is None else int(groups.unique().numel())
-        self.image_score = self.image_score_option or default_image_score(n_sources)
         ratio = 1.0 if keep_all else self.coreset_ratio
         self.banks = [
             self._with_support(build_bank(f, ratio, self.projection_dim, self._bank_candidates(f), lambda a, b: progress("coreset", a, b)))
@@ -158,7 +152,7 @@ class PatchCore(Detector):
 
     def _build_scorer(self) -> PatchCoreScorer:
         support = self.banks[0].support if self.image_score == "reweighted" else None
-        return PatchCoreScorer([sb.bank for sb in self.banks], self.scale_stats, self.image_score or "max", support, self.cosine_scores)
+        return PatchCoreScorer([sb.bank for sb in self.banks], self.scale_stats, self.image_score, support, self.cosine_scores)
 
     def _leave_one_out(self, k: int, features: list[torch.Tensor], groups: torch.Tensor | None, progress: Progress):
         weights = self._patch_weights() if k == len(self.banks) - 1 else None
