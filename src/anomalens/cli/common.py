@@ -24,6 +24,7 @@ STAGE_LABELS = {
     "predict": "predicting",
     "fit": "fitting models",
     "frames": "reading training videos",
+    "background": "learning the empty scene",
 }
 
 
