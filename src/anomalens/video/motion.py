@@ -119,8 +119,8 @@ def flow_descriptors(flow: np.ndarray, cell: int, bins: int, peak: bool = False)
         peak: also the histogram of the *busiest* cell of the 3 x 3 neighbourhood, per direction
             (the maximum over the 9 cells instead of their mean). The mean over 24 x 24 pixels
             dilutes a small object: a far cyclist covering part of one cell moves that cell's
-            histogram nine times more than the neighbourhood's mean (chosen over the fastest single
-            pixel, which raised false alarms: see the README, "Video").
+            histogram nine times more than the neighbourhood's mean (the reason, and the fastest
+            single pixel it was chosen over: docs/design/decisions.md, "Video").
 
     Returns:
         ``float32`` ``(H / cell, W / cell, bins)`` (``2 bins`` with ``peak``: the neighbourhood
