@@ -27,13 +27,9 @@ def transistor_run(transistor, transistor_patchcore):
 
 def test_false_alarm_rate_within_binomial_band_on_transistor(transistor_run):
     """The threshold comes from normal training images only; on the 60 good test images the observed
-    false-alarm fraction stays within the 95% binomial band of each requested rate, or below it.
-
-    Below the band is allowed since the top-1% image score became the full-data default: leave-one-out
-    calibration then runs conservative at 10% (1 of 60 flagged where the band starts at 2; with the
-    maximum patch score, 3 of 60). The promise is an upper bound, and what the conservative threshold
-    costs is checked: at the default 1% it detects at least 95% of the defective images (97.5%
-    measured; 92.5% with the maximum)."""
+    false-alarm fraction stays within the 95% binomial band of each requested rate (3 of 60 at 10%),
+    and what the threshold costs is checked: at the default 1% it detects at least 90% of the
+    defective images (92.5% measured)."""
     from anomalens.evaluation import threshold_table
 
     det, res = transistor_run
@@ -41,10 +37,10 @@ def test_false_alarm_rate_within_binomial_band_on_transistor(transistor_run):
     rows = threshold_table(det, res.predictions, alphas=(0.01, 0.05, 0.1))
     for r in rows:
         assert r["n_good"] == 60
-        assert r["observed_far"] <= r["band"][1], r
+        assert r["band"][0] <= r["observed_far"] <= r["band"][1], r
     # a stricter rate never gives a lower threshold, and detection follows
     assert rows[0]["threshold"] >= rows[1]["threshold"] >= rows[2]["threshold"]
-    assert rows[0]["detection_rate"] >= 0.95 and rows[2]["detection_rate"] >= 0.8, rows
+    assert rows[0]["detection_rate"] >= 0.9 and rows[2]["detection_rate"] >= 0.8, rows
 
 
 def test_false_alarm_promise_on_magnetic_tile():
@@ -64,7 +60,7 @@ def test_false_alarm_promise_on_magnetic_tile():
     rows = threshold_table(det, det.predict(good), alphas=(0.01, 0.05, 0.1))
     for r in rows:
         assert r["n_good"] == 100
-        assert r["observed_far"] <= r["band"][1], r
+        assert r["band"][0] <= r["observed_far"] <= r["band"][1], r
     assert rows[2]["false_alarms"] >= 1  # not vacuous: at 10% some good tiles do score above the threshold
 
 
