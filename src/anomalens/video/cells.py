@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..backbones import get_spec, make_backbone
 from ..common import PatchFeatureExtractor, to_tensor_batch
-from ..errors import ConfigError, VideoReadError
+from ..errors import ConfigError
 from ..explain import find_regions
 from ..knn import NearestNeighbours
 from .base import VideoModel
@@ -33,7 +33,7 @@ from .io import iter_frames
 from .motion import FlowComputer, cell_distances, flow_descriptors
 from .persistence import check_tensor
 from .results import FramePrediction
-from .smoothing import TemporalSmoother
+from .smoothing import smoothed_stream
 from .sources import Progress, Segment
 
 #: widest working resolution for optical flow, in pixels (wider videos are downscaled)
@@ -237,8 +237,6 @@ class CellVideoDetector(VideoModel):
                 before the error have been yielded.
         """
         self._check_fitted()
-        smoother = TemporalSmoother(self.temporal_sigma)
-        pending: list = []
 
         def finish(item, smoothed: float) -> FramePrediction:
             i, frame, total, ms, as_, cause = item
@@ -250,18 +248,13 @@ class CellVideoDetector(VideoModel):
                 regions=find_regions(amap, mask), image=frame if keep_frames else None,
             )
 
-        try:
+        def parts():
             for i, frame, mdesc, feats in self._raw_parts(Segment(Path(video))):
                 total, ms, as_, cause = self._combine(*self._part_grids(mdesc, feats))
-                pending.append((i, frame, total, ms, as_, cause))
-                for _, s in smoother.push(float(total.max())):
-                    yield finish(pending.pop(0), s)
-        except VideoReadError:
-            for _, s in smoother.flush():
-                yield finish(pending.pop(0), s)
-            raise
-        for _, s in smoother.flush():
-            yield finish(pending.pop(0), s)
+                yield (i, frame, total, ms, as_, cause), float(total.max())
+
+        for item, s in smoothed_stream(parts(), self.temporal_sigma):
+            yield finish(item, s)
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> tuple[dict, dict]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..calibration import Calibration
-from ..errors import ConfigError, DatasetError, VideoReadError
+from ..errors import ConfigError, DatasetError
 from .alarm import ALARMS_PER_HOUR, episode_threshold
 from .attributes import ATTRIBUTES, CropEmbedder
 from .base import VideoModel
@@ -31,7 +31,7 @@ from .objects import ObjectParams
 from .persistence import check_tensor
 from .pipeline import FrameObjects, ObjectPipeline
 from .results import FramePrediction, ObjectScore
-from .smoothing import TemporalSmoother
+from .smoothing import TemporalSmoother, smoothed_stream
 from .sources import Progress, fold_groups, no_progress, split_units
 
 
@@ -219,8 +219,6 @@ class ObjectVideoDetector(VideoModel):
                 before the error have been yielded.
         """
         self._check_fitted()
-        smoother = TemporalSmoother(self.temporal_sigma)
-        pending: list = []
 
         def finish(item, smoothed: float) -> FramePrediction:
             fo, raw, objects, amap = item
@@ -233,18 +231,13 @@ class ObjectVideoDetector(VideoModel):
                 cause=best.cause if best else "", objects=objects, image=fo.image if keep_frames else None,
             )
 
-        try:
+        def parts():
             for fo in self._pipeline().frames(video, keep_frames=keep_frames):
                 raw, objects, amap = self._score_frame(fo)
-                pending.append((fo, raw, objects, amap))
-                for _, s in smoother.push(raw):
-                    yield finish(pending.pop(0), s)
-        except VideoReadError:
-            for _, s in smoother.flush():
-                yield finish(pending.pop(0), s)
-            raise
-        for _, s in smoother.flush():
-            yield finish(pending.pop(0), s)
+                yield (fo, raw, objects, amap), raw
+
+        for item, s in smoothed_stream(parts(), self.temporal_sigma):
+            yield finish(item, s)
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> tuple[dict, dict]:

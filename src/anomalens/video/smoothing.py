@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
+
+from ..errors import VideoReadError
+
+T = TypeVar("T")
 
 
 class TemporalSmoother:
@@ -66,6 +71,28 @@ class TemporalSmoother:
             self._next_out += 1
         self._trim()
         return out
+
+
+def smoothed_stream(parts: Iterable[tuple[T, float]], sigma: float) -> Iterator[tuple[T, float]]:
+    """``(item, smoothed score)`` for each ``(item, raw score)`` of ``parts`` (one per frame, in
+    order), each ``radius`` frames after it arrived; only the window's items are held.
+
+    Raises:
+        VideoReadError: from ``parts``, after the items that arrived before it have been yielded.
+    """
+    smoother = TemporalSmoother(sigma)
+    pending: deque = deque()
+    try:
+        for item, raw in parts:
+            pending.append(item)
+            for _, s in smoother.push(raw):
+                yield pending.popleft(), s
+    except VideoReadError:
+        for _, s in smoother.flush():
+            yield pending.popleft(), s
+        raise
+    for _, s in smoother.flush():
+        yield pending.popleft(), s
 
 
 def smooth(scores: np.ndarray, sigma: float) -> np.ndarray:
