@@ -52,10 +52,15 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     it = folder.rglob("*") if recursive else folder.iterdir()
     files = sorted(p for p in it if p.is_file() and is_image_file(p) and not p.name.startswith("."))
     if not files:
-        raise DatasetError(
-            f"folder {folder} contains no image files (looked for {', '.join(sorted({'.png', '.jpg', '.bmp', '.tif', '.webp'}))})"
-        )
+        raise no_images_error(folder)
     return files
+
+
+def no_images_error(folder: str | os.PathLike) -> DatasetError:
+    """The error for a folder (or folders, comma-separated) that holds no image file."""
+    return DatasetError(
+        f"folder {folder} contains no image files (looked for {', '.join(sorted({'.png', '.jpg', '.bmp', '.tif', '.webp'}))})"
+    )
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -161,8 +166,7 @@ def training_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     if not paths:
         folders = [str(d) for d in data if os.path.isdir(d)]
         if folders:
-            raise DatasetError(f"folder {', '.join(folders)} contains no image files "
-                               f"(looked for {', '.join(sorted({'.png', '.jpg', '.bmp', '.tif', '.webp'}))})")
+            raise no_images_error(", ".join(folders))
         raise DatasetError("no training images given")
     return paths
 
