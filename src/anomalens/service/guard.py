@@ -92,8 +92,7 @@ class Guard:
         self.max_head = int(max_head_bytes)
         self.max_queue = int(max_queue)
         self.queue_timeout = float(queue_timeout)
-        self.active = 0  # scoring requests in flight; only touched on the event loop's thread
-        self.waiting = 0  # scoring requests waiting for a slot
+        self.waiting = 0  # scoring requests waiting for a slot; only touched on the event loop's thread
         self.slots = asyncio.Semaphore(self.max_active)  # FIFO; binds to the running loop on first use
 
     def authorized(self, headers: Headers) -> bool:
@@ -134,11 +133,9 @@ class Guard:
             return await send_json_error(
                 send, 503, f"busy: {self.max_active} requests are being scored and {self.waiting} waiting; retry in {self.retry_after} s",
                 {"Retry-After": str(self.retry_after), **close})
-        self.active += 1
         try:
             await self._run(scope, receive, send, has_body)
         finally:
-            self.active -= 1
             self.slots.release()
 
     async def _take_slot(self) -> bool:
