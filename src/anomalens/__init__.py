@@ -8,9 +8,11 @@ Quick start::
     for p in load_detector("model").predict(["a.png", "b.png"]):
         print(p.image_path, p.pred_score, p.pred_label)
 
-The detectors (and torch) are imported on first use, so ``import anomalens`` works on a deployment
-install without torch (``pip install anomalens[runtime]``), where :func:`load_detector` returns the
-ONNX Runtime model of an exported folder.
+Every kind of model (image detectors, an exported model on ONNX Runtime, zero-shot MuSc, video
+detectors) follows :class:`AnomalyDetector` and is loaded by :func:`load_detector`. The detectors
+(and torch) are imported on first use, so ``import anomalens`` works on a deployment install without
+torch (``pip install anomalens[runtime]``), where :func:`load_detector` returns the ONNX Runtime
+model of an exported folder.
 """
 
 __version__ = "0.2.0"
@@ -25,6 +27,7 @@ import os as _os  # noqa: E402
 if "GOMP_SPINCOUNT" not in _os.environ and "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ["GOMP_SPINCOUNT"] = "10000"
 
+from .contract import AnomalyDetector  # noqa: E402
 from .loading import load_detector  # noqa: E402
 from .prediction import Prediction  # noqa: E402
 
@@ -39,4 +42,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'anomalens' has no attribute {name!r}")
 
 
-__all__ = ["AnomalyDINO", "DETECTORS", "Detector", "PaDiM", "PatchCore", "Prediction", "create_detector", "load_detector", "__version__"]
+__all__ = ["AnomalyDetector", "AnomalyDINO", "DETECTORS", "Detector", "PaDiM", "PatchCore", "Prediction", "create_detector", "load_detector", "__version__"]

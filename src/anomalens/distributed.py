@@ -124,7 +124,7 @@ def batch_predict(
     address: str | None = None,
     workers: int = 2,
     chunk_size: int = 16,
-    engine: str = "onnx",
+    engine: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> BatchSummary:
     """Score every image of ``inputs`` on Ray; one Parquet row per image in the dataset folder ``out``.
@@ -137,7 +137,9 @@ def batch_predict(
         address: Ray cluster address; None starts a local instance with ``workers`` CPUs.
         workers: scoring actors (each loads the model once and uses one CPU thread).
         chunk_size: images per part file (the unit of resumption).
-        engine: ``"onnx"`` (ONNX Runtime, the default, faster) or ``"torch"``.
+        engine: ``"auto"`` (default), ``"onnxruntime"`` or ``"torch"`` (:func:`anomalens.load_detector`):
+            under ``"auto"`` each worker runs the detector's graph on ONNX Runtime (exported into the
+            model folder once, by this process, before the workers start), with evidence.
         progress: ``progress(images done, images in all)``.
 
     Returns:
@@ -145,10 +147,14 @@ def batch_predict(
 
     Raises:
         DatasetError: no input images. AnomalensError: ``out`` holds the results of another model or
-        another input list. ModelFileError: the model cannot be loaded.
+        another input list. ModelFileError: the model cannot be loaded. ConfigError: an unknown
+        engine (``"onnx"`` included: say ``"onnxruntime"``).
     """
+    from .contract import check_engine
     from .data import expand_inputs
     from .serialization import read_config
+
+    check_engine(engine)
 
     paths: list[str] = []
     listed: list[Path] = []

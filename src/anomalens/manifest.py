@@ -170,10 +170,6 @@ def resolve_key(key_file: str | os.PathLike | None = None) -> bytes | None:
     return key
 
 
-def _key(key: bytes | None) -> bytes | None:
-    return key if key is not None else resolve_key(None)
-
-
 def _body(manifest: dict) -> bytes:
     return json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True, separators=(",", ":")).encode()
 
@@ -248,7 +244,7 @@ def read_manifest(directory: str | os.PathLike, key: bytes | None = None) -> dic
                     and isinstance(e.get("sha256"), str) and len(e["sha256"]) == 64 for e in files.values())):
         raise ModelFileError(f"{path} is malformed: it must list {CONFIG_NAME} and {TENSORS_NAME} (size, sha256), and only {MODEL_FILES}")
     sig = m.get("signature")
-    key = _key(key)
+    key = key if key is not None else resolve_key(None)
     if sig is not None and not (isinstance(sig, dict) and sig.get("algorithm") == "hmac-sha256" and isinstance(sig.get("value"), str)):
         raise ModelFileError(f"{path} has a malformed signature")
     if key is not None:
@@ -381,7 +377,7 @@ def write_model_dir(directory: str | os.PathLike, key: bytes | None = None, expe
         ConfigError: a bad key in ``ANOMALENS_MODEL_KEY``.
     """
     d = Path(directory)
-    key = _key(key)
+    key = key if key is not None else resolve_key(None)
     _check_replaceable(d)
     with replace_dir(d) as tmp:
         yield tmp

@@ -115,8 +115,11 @@ class OnnxDetector:
         self.path = path
         self.meta = meta
         self.calibration = cal
+        #: the name of the detector it was exported from (``"patchcore"``, ...)
         self.name = meta["detector"]
         self.batch_size = int(batch_size)
+        #: the model folder it was loaded from or saved to (None: a bare ``.onnx`` file)
+        self.model_dir: Path | None = None
 
     @property
     def threshold(self) -> float:
@@ -161,44 +164,104 @@ class OnnxDetector:
         """Image anomaly scores, ``float64`` ``(N,)``; NaN for unreadable images."""
         return np.array([p.pred_score for p in self.predict(images)], dtype=np.float64)
 
+    def fit(self, *args, **kwargs) -> "OnnxDetector":
+        """Not available: an exported model is fitted already.
 
-def load_inference_model(model_dir: str | os.PathLike, engine: str = "auto", threads: int | None = None):
-    """The model that scores images for ``model_dir``, on the fastest runtime this install has.
+        Raises:
+            ConfigError: always; fit the torch detector (``anomalens fit``) and export it.
+        """
+        raise ConfigError("an exported model is already fitted; fit the torch detector and export it (anomalens fit, anomalens export)")
 
-    Engines: ``"onnx"``: an :class:`OnnxDetector` on the folder's ``model.onnx``, exported first when
-    missing or stale (that needs torch); ``"torch"``: the Python detector on torch; ``"auto"``: the
-    Python detector on its default engine (:mod:`anomalens.detectors.engine`: the same exported
-    graph on ONNX Runtime where the model can be exported, with evidence; else torch). On an install
-    without torch every engine means the folder's exported ``model.onnx``, which must belong to this model.
+    def save(self, directory: str | os.PathLike, key: bytes | None = None) -> Path:
+        """Write a deployable model folder: ``model.onnx`` (this file, unchanged), ``config.json``
+        (its detector, thresholds and calibration note), ``model.safetensors`` (the calibration
+        scores, ``float64``) and ``manifest.json``, swapped in whole (:func:`anomalens.serialization.save_model`).
+        :func:`anomalens.load_detector` loads it back, with or without torch.
+
+        Args:
+            key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set.
+
+        Raises:
+            ModelFileError: ``directory`` holds files that are not model files, or the ONNX file
+                cannot be read.
+        """
+        import hashlib
+
+        from .serialization import save_model
+
+        try:
+            onnx_bytes = self.path.read_bytes()
+        except OSError as exc:
+            raise ModelFileError(f"cannot read {self.path} ({exc.strerror})") from None
+        cal = self.calibration
+        batch = cal.is_batch_relative
+        config = {
+            "detector": "onnx", "exported_detector": self.name, "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+            "threshold": None if batch else cal.threshold, "pixel_threshold": None if batch else cal.pixel_threshold,
+            "calibration": {"source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size),
+                            "false_alarm_rate": None if batch else cal.false_alarm_rate},
+        }
+        arrays = {"calibration.scores": np.asarray(cal.scores, dtype=np.float64),
+                  "calibration.map_maxima": np.asarray(cal.map_maxima, dtype=np.float64)}
+        save_model(directory, config, arrays, key=key, files={ONNX_NAME: onnx_bytes})
+        self.path, self.model_dir = Path(directory) / ONNX_NAME, Path(directory)
+        return Path(directory)
+
+
+def load_exported(
+    model_dir: Path, config: dict, threads: int | None = None, exported_from: bool = False, key: bytes | None = None
+) -> OnnxDetector:
+    """The :class:`OnnxDetector` of a verified model folder (``config`` from
+    :func:`~anomalens.serialization.read_config`): a folder written by :meth:`OnnxDetector.save`,
+    or, with ``exported_from``, an image detector's folder whose ``model.onnx`` was exported from it
+    (the deployment path without torch). Needs no torch.
 
     Raises:
-        ModelFileError: the model cannot be loaded, or (without torch) has no current ``model.onnx``.
-        ConfigError: an unknown engine, or ``"torch"`` on an install without torch.
+        ModelFileError: no ``model.onnx``, one exported from another model, or a saved calibration
+            whose thresholds do not follow from its scores.
     """
-    from .serialization import read_config
-
-    if engine not in ("auto", "onnx", "torch"):
-        raise ConfigError(f"unknown engine {engine!r}; use auto, onnx or torch")
-    model_dir = Path(model_dir)
-    if not has_torch():
-        if engine == "torch":
-            raise ConfigError("engine torch needs torch, which this install does not have (pip install anomalens, not [runtime] alone)")
-        config = read_config(model_dir)
-        path = model_dir / ONNX_NAME
-        if not path.is_file():
-            raise ModelFileError(f"{model_dir} has no exported {ONNX_NAME}: run `anomalens export {model_dir}` where torch is installed")
-        model = OnnxDetector(path, threads=threads)
+    path = Path(model_dir) / ONNX_NAME
+    if ONNX_NAME not in config.get("model_files", {}):
+        raise ModelFileError(f"{model_dir} has no exported {ONNX_NAME}: run `anomalens export {model_dir}` where torch is installed")
+    model = OnnxDetector(path, threads=threads)
+    if exported_from:
         if model.meta.get("source_config_sha256") != config.get("config_sha256"):
             raise ModelFileError(f"{path} was exported from another version of this model: export it again where torch is installed")
         return model
-    from .detectors import load_detector
-    from .export import check_exportable, onnx_for_model_dir
+    if config["model_files"][ONNX_NAME]["sha256"] != config.get("onnx_sha256"):
+        raise ModelFileError(f"{path} is not the ONNX file {model_dir / 'config.json'} was saved with")
+    from .serialization import load_arrays
 
-    detector = load_detector(model_dir)
-    if engine != "onnx":
-        return detector.use_engine(engine)
-    try:
-        check_exportable(detector)
-    except ConfigError:
-        return detector
-    return onnx_for_model_dir(model_dir, read_config(model_dir)["config_sha256"], threads, detector)
+    _, arrays = load_arrays(model_dir, key)
+    c = config.get("calibration") or {}
+    model.calibration = Calibration.restore(
+        arrays["calibration.scores"], arrays["calibration.map_maxima"], float(c.get("false_alarm_rate") or "nan"),
+        source=str(c.get("source", "")), mode=str(c.get("mode", "conformal")), threshold=config.get("threshold"),
+        pixel_threshold=config.get("pixel_threshold"), note=str(c.get("note", "")), where=str(model_dir),
+    )
+    model.model_dir = Path(model_dir)
+    return model
+
+
+def load_inference_model(model_dir: str | os.PathLike, engine: str = "auto", threads: int | None = None, key: bytes | None = None):
+    """The model of ``model_dir`` ready to score (:func:`anomalens.load_detector`), with its
+    ONNX Runtime graph opened now rather than at the first prediction: the service and the scale-out
+    workers load with it, so that one process exports a missing graph before the others need it.
+
+    Args:
+        engine: ``"auto"`` (default), ``"torch"`` or ``"onnxruntime"`` (see :func:`anomalens.load_detector`).
+        threads: ONNX Runtime threads of an :class:`OnnxDetector` (a detector's graph uses torch's).
+        key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set.
+
+    Raises:
+        ModelFileError: the model cannot be loaded, or (without torch) has no current ``model.onnx``.
+        ConfigError: an unknown engine (``"onnx"`` included), or ``"torch"`` on an install without torch.
+    """
+    from .loading import load_detector
+
+    model = load_detector(model_dir, key=key, engine=engine, threads=threads)
+    if getattr(model, "engine", None) == "onnxruntime" and hasattr(model, "use_engine"):
+        from .detectors.engine import graph_session
+
+        graph_session(model)  # exports into the folder when missing or stale (a failure warns and stays on torch)
+    return model

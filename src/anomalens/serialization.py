@@ -28,14 +28,15 @@ from .manifest import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "TENSORS_NAME", "load_model", "read_config", "save_model"]
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "TENSORS_NAME", "load_arrays", "load_model", "read_config", "save_model"]
 
 
 def save_model(
-    directory: str | os.PathLike, config: dict, tensors: "dict[str, torch.Tensor]", key: bytes | None = None,
-    expect_manifest: str | None = None,
+    directory: str | os.PathLike, config: dict, tensors: dict, key: bytes | None = None,
+    expect_manifest: str | None = None, files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write ``tensors`` and ``config`` as a new model folder that replaces ``directory`` in one step.
 
@@ -43,32 +44,52 @@ def save_model(
     added. A ``model.onnx`` cached in the old folder is dropped (it belonged to the old model).
 
     Args:
+        tensors: name -> torch tensor, or name -> numpy array (then no torch is needed).
         key: signing key (:func:`anomalens.manifest.resolve_key`); None = ``ANOMALENS_MODEL_KEY`` when set.
         expect_manifest: read-modify-write: refuse when the folder changed since it was read
             (:func:`anomalens.manifest.manifest_digest`).
+        files: further model files by name (``model.onnx`` of an exported model), listed in the manifest.
 
     Returns:
         The directory.
 
     Raises:
-        ModelFileError: ``directory`` holds files that are not model files (it is not replaced), or
-            it was replaced by another writer since ``expect_manifest``.
+        ModelFileError: ``directory`` holds files that are not model files (it is not replaced), it
+            was replaced by another writer since ``expect_manifest``, or ``files`` names a file that
+            is not a model file.
     """
-    from safetensors.torch import save as save_tensors
+    import numpy as np
 
     d = Path(directory)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    blob = save_tensors(tensors, metadata={"format": "anomalens", "format_version": str(FORMAT_VERSION)})
+    if all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save as save_arrays
+
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        blob = save_arrays(tensors, metadata={"format": "anomalens", "format_version": str(FORMAT_VERSION)})
+    else:
+        from safetensors.torch import save as save_tensors
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        blob = save_tensors(tensors, metadata={"format": "anomalens", "format_version": str(FORMAT_VERSION)})
     full = {k: v for k, v in config.items() if k not in ("config_sha256", "model_signature", "model_files")}
     full["format"] = "anomalens"
     full["format_version"] = FORMAT_VERSION
     full["anomalens_version"] = __version__
-    full["tensors"] = {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in tensors.items()}
+    full["tensors"] = {k: {"dtype": _dtype_name(v), "shape": list(v.shape)} for k, v in tensors.items()}
     full["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
     with write_model_dir(d, key, expect_manifest) as tmp:
         (tmp / TENSORS_NAME).write_bytes(blob)
         (tmp / CONFIG_NAME).write_text(json.dumps(full, indent=2, sort_keys=True))
+        for name, data in (files or {}).items():
+            if name in (TENSORS_NAME, CONFIG_NAME) or Path(name).name != name:
+                raise ModelFileError(f"{name} cannot be written beside the model's own files")
+            (tmp / name).write_bytes(data)
     return d
+
+
+def _dtype_name(t) -> str:
+    """The dtype of a torch tensor or numpy array as torch names it (``float64``, ``uint8``, ``bool``...)."""
+    return str(t.dtype).replace("torch.", "")
 
 
 def read_config(directory: str | os.PathLike, key: bytes | None = None) -> dict:
@@ -96,6 +117,21 @@ def load_model(directory: str | os.PathLike, key: bytes | None = None) -> "tuple
     """
     from safetensors.torch import load as load_tensors
 
+    return _load(directory, key, load_tensors)
+
+
+def load_arrays(directory: str | os.PathLike, key: bytes | None = None) -> "tuple[dict, dict[str, np.ndarray]]":
+    """As :func:`load_model`, with numpy arrays instead of torch tensors (needs no torch).
+
+    Raises:
+        ModelFileError: as :func:`load_model`.
+    """
+    from safetensors.numpy import load as load_numpy
+
+    return _load(directory, key, load_numpy)
+
+
+def _load(directory: str | os.PathLike, key: bytes | None, load_tensors) -> tuple[dict, dict]:
     d = Path(directory)
     manifest = read_manifest(d, key)
     config = config_of(d, manifest)
@@ -114,7 +150,6 @@ def load_model(directory: str | os.PathLike, key: bytes | None = None) -> "tuple
         raise ModelFileError(f"{t_path} holds tensors {sorted(tensors)} but the config lists {sorted(expected)}")
     for name, meta in expected.items():
         t = tensors[name]
-        if not isinstance(meta, dict) or list(t.shape) != list(meta.get("shape", [])) or str(t.dtype).replace("torch.", "") != meta.get("dtype"):
+        if not isinstance(meta, dict) or list(t.shape) != list(meta.get("shape", [])) or _dtype_name(t) != meta.get("dtype"):
             raise ModelFileError(f"tensor {name!r} in {t_path} has shape {list(t.shape)} / {t.dtype}, expected {meta}")
     return config, tensors
-

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -43,6 +44,27 @@ def progress_bars() -> Iterator:
             prog.update(tasks[stage], completed=done, total=total)
 
         yield cb
+
+
+#: ``--engine`` of every command that scores images
+ENGINE_HELP = (
+    "auto (default: the model's graph on ONNX Runtime, exported into the model folder at first use, with evidence; "
+    "torch where it cannot be exported), onnxruntime (as auto), or torch. Without torch installed: the folder's exported model.onnx."
+)
+#: ``--key-file`` of the commands that only read a model
+KEY_FILE_HELP = "Model-signing key file: refuse models that are unsigned or not signed with it (default: ANOMALENS_MODEL_KEY)."
+
+
+def model_key(key_file: Optional[Path]) -> Optional[bytes]:
+    """The model-signing key (:func:`anomalens.manifest.resolve_key`): the contents of ``key_file``,
+    else ``ANOMALENS_MODEL_KEY``, else None.
+
+    Raises:
+        ConfigError: a missing or unreadable key file, or a key shorter than 16 bytes.
+    """
+    from ..manifest import resolve_key
+
+    return resolve_key(key_file)
 
 
 def fail(exc: BaseException) -> None:

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import AnomalensError
-from .common import console, fail as _fail, fmt_threshold, out_console
+from .common import ENGINE_HELP, KEY_FILE_HELP, console, fail as _fail, fmt_threshold, model_key, out_console
 
 API_KEY_ENV = "ANOMALENS_API_KEY"
 
@@ -27,8 +27,9 @@ def export(
     calibration in its metadata. Images are resized outside the graph, by the same code as in Python."""
     import numpy as np
 
-    from ..detectors import load_detector
+    from ..detectors import Detector
     from ..export import OnnxDetector, export_onnx
+    from ..loading import load_detector
 
     if format != "onnx":
         _fail(AnomalensError(f"unknown export format {format!r}; supported: onnx"))
@@ -37,6 +38,8 @@ def export(
     path = out or model_dir / "model.onnx"
     try:
         det = load_detector(model_dir)
+        if not isinstance(det, Detector):
+            raise AnomalensError(f"{model_dir} holds a {det.name!r} model; only image detectors (anomalens fit) are exported")
         export_onnx(det, path, source_config_sha256=read_config(model_dir).get("config_sha256"))
         msg = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)"
         if check:
@@ -67,10 +70,10 @@ def serve(
     model_dirs: List[Path] = typer.Argument(..., help="One or more model directories; each is served under its folder name."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
-    engine: str = typer.Option("onnx", help="onnx (ONNX Runtime: same results, faster; exports MODEL_DIR/model.onnx if missing or stale, which needs torch) or torch."),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per model (default: all cores)."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per exported model.onnx on an install without torch (default: all cores)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help=f"File holding the API key clients must send as 'Authorization: Bearer <key>' (default: the environment variable {API_KEY_ENV}; neither: no authentication)."),
-    key_file: Optional[Path] = typer.Option(None, "--key-file", help="Model-signing key file: refuse models that are unsigned or not signed with it (default: ANOMALENS_MODEL_KEY)."),
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_FILE_HELP),
     recent: bool = typer.Option(False, "--recent/--no-recent", help="Serve GET /recent, the last 20 results with every client's file names (off by default)."),
     docs: bool = typer.Option(True, "--docs/--no-docs", help="Serve the API docs at /docs (local assets, no CDN); /openapi.json is always served."),
     max_upload_mb: float = typer.Option(20.0, help="Largest request body accepted, in MB (chunked bodies are counted as they arrive)."),
@@ -96,7 +99,7 @@ def serve(
         names[name] = d
     try:
         api_key = _read_api_key(api_key_file)
-        key = _model_key(key_file)
+        key = model_key(key_file)
         auth = "API key required" if api_key else "no API key (anyone who can reach it can use it)"
         console.print(f"serving {', '.join(names)} on http://{host}:{port}/ ({auth}; API schema at /openapi.json)")
         run_service(names, host=host, port=port, engine=engine, threads=threads, key=key, api_key=api_key, recent=20 if recent else 0,
@@ -105,18 +108,6 @@ def serve(
                     keep_alive_timeout=keep_alive_timeout)
     except AnomalensError as exc:
         _fail(exc)
-
-
-def _model_key(key_file: Optional[Path]):
-    """The model-signing key (:func:`anomalens.manifest.resolve_key`): from ``key_file``, else
-    ``ANOMALENS_MODEL_KEY``, else None."""
-    try:
-        from ..manifest import resolve_key
-    except ImportError:
-        if key_file is not None:
-            raise AnomalensError("--key-file: this install cannot check model signatures") from None
-        return None
-    return resolve_key(key_file)
 
 
 def info(
@@ -129,8 +120,8 @@ def info(
     from ..serialization import read_config
 
     try:
-        key = _model_key(key_file)
-        cfg = read_config(model_dir, key=key) if key is not None else read_config(model_dir)
+        key = model_key(key_file)
+        cfg = read_config(model_dir, key=key)
     except AnomalensError as exc:
         _fail(exc)
     cfg.pop("tensors", None)
@@ -140,10 +131,10 @@ def info(
     if as_json:
         out_console.print_json(json.dumps(cfg))
         return
-    out_console.print(info_table(model_dir, cfg, train if paths else None))
+    out_console.print(info_table(model_dir, cfg, train if paths else None, key))
 
 
-def info_table(model_dir: Path, cfg: dict, train_paths: Optional[list] = None) -> Table:
+def info_table(model_dir: Path, cfg: dict, train_paths: Optional[list] = None, key: Optional[bytes] = None) -> Table:
     """The rich table of ``anomalens info``: one row per fact, from a verified config."""
     params = cfg.get("params") or {}
     fit = cfg.get("fit_info") or {}
@@ -165,7 +156,7 @@ def info_table(model_dir: Path, cfg: dict, train_paths: Optional[list] = None) -
         ("threshold note", cal.get("note")),
         ("training images", n_train),
         ("fit time", f"{fit['seconds_total']:.1f} s" if isinstance(fit.get("seconds_total"), (int, float)) else None),
-        ("runtime", runtime_of(model_dir, cfg)),
+        ("runtime", runtime_of(model_dir, cfg, key)),
         ("signature", cfg.get("model_signature", "unknown (this install does not read signatures)")),
         ("anomalens version", cfg.get("anomalens_version")),
     ]
@@ -177,7 +168,7 @@ def info_table(model_dir: Path, cfg: dict, train_paths: Optional[list] = None) -
     return t
 
 
-def runtime_of(model_dir: Path, cfg: dict) -> str:
+def runtime_of(model_dir: Path, cfg: dict, key: Optional[bytes] = None) -> str:
     """What ``predict``, ``evaluate`` and the Python API run this model on (the loaded model's
     ``engine``), and why: ONNX Runtime on the folder's graph (``model.onnx``, exported into the folder
     at the first prediction), or torch."""
@@ -186,16 +177,16 @@ def runtime_of(model_dir: Path, cfg: dict) -> str:
     from ..loading import load_detector
 
     try:
-        det = load_detector(model_dir)
+        det = load_detector(model_dir, key=key)
     except AnomalensError as exc:
         return f"none: {exc}"
-    engine = getattr(det, "engine", "torch")
+    engine = det.engine
     if engine == "onnxruntime":
         if "model.onnx" in cfg.get("model_files", ()):
             return "ONNX Runtime (model.onnx in the folder)"
         return "ONNX Runtime (the graph is exported into the folder at the first prediction, a few seconds)"
-    if getattr(det, "is_video", False):
-        return "torch (video models run on torch)"
+    if getattr(det, "is_video", False) or det.name == "musc":
+        return f"torch ({det.name} models run on torch)"
     if importlib.util.find_spec("onnxruntime") is None:
         return "torch (onnxruntime is not installed)"
     from ..export import check_exportable

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import AnomalensError
-from .common import console, fail as _fail, fmt_threshold as _num, progress_bars, split_names
+from .common import console, fail as _fail, fmt_threshold as _num, model_key, progress_bars, split_names
 
 
 def _sizes(text: str | None) -> int | list[int] | None:
@@ -81,10 +81,9 @@ def fit(
     from ..detectors import create_detector
     from ..detectors.fitting import resolve_augment
     from ..detectors.persistence import save_detector
-    from ..manifest import resolve_key
 
     try:
-        key = resolve_key(key_file)
+        key = model_key(key_file)
         params = dict(
             image_size=_sizes(image_size), keep_aspect=not squash, border_pad=border_pad,
             false_alarm_rate=false_alarm_rate, batch_size=batch_size,
@@ -149,10 +148,10 @@ def calibrate(
     from ..detectors.persistence import load_detector, save_detector
     from ..errors import ModelFileError
     from ..folders import labelled_samples
-    from ..manifest import manifest_digest, read_manifest, resolve_key
+    from ..manifest import manifest_digest, read_manifest
 
     try:
-        key = resolve_key(key_file)
+        key = model_key(key_file)
         digest = manifest_digest(model_dir)
         if read_manifest(model_dir, key)["model_signature"] != "unsigned" and key is None:
             raise ModelFileError(f"{model_dir} is signed: calibrate needs its key (--key-file or ANOMALENS_MODEL_KEY) to sign the result")

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import AnomalensError, ConfigError
-from .common import console, fail as _fail, out_console, progress_bars, split_names
+from .common import ENGINE_HELP, KEY_FILE_HELP, console, fail as _fail, model_key, out_console, progress_bars, split_names
 from .outputs import save_overlays, write_rows
 
 
@@ -59,6 +59,8 @@ def predict(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out: images that already have a result row are skipped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
     chunk: int = typer.Option(CHUNK_IMAGES, "--chunk", min=1, help="Images scored and written together (fewer if their pixels exceed 64 MP): a kill loses at most one chunk."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_FILE_HELP),
 ) -> None:
     """Score images: a score, an OK/NG decision, a p-value and a heatmap overlay per image.
 
@@ -73,12 +75,15 @@ def predict(
 
     rows: list[dict] = []
     try:
-        det = load_detector(model_dir)
+        key = model_key(key_file)
+        det = load_detector(model_dir, key=key, engine=engine)
         if getattr(det, "is_video", False):
             raise ConfigError(f"{model_dir} is a video model: score videos with `anomalens video predict`")
         if false_alarm_rate is not None:
+            if not hasattr(det, "set_false_alarm_rate"):
+                raise ConfigError(f"--false-alarm-rate: the {det.name} model of {model_dir} has no calibration scores to set it from")
             det.set_false_alarm_rate(false_alarm_rate)
-        run = {"command": "predict", "model": str(model_dir.resolve()), "model_sha256": read_config(model_dir).get("config_sha256"),
+        run = {"command": "predict", "model": str(model_dir.resolve()), "model_sha256": read_config(model_dir, key).get("config_sha256"),
                "false_alarm_rate": false_alarm_rate}
         writer = ResultWriter(out, run, resume=resume, overwrite=overwrite)
         paths = expand_inputs(images)

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import AnomalensError
-from .common import console, fail as _fail, out_console, progress_bars
+from .common import ENGINE_HELP, console, fail as _fail, out_console, progress_bars
 
 
 def batch_predict(
@@ -20,7 +20,7 @@ def batch_predict(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); default: a local Ray."),
     workers: int = typer.Option(2, help="Scoring actors; each loads the model once."),
     chunk: int = typer.Option(16, "--chunk", help="Images per chunk: per Parquet part, the unit of resumption."),
-    engine: str = typer.Option("onnx", help="onnx (ONNX Runtime) or torch."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
 ) -> None:
     """Score many images in parallel on Ray: one Parquet row per image, resumable after an interruption."""
     from ..distributed import batch_predict as run

@@ -1,10 +1,12 @@
-"""Detectors: every one follows the :class:`~anomalens.detectors.base.Detector` contract."""
+"""The image detectors (:class:`~anomalens.detectors.base.Detector`); with every other model kind they
+follow :class:`~anomalens.contract.AnomalyDetector`. ``load_detector`` here is :func:`anomalens.load_detector`."""
 
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..loading import load_detector
 from .anomalydino import AnomalyDINO
-from .base import Detector, load_detector
+from .base import Detector
 from .padim import PaDiM
 from .patchcore import PatchCore
 

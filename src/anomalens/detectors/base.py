@@ -1,11 +1,12 @@
-"""The contract every detector follows, and the machinery they share.
+"""The base class of the image detectors and the machinery they share; every model kind follows
+:class:`~anomalens.contract.AnomalyDetector`.
 
 A detector is used like a scikit-learn / PyOD estimator::
 
     det = PatchCore().fit(normal_images)       # or PatchCore(backbone="mobilenet_v2", image_size=320)
     preds = det.predict(test_images)          # list[Prediction]
     scores = det.decision_function(images)     # float64 (N,) image scores
-    det.save("model_dir"); det = load_detector("model_dir")
+    det.save("model_dir"); det = anomalens.load_detector("model_dir")
 
 ``images`` may be file paths, PIL images or ``uint8`` numpy arrays of any size and mode. Each is
 resized so that its short side is ``image_size`` and its aspect ratio is kept
@@ -382,16 +383,4 @@ class Detector(Thresholds, DetectorHooks):
         save_detector(self, directory)
 
 
-def load_detector(directory: str | os.PathLike) -> Detector:
-    """Load any saved detector (PatchCore, PaDiM, ...) from a model directory
-    (:func:`~anomalens.detectors.persistence.load_detector`).
-
-    Raises:
-        ModelFileError: missing, incompatible, corrupt or modified model files, or an unknown detector type.
-    """
-    from .persistence import load_detector as load
-
-    return load(directory)
-
-
-__all__ = ["Detector", "Progress", "load_detector", "AnomalensError"]
+__all__ = ["Detector", "Progress", "AnomalensError"]

@@ -91,8 +91,9 @@ def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
 
 
 def load_detector(directory: str | os.PathLike, key: bytes | None = None):
-    """Load any saved detector (PatchCore, PaDiM, ...) from a model directory, every file checked
-    against its manifest first (:mod:`anomalens.manifest`).
+    """Load a saved image detector (PatchCore, PaDiM, AnomalyDINO) from a model directory, every file
+    checked against its manifest first (:mod:`anomalens.manifest`). The helper of
+    :func:`anomalens.load_detector`, which loads every kind of model and is the one to use.
 
     Args:
         key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set. With a key, unsigned or badly
@@ -108,10 +109,10 @@ def load_detector(directory: str | os.PathLike, key: bytes | None = None):
 
     config, tensors = load_model(directory, key)
     name = config.get("detector")
-    if name == "video":
-        raise ModelFileError(f"{directory} is a video model: use anomalens video predict / VideoDetector.load")
+    if name in ("video", "musc", "onnx"):
+        raise ModelFileError(f"{directory} holds a {name} model, not an image detector: load it with anomalens.load_detector")
     if name not in DETECTORS:
-        raise ModelFileError(f"model in {directory} is of unknown detector type {name!r}; known: {sorted(DETECTORS)}")
+        raise ModelFileError(f"model in {directory} is of unknown detector type {name!r}; known: {sorted(DETECTORS)} (anomalens.load_detector loads every kind)")
     det = detector_from_files(DETECTORS[name], config, tensors)
     det._forget_graph(Path(directory), key)  # its exported graph, cached there, runs predict (engine "auto")
     return det

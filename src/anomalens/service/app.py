@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import inspect
 import io
 import math
 import os
@@ -28,42 +27,29 @@ PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
 _DROPPED = ("path", "gt_label", "defect_type", "error")
 
 
-def inference_loader():
-    """``load_inference_model``: from the torch-free :mod:`anomalens.runtime` where it exists, else
-    from :mod:`anomalens.export` (imported here, never at module level: ``serve`` runs without torch)."""
-    try:
-        from ..runtime import load_inference_model
-    except ImportError:
-        from ..export import load_inference_model
-    return load_inference_model
-
-
 class ServedModel:
-    """One model behind the service: the engine, its lock, and what ``/model`` shows.
+    """One model behind the service: the model (:func:`anomalens.runtime.load_inference_model`, its
+    ONNX Runtime graph opened at start-up), its lock, and what ``/model`` shows.
 
     Raises:
         ModelFileError: the directory cannot be loaded (or fails its signature check with ``key``).
-        AnomalensError: a key was given but this install's loader cannot check signatures.
+        ConfigError: an unknown engine, or a model kind the service does not score (video).
     """
 
     def __init__(self, name: str, model_dir: Path, engine: str, threads: int | None = None, key: Any = None):
+        from ..errors import ConfigError
+        from ..runtime import load_inference_model
         from ..serialization import read_config
 
         self.name = name
         self.dir = model_dir
         self.engine = engine
-        load = inference_loader()
-        kwargs: dict[str, Any] = {"engine": engine, "threads": threads}
-        if key is None:
-            cfg = read_config(model_dir)
-        else:  # the whole folder (manifest, signature, every file's checksum) is verified with the key
-            if "key" not in inspect.signature(read_config).parameters:
-                raise AnomalensError("a signing key was given, but this install cannot check model signatures")
-            cfg = read_config(model_dir, key=key)
-            if "key" in inspect.signature(load).parameters:
-                kwargs["key"] = key
-        self.model = load(model_dir, **kwargs)
-        self.runtime = "onnxruntime" if type(self.model).__name__ == "OnnxDetector" else "torch"
+        cfg = read_config(model_dir, key=key)  # the whole folder (manifest, signature with a key, every checksum)
+        self.model = load_inference_model(model_dir, engine=engine, threads=threads, key=key)
+        if getattr(self.model, "is_video", False):
+            raise ConfigError(f"{model_dir} is a video model: the service scores images (use anomalens video predict)")
+        #: what scores the images: ``"onnxruntime"`` or ``"torch"``
+        self.runtime = self.model.engine
         cfg.pop("tensors", None)
         cfg["train_images"] = f"{len(cfg.get('train_images') or [])} images"  # never the training machine's paths
         self.config = cfg
@@ -129,7 +115,7 @@ def _docs_assets() -> Path | None:
 def create_app(
     model_dirs: dict[str, str | os.PathLike],
     *,
-    engine: str = "onnx",
+    engine: str = "auto",
     threads: int | None = None,
     key: Any = None,
     api_key: str | None = None,
@@ -147,10 +133,12 @@ def create_app(
     """Build the FastAPI application serving ``model_dirs`` (name -> model directory).
 
     Args:
-        engine: ``"onnx"`` (ONNX Runtime: the folder's ``model.onnx`` when exported from this model,
-            else exported first, which needs torch), ``"torch"`` (the Python model), or ``"auto"``
-            where the loader (:mod:`anomalens.runtime`) knows it.
-        threads: ONNX Runtime intra-op threads (None: its default).
+        engine: ``"auto"`` (default: each detector's graph on ONNX Runtime, exported into its folder
+            at start-up when missing or stale, with evidence; torch where it cannot be exported),
+            ``"onnxruntime"`` (as auto) or ``"torch"`` (:func:`anomalens.load_detector`). Without
+            torch: each folder's exported ``model.onnx``.
+        threads: ONNX Runtime intra-op threads of an exported ``model.onnx`` run without torch
+            (None: its default); a detector's graph uses torch's thread count.
         key: the signing key the loader checks each model against (None: no check).
         api_key: bearer token required on every path but ``/health``, the page and the docs; None: open.
         max_upload_mb: largest request body, in MB (declared or streamed).
@@ -168,7 +156,7 @@ def create_app(
 
     Raises:
         ModelFileError: a model directory cannot be loaded.
-        AnomalensError: no model, or an unknown engine.
+        AnomalensError: no model. ConfigError: an unknown engine (``"onnx"`` included: say ``"onnxruntime"``).
     """
     if not model_dirs:
         raise AnomalensError("serve needs at least one model directory")

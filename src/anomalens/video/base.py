@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..calibration import Calibration
-from ..errors import NotFittedError, VideoReadError
+from ..errors import ModelFileError, NotFittedError, VideoReadError
 from .results import FramePrediction, VideoPrediction
 from .smoothing import TemporalSmoother
 
@@ -24,6 +24,8 @@ class VideoModel:
     is_video = True  # a model of frames in time (the image commands refuse it)
     name = "video"
     method = ""
+    #: what scores the frames (:class:`~anomalens.contract.AnomalyDetector`): video models run on torch
+    engine = "torch"
 
     calibration: Calibration | None
     temporal_sigma: float
@@ -91,6 +93,17 @@ class VideoModel:
             threshold=self.threshold, seconds=time.perf_counter() - t0, error=error,
         )
 
+    def decision_function(self, video: str | os.PathLike) -> np.ndarray:
+        """Per-frame anomaly scores of a whole video: the smoothed ``pred_score`` of each frame,
+        ``float64`` ``(T,)``, in the units of :attr:`threshold`. A video that stops early gives the
+        scores of its frames so far.
+
+        Raises:
+            NotFittedError: not fitted.
+        """
+        self._check_fitted()
+        return self.predict(video).pred_scores
+
     def save(self, directory: str | os.PathLike, key: bytes | None = None) -> Path:
         """Write the model (safetensors + JSON + manifest, no pickle) as a whole new folder swapped in
         for ``directory``: a kill leaves the old model or the new one.
@@ -110,7 +123,7 @@ class VideoModel:
     @classmethod
     def load(cls, directory: str | os.PathLike, key: bytes | None = None) -> "VideoModel":
         """Load a saved video model of either method (objects or cells), every file checked against
-        its manifest first.
+        its manifest first; as :func:`anomalens.load_detector`, which loads every kind of model.
 
         Args:
             key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set: unsigned or badly signed
@@ -120,6 +133,9 @@ class VideoModel:
             ModelFileError: missing, corrupt, modified, unsigned (with a key), of an older video
                 format (re-fit) or mismatched files, or not a video model.
         """
-        from .persistence import load_video_model
+        from ..loading import load_detector
 
-        return load_video_model(directory, key)
+        model = load_detector(directory, key=key)
+        if not isinstance(model, VideoModel):
+            raise ModelFileError(f"{directory} holds a {model.name!r} model, not a video model (use anomalens predict)")
+        return model

