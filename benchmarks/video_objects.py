@@ -49,8 +49,14 @@ GRID = {
     "place_weight": [0.5, 1.0],
     "temporal_sigma": [1.0, 3.0, 6.0],
 }
+#: settings held fixed in one run (``--set key=value`` changes one; each idea tried is one row):
+#: velocity (a key of anomalens.video.attributes.VELOCITY_KINDS), scale (AttributeDensity's), edge
+#: ("as-is", or "track": a box touching the frame's border takes its track's last speed off the border)
+FIXED = {"velocity": "mean", "scale": "quantile", "edge": "as-is"}
 #: the smallest min_height of the grid: objects are extracted down to it, taller ones kept per setting
 MIN_EXTRACT = min(GRID["min_height"])
+#: bump when the extraction (objects, velocity columns, embeddings) changes: the cache folder is named by it
+EXTRACT_VERSION = "v2"
 
 
 def extract(ped2: str, cache: str) -> dict:
@@ -69,6 +75,8 @@ def extract(ped2: str, cache: str) -> dict:
     if not os.path.exists(bg_path):
         np.save(bg_path, ObjectPipeline.background_of(train, every=10))
     det.background = np.load(bg_path)
+    global HW
+    HW = tuple(det.background.shape)
     pipe = det._pipeline()
     out = {}
     for split, vids in (("train", train), ("test", list_videos(os.path.join(ped2, "testing", "frames")))):
@@ -87,7 +95,28 @@ def extract(ped2: str, cache: str) -> dict:
     return out
 
 
+HW: tuple[int, int] = (240, 360)  # set by extract from the background
+
+
+def _edge_track(x: dict) -> dict:
+    """``x`` with each border-touching box's speed replaced by its track's speed at the last frame
+    its box was off the border (kept when it never was)."""
+    b, sp = x["box"], np.array(x["speed"], copy=True)
+    h, w = HW
+    edge = (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= w) | (b[:, 3] >= h)
+    last: dict[int, np.ndarray] = {}
+    for i in np.lexsort((np.arange(len(b)), x["frame"])):  # frame order
+        t = int(x["track"][i])
+        if not edge[i]:
+            last[t] = sp[i]
+        elif t in last:
+            sp[i] = last[t]
+    return {**x, "speed": sp}
+
+
 def _keep(x: dict, min_height: int) -> dict:
+    if FIXED["edge"] == "track":
+        x = _edge_track(x)
     b = x["box"]
     m = (b[:, 3] - b[:, 1]) >= min_height
     return {k: (a[m] if np.ndim(a) and len(a) == len(m) else a) for k, a in x.items()}
@@ -102,11 +131,11 @@ def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: lis
     from anomalens.video.density import attribute_vectors, knn_scores
     from anomalens.video.sources import fold_groups
 
-    key = (attr, min_height, place_weight if attr != "appearance" else None, tuple(train), tuple(test))
+    key = (attr, min_height, place_weight if attr != "appearance" else None, tuple(train), tuple(test), tuple(FIXED.values()))
     if key not in _RAW:
         tr = [_keep(data[("train", v)], min_height) for v in train]
         fold_of = {u: g for g, members in enumerate(fold_groups(len(tr), 4, 0)) for u in members}
-        vec = lambda x: attribute_vectors(x["speed"], x["geometry"], x["appearance"], place_weight)[attr]  # noqa: E731
+        vec = lambda x: attribute_vectors(x["speed"], x["geometry"], x["appearance"], place_weight, FIXED["velocity"])[attr]  # noqa: E731
         x = np.concatenate([vec(t) for t in tr])
         folds = np.concatenate([np.full(len(t["frame"]), fold_of[u]) for u, t in enumerate(tr)])
         r = np.zeros(len(x), np.float32)
@@ -120,14 +149,14 @@ def score_setting(data: dict, s: dict, train: list[str], test: list[str]) -> tup
     """Frame scores (smoothed) of each ``test`` video and the smoothed cross-fit runs of the ``train``
     videos for setting ``s``: the detector's fit path (each attribute over its 0.99 quantile on the
     cross-fit normal objects, combined per object, the frame's most abnormal object) on cached objects."""
-    from anomalens.video.density import frame_scores
+    from anomalens.video.density import frame_scores, scale_of
     from anomalens.video.smoothing import smooth
 
     raws = [_raw(data, a, s["min_height"], s["place_weight"], train, test) for a in s["attributes"]]
-    scales = [max(float(np.quantile(r, 0.99)), 1e-6) for r, _ in raws]
+    scales = [scale_of(r, FIXED["scale"]) for r, _ in raws]
     comb = (lambda a: a.sum(1)) if s["combine"] == "sum" else (lambda a: a.max(1))  # noqa: E731
     sm = (lambda f: smooth(f, s["temporal_sigma"])) if s["temporal_sigma"] > 0 else (lambda f: f)  # noqa: E731
-    obj = comb(np.stack([r / c for (r, _), c in zip(raws, scales)], 1))
+    obj = comb(np.stack([(r - c[0]) / c[1] for (r, _), c in zip(raws, scales)], 1))
     runs, start = [], 0
     for v in train:
         x = _keep(data[("train", v)], s["min_height"])
@@ -137,7 +166,7 @@ def score_setting(data: dict, s: dict, train: list[str], test: list[str]) -> tup
     res = {}
     for v in test:
         x = _keep(data[("test", v)], s["min_height"])
-        o = comb(np.stack([t[v] / c for (_, t), c in zip(raws, scales)], 1))
+        o = comb(np.stack([(t[v] - c[0]) / c[1] for (_, t), c in zip(raws, scales)], 1))
         res[v] = sm(frame_scores(o[:, None], x["frame"], int(x["n_frames"]))[0])
     return res, runs
 
@@ -175,10 +204,17 @@ def alarm_check(data: dict, s: dict, fps: float, per_hour: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("ANOMALENS_DATA", "/work/shared/data"))
-    ap.add_argument("--cache", default="/tmp/anomalens-video-objects")
+    ap.add_argument("--cache", default=f"/tmp/anomalens-video-objects-{EXTRACT_VERSION}", help="extraction cache (versioned: a change of extraction gets a new folder)")
     ap.add_argument("--out", default=None, help="append the row to this JSON Lines file")
     ap.add_argument("--no-fps", action="store_true", help="skip the end-to-end fit and fps run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"change a fixed setting of {sorted(FIXED)}")
+    ap.add_argument("--note", default="", help="what this run tries (goes into the row's variant)")
     args = ap.parse_args()
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        if k not in FIXED:
+            ap.error(f"--set {kv}: the fixed settings are {sorted(FIXED)}")
+        FIXED[k] = v
     ped2 = os.path.join(args.data, "ucsd_ped2")
     labels = {k: np.asarray(v) for k, v in json.load(open(os.path.join(ped2, "testing", "frame_labels.json"))).items()}
     data = extract(ped2, args.cache)
@@ -213,7 +249,7 @@ def main() -> None:
     flagged = np.concatenate([res_def[v] > t for v in TEST])
     y = np.concatenate([labels[v] for v in TEST])
     row = {
-        "variant": "objects: LOVO over test 01-06", "fit_videos": TRAIN, "grid": {k: [list(x) if isinstance(x, tuple) else x for x in v] for k, v in GRID.items()},
+        "variant": "objects: LOVO over test 01-06" + (f" ({args.note})" if args.note else ""), "fixed": dict(FIXED), "fit_videos": TRAIN, "grid": {k: [list(x) if isinstance(x, tuple) else x for x in v] for k, v in GRID.items()},
         "lovo_pooled_auc_micro": lovo_pooled, "lovo_per_video_auc": {f["video"]: f["held_out_auc"] for f in folds},
         "lovo_worst_video": min(folds, key=lambda f: f["held_out_auc"])["video"], "lovo_folds": folds,
         "best_on_all_six": scored[best_all][0], "best_on_all_six_pooled_auc_micro": pooled(labels, scored[best_all][1], TEST),

@@ -19,11 +19,32 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import make_backbone
+from ..errors import ConfigError
 
+#: orientation bins of the velocity histogram (:func:`object_velocity`), as AI-VAD's
+N_BINS = 8
 #: length of the velocity vector (:func:`object_velocity`)
-VELOCITY_DIM = 6
+VELOCITY_DIM = 7 + N_BINS
 #: the attributes, in the order of scores and causes
 ATTRIBUTES = ("speed", "size", "appearance")
+#: columns of :func:`object_velocity` that each velocity description uses (:func:`velocity_columns`)
+VELOCITY_KINDS = {
+    "mean": slice(0, 6),  # mean velocity and speed, and those of the fastest quarter of pixels
+    "hist": slice(7, 7 + N_BINS),  # AI-VAD: mean speed per flow orientation
+    "hist+p90": slice(6, 7 + N_BINS),  # the histogram beside the 90th percentile of speed
+}
+
+
+def velocity_columns(velocity: np.ndarray, kind: str) -> np.ndarray:
+    """The columns of :func:`object_velocity` rows ``(N, VELOCITY_DIM)`` that the description ``kind``
+    (a key of :data:`VELOCITY_KINDS`) uses: ``float32`` ``(N, d)``.
+
+    Raises:
+        ConfigError: an unknown ``kind``.
+    """
+    if kind not in VELOCITY_KINDS:
+        raise ConfigError(f"velocity must be one of {sorted(VELOCITY_KINDS)}, got {kind!r}")
+    return np.asarray(velocity, np.float32).reshape(-1, VELOCITY_DIM)[:, VELOCITY_KINDS[kind]]
 
 
 def object_velocity(flow: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -35,11 +56,14 @@ def object_velocity(flow: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> np
         mask: ``bool`` ``(H, W)`` foreground.
 
     Returns:
-        ``float32`` ``(N, 6)``: mean ``dx, dy`` and mean speed (pixels per frame) of the object's
-        foreground pixels, then the same over its fastest quarter of pixels (a fast part of a merged
-        blob, a cyclist among walkers, is not averaged away). Zeros for an object without pixels.
+        ``float32`` ``(N, VELOCITY_DIM)``, all in pixels per frame: mean ``dx, dy`` and mean speed of the
+        object's foreground pixels; the same over its fastest quarter of pixels (a fast part of a
+        merged blob, a cyclist among walkers, is not averaged away); the 90th percentile of speed;
+        then the mean speed of the pixels whose flow points into each of :data:`N_BINS` equal sectors
+        of orientation from -pi (0 for an empty sector; Reiss & Hoshen's velocity histogram). Zeros for
+        an object without pixels.
     """
-    out = np.zeros((len(boxes), 6), np.float32)
+    out = np.zeros((len(boxes), VELOCITY_DIM), np.float32)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         f = flow[y0:y1, x0:x1][mask[y0:y1, x0:x1]]
         if not len(f):
@@ -47,7 +71,11 @@ def object_velocity(flow: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> np
         mag = np.hypot(f[:, 0], f[:, 1])
         top = mag >= np.quantile(mag, 0.75)
         out[i, :3] = f[:, 0].mean(), f[:, 1].mean(), mag.mean()
-        out[i, 3:] = f[top, 0].mean(), f[top, 1].mean(), mag[top].mean()
+        out[i, 3:6] = f[top, 0].mean(), f[top, 1].mean(), mag[top].mean()
+        out[i, 6] = np.quantile(mag, 0.9)
+        b = np.minimum(((np.arctan2(f[:, 1], f[:, 0]) + np.pi) * (N_BINS / (2 * np.pi))).astype(np.int64), N_BINS - 1)
+        n = np.bincount(b, minlength=N_BINS)
+        out[i, 7:] = np.bincount(b, weights=mag, minlength=N_BINS) / np.maximum(n, 1)
     return out
 
 

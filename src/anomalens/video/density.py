@@ -18,31 +18,51 @@ import torch
 
 from ..errors import ConfigError
 from ..knn import NearestNeighbours
-from .attributes import ATTRIBUTES
+from .attributes import ATTRIBUTES, velocity_columns
 
 #: weight of the foot row and centre column (fractions of the frame) against pixels per frame (speed)
 #: and log pixels (size): a tenth of the frame's height weighs as much as 0.05 px per frame
 PLACE_WEIGHT = 0.5
 
 
-def attribute_vectors(speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT) -> dict[str, np.ndarray]:
+def attribute_vectors(
+    speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT, velocity: str = "mean"
+) -> dict[str, np.ndarray]:
     """The vectors each attribute's kNN compares, for ``N`` objects.
 
     Args:
-        speed: ``float32`` ``(N, 6)`` velocities (:func:`~anomalens.video.attributes.object_velocity`).
+        speed: ``float32`` ``(N, VELOCITY_DIM)`` velocities (:func:`~anomalens.video.attributes.object_velocity`).
         geometry: ``float32`` ``(N, 4)``: log height, log width, foot row, centre column.
         appearance: ``float32`` ``(N, D)`` crop embeddings, or None / ``D = 0`` (no appearance).
+        place_weight: weight of the place (fractions of the frame) beside speed and size.
+        velocity: which velocity description (a key of :data:`~anomalens.video.attributes.VELOCITY_KINDS`).
 
     Returns:
-        ``{"speed": (N, 8), "size": (N, 4), "appearance": (N, D)}`` (``float32``; no appearance key
+        ``{"speed": (N, d + 2), "size": (N, 4), "appearance": (N, D)}`` (``float32``; no appearance key
         without embeddings): velocity beside the place; height, width and place; the embedding.
+
+    Raises:
+        ConfigError: an unknown ``velocity``.
     """
     g = np.asarray(geometry, np.float32).reshape(-1, 4)
     place = place_weight * g[:, 2:]
-    out = {"speed": np.concatenate([np.asarray(speed, np.float32).reshape(len(g), -1), place], 1), "size": np.concatenate([g[:, :2], place], 1)}
+    out = {"speed": np.concatenate([velocity_columns(speed, velocity), place], 1), "size": np.concatenate([g[:, :2], place], 1)}
     if appearance is not None and np.asarray(appearance).ndim == 2 and np.asarray(appearance).shape[1]:
         out["appearance"] = np.asarray(appearance, np.float32)
     return out
+
+
+#: how raw attribute scores are put on one scale (:class:`AttributeDensity`)
+SCALES = ("quantile", "minmax")
+
+
+def scale_of(raw: np.ndarray, scale: str, quantile: float = 0.99) -> tuple[float, float]:
+    """``(offset, scale)`` that put raw scores ``(N,)`` of normal objects on a common scale:
+    ``(0, quantile of raw)`` or ``(min, max - min)`` (see :class:`AttributeDensity`)."""
+    if scale == "minmax":
+        lo = float(np.min(raw))
+        return lo, float(max(np.max(raw) - lo, 1e-6))
+    return 0.0, float(max(np.quantile(raw, quantile), 1e-6))
 
 
 def knn_scores(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -58,16 +78,24 @@ class AttributeDensity:
 
     Args:
         k: neighbours averaged.
-        quantile: the quantile of cross-fit normal object scores that becomes 1.
+        quantile: the quantile of cross-fit normal object scores that becomes 1 (``scale="quantile"``).
         attributes: which attributes score (a subset of :data:`ATTRIBUTES`).
+        scale: ``"quantile"``: raw / its ``quantile`` on cross-fit normal objects; ``"minmax"``: (raw -
+            min) / (max - min) of the cross-fit normal objects (AI-VAD's normalisation).
+
+    Raises:
+        ConfigError: invalid values.
     """
 
-    def __init__(self, k: int = 1, quantile: float = 0.99, attributes: tuple[str, ...] = ATTRIBUTES):
-        if k < 1 or not 0 < quantile < 1 or not attributes or set(attributes) - set(ATTRIBUTES):
-            raise ConfigError(f"need k >= 1, 0 < quantile < 1 and attributes among {ATTRIBUTES}; got k={k}, quantile={quantile}, attributes={attributes}")
-        self.k, self.quantile, self.attributes = int(k), float(quantile), tuple(a for a in ATTRIBUTES if a in attributes)
+    def __init__(self, k: int = 1, quantile: float = 0.99, attributes: tuple[str, ...] = ATTRIBUTES, scale: str = "quantile"):
+        if k < 1 or not 0 < quantile < 1 or not attributes or set(attributes) - set(ATTRIBUTES) or scale not in SCALES:
+            raise ConfigError(
+                f"need k >= 1, 0 < quantile < 1, attributes among {ATTRIBUTES} and scale among {SCALES}; got k={k}, quantile={quantile}, attributes={attributes}, scale={scale!r}"
+            )
+        self.k, self.quantile, self.attributes, self.scale = int(k), float(quantile), tuple(a for a in ATTRIBUTES if a in attributes), scale
         self.banks: dict[str, np.ndarray] = {}
         self.scales: dict[str, float] = {}
+        self.offsets: dict[str, float] = {}
 
     def fit(self, vectors: dict[str, np.ndarray], groups: np.ndarray) -> dict[str, np.ndarray]:
         """Banks from every training object, scales from cross-fit scores.
@@ -96,7 +124,7 @@ class AttributeDensity:
                 r[inside] = knn_scores(x[~inside], x[inside], self.k)
             raw[a] = r
             self.banks[a] = np.ascontiguousarray(x, np.float32)
-            self.scales[a] = float(max(np.quantile(r, self.quantile), 1e-6))
+            self.offsets[a], self.scales[a] = scale_of(r, self.scale, self.quantile)
         return raw
 
     def raw(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -106,7 +134,7 @@ class AttributeDensity:
     def scaled(self, raw: dict[str, np.ndarray]) -> np.ndarray:
         """``float32`` ``(N, A)``: each attribute's raw score over its scale (columns in :attr:`attributes` order)."""
         n = len(next(iter(raw.values()))) if raw else 0
-        return np.stack([raw[a] / self.scales[a] for a in self.attributes], 1).reshape(n, len(self.attributes)).astype(np.float32)
+        return np.stack([(raw[a] - self.offsets.get(a, 0.0)) / self.scales[a] for a in self.attributes], 1).reshape(n, len(self.attributes)).astype(np.float32)
 
 
 def frame_scores(object_scores: np.ndarray, frames: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:

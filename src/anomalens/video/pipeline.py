@@ -27,7 +27,7 @@ class FrameObjects:
         index: frame number (0-based).
         boxes: ``int32`` ``(N, 4)`` ``x0, y0, x1, y1`` in the frame's pixels.
         tracks: ``int64`` ``(N,)`` track ids (unique within the video).
-        speed: ``float32`` ``(N, 6)`` velocity (:func:`~anomalens.video.attributes.object_velocity`) averaged over the track's last frames.
+        speed: ``float32`` ``(N, VELOCITY_DIM)`` velocity (:func:`~anomalens.video.attributes.object_velocity`) averaged over the track's last frames.
         geometry: ``float32`` ``(N, 4)`` (:func:`~anomalens.video.attributes.geometry`).
         appearance: ``float32`` ``(N, D)`` crop embeddings (``(N, 0)`` when appearance is off).
         hw: the frame's ``(H, W)``.
