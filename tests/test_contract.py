@@ -125,6 +125,16 @@ def test_cli_engine_and_key_file(small_patchcore, hazelnut, tmp_path, monkeypatc
     assert r.exit_code == 2 and "bad signature" in r.output, r.output
     r = runner.invoke(app, ["evaluate", str(d), str(hazelnut), "--out", str(tmp_path / "e"), "--engine", "torch", "--key-file", str(key_file)])
     assert r.exit_code == 0, r.output
+    # the service's default engine is auto: the detector itself, on ONNX Runtime (with evidence)
+    from fastapi.testclient import TestClient
+
+    from anomalens.service import create_app
+
+    served = create_app({"m": d}, key=KEY.encode())
+    client = TestClient(served)
+    assert client.get("/health").json()["engine"] == "auto" and client.get("/model").json()["runtime"] == "onnxruntime"
+    with open(images[0], "rb") as f:
+        assert client.post("/predict", files={"files": ("a.png", f, "image/png")}).status_code == 200
     for cmd in (["predict", str(d), str(images[0]), "--out", str(tmp_path / "x")], ["evaluate", str(d), str(hazelnut), "--out", str(tmp_path / "y")],
                 ["batch-predict", str(d), str(images[0]), "--out", str(tmp_path / "z")], ["serve", str(d)]):
         r = runner.invoke(app, [*cmd, "--engine", "onnx"])

@@ -36,7 +36,7 @@ def test_batch_predict_on_ray_matches_single_process(fitted_patchcore, hazelnut,
         assert got[p.image_path] == pytest.approx(p.pred_score, rel=1e-5, abs=1e-4)
     row = table["path"].index(str(bad))
     assert table["pred_score"][row] is None and "bad.png" in table["error"][row]
-    # the ONNX engine (the default) gives the same scores too
+    # the default engine (auto: the detector's graph on ONNX Runtime) gives the same scores too
     out2 = tmp_path / "onnx.parquet"
     batch_predict(model_dir, [hazelnut / "test"], out2, workers=1, chunk_size=16)
     t2 = pq.read_table(out2).to_pydict()

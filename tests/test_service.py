@@ -25,7 +25,8 @@ def client(fitted_patchcore):
     from anomalens.service import create_app
 
     _, model_dir = fitted_patchcore
-    return TestClient(create_app({"hazelnut": model_dir, "again": model_dir}, engine="torch", recent=20))
+    # the default engine (auto): the detector's graph on ONNX Runtime, as the saved detector runs it
+    return TestClient(create_app({"hazelnut": model_dir, "again": model_dir}, recent=20))
 
 
 def test_predict_endpoint_matches_python(client, hazelnut, fitted_patchcore):
@@ -78,7 +79,7 @@ def test_service_limits(fitted_patchcore, hazelnut):
 def test_service_over_http_survives_malformed_requests_and_concurrency(fitted_patchcore, hazelnut):
     """A real server on loopback: 200 malformed requests get only 4xx, 16 concurrent clients get no error."""
     images = [(p.name, p.read_bytes()) for p in sorted((hazelnut / "test").rglob("*.png"))]
-    with load.Server([str(fitted_patchcore[1])]) as srv:
+    with load.Server([str(fitted_patchcore[1])], engine="auto") as srv:
         bad = load.malformed_requests(srv.port, images[0][1], n=200)
         assert bad["4xx"] == 200 and bad["5xx"] == 0 and bad["other"] == 0, bad
         assert bad["valid_after"]
@@ -108,7 +109,7 @@ def test_web_page_upload_in_chromium(fitted_patchcore, hazelnut, tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1300,1000",
                  f"--user-data-dir={tmp_path / 'profile'}"):
         opts.add_argument(flag)
-    with load.Server([str(fitted_patchcore[1])], extra=["--recent"], env={"ANOMALENS_API_KEY": "page-test-key"}) as srv:
+    with load.Server([str(fitted_patchcore[1])], engine="auto", extra=["--recent"], env={"ANOMALENS_API_KEY": "page-test-key"}) as srv:
         driver = webdriver.Chrome(service=Service(driver_path), options=opts)
         try:
             driver.get(f"http://127.0.0.1:{srv.port}/")
@@ -151,7 +152,7 @@ def test_web_page_upload_in_chromium(fitted_patchcore, hazelnut, tmp_path):
 
 
 def test_onnx_engine_reexports_a_stale_file(fitted_patchcore, hazelnut, tmp_path):
-    """The service's ONNX engine gives the Python model's scores, and never serves a stale export."""
+    """The ONNX Runtime engine's graph in the model folder gives the Python model's scores, and a stale export is never used."""
     import json as _json
 
     from anomalens.export import export_onnx
