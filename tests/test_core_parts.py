@@ -112,7 +112,7 @@ def test_patchcore_scoring_module_against_a_plain_reference(fitted_patchcore, ha
     img = read_image(sorted((hazelnut / "test" / "crack").glob("*.png"))[0])
     with torch.inference_mode():
         feats = det.model.features([to_model_input([img], hw) for hw in det.input_shapes(img.shape[:2])])
-        score, grid, nearest = det.model.scorer(feats)
+        score, grid, patch_features = det.model.scorer(feats)
     h, w = feats[-1].shape[-2:]
     ref_scores, ref_grids = [], []
     for k, f in enumerate(feats):
@@ -124,5 +124,6 @@ def test_patchcore_scoring_module_against_a_plain_reference(fitted_patchcore, ha
         ref_grids.append(F.interpolate(g, size=(h, w), mode="bilinear", align_corners=False)[0, 0])
     assert float(score[0]) == pytest.approx(float(sum(ref_scores) / 2), rel=1e-5, abs=1e-5)
     torch.testing.assert_close(grid[0], sum(ref_grids) / 2, rtol=1e-4, atol=1e-4)
-    assert (nearest[0].flatten() == idx).float().mean() > 0.999  # the largest scale's nearest rows (evidence)
+    _, rows = det.model.scorer.nearest(len(feats) - 1, patch_features[0].reshape(-1, patch_features.shape[-1]))
+    assert (rows == idx).float().mean() > 0.999  # the largest scale's nearest rows (evidence)
     assert float(score[0]) > det.threshold  # a crack: not a comparison of two all-normal outputs

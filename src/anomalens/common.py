@@ -120,6 +120,12 @@ class AnomalyMapHead(nn.Module):
     Bilinear upsampling by the patch ``stride`` (pixels per patch: 8 for the CNNs' default layers) to
     the model input size, then a separable Gaussian blur of ``sigma`` pixels (PatchCore uses sigma = 4)
     with reflect padding. ``sigma = 0`` disables the blur.
+
+    Both steps are linear and separable, so the map is ``A_h @ grid @ A_w^T`` with one
+    ``(n * stride, n)`` matrix per axis (:meth:`axis_operator`: the upsampling and blur applied to
+    the ``n`` unit impulses). Two small matrix products replace the full-resolution blur (on 2 cores,
+    a 40 x 40 grid's map: ~0.2 instead of ~1.4 ms in ONNX Runtime); the result equals
+    upsample-then-blur up to float rounding (~5e-7 relative).
     """
 
     def __init__(self, stride: int, sigma: float = 4.0):
@@ -129,17 +135,21 @@ class AnomalyMapHead(nn.Module):
         k = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", k, persistent=False)
 
-    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        m = patch_scores[:, None]
+    def axis_operator(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``(n * stride, n)`` matrix taking ``n`` patch scores along one axis to the upsampled,
+        blurred ``n * stride`` pixels (``n`` may be a traced size)."""
+        m = torch.eye(n, dtype=dtype)[:, None, :]  # (n, 1, n): one unit impulse per patch
         if self.stride > 1:
-            m = F.interpolate(m, scale_factor=float(self.stride), mode="bilinear", align_corners=False)
+            m = F.interpolate(m, scale_factor=float(self.stride), mode="linear", align_corners=False)
         if self.sigma > 0:
             r = self.kernel.numel() // 2
-            m = F.pad(m, (r, r, 0, 0), mode="reflect")
-            m = F.conv2d(m, self.kernel.view(1, 1, 1, -1))
-            m = F.pad(m, (0, 0, r, r), mode="reflect")
-            m = F.conv2d(m, self.kernel.view(1, 1, -1, 1))
-        return m[:, 0]
+            m = F.conv1d(F.pad(m, (r, r), mode="reflect"), self.kernel.to(dtype).view(1, 1, -1))
+        return m[:, 0].transpose(0, 1)
+
+    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        a_h = self.axis_operator(patch_scores.shape[-2], patch_scores.dtype)
+        a_w = self.axis_operator(patch_scores.shape[-1], patch_scores.dtype)
+        return torch.matmul(torch.matmul(a_h, patch_scores), a_w.transpose(0, 1))
 
 
 def resize_map(anomaly_map: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:

@@ -4,8 +4,9 @@
 The exported graph takes the model input, ``float32`` ``(B, 3, h, w)`` in [0, 1] per scale (inputs
 ``image``, ``image_1``, ...), with ``h`` and ``w`` any multiples of 16 (one shape per call), and
 returns ``pred_score`` ``float32`` ``(B,)``, ``anomaly_map`` ``float32`` ``(B, h, w)``,
-``patch_scores`` ``float32`` ``(B, h / s, w / s)`` and, for memory banks, ``nearest`` ``int64`` (same
-shape; the bank row of each patch, for evidence). Inside: the backbone's normalisation and reflected
+``patch_scores`` ``float32`` ``(B, h / s, w / s)`` and, for memory banks, ``patch_features``
+``float32`` ``(B, h / s, w / s, D)`` (the last scale's, from which evidence finds a patch's nearest
+bank row). Inside: the backbone's normalisation and reflected
 border, the backbone, patch aggregation, the scoring module (:mod:`anomalens.detectors.scoring`), and
 the anomaly-map upsampling and Gaussian smoothing. Outside the graph, :class:`OnnxDetector` resizes each image to its
 model-input shape (short side ``image_size``, aspect ratio kept: :func:`~anomalens.common.model_input_hw`;
@@ -39,12 +40,12 @@ from .runtime import ONNX_FORMAT_VERSION, OnnxDetector
 OPSET = 18
 
 
-#: output names of an exported graph (``nearest`` only for memory-bank detectors)
-OUTPUTS = ("pred_score", "anomaly_map", "patch_scores", "nearest")
+#: output names of an exported graph (``patch_features`` only for memory-bank detectors)
+OUTPUTS = ("pred_score", "anomaly_map", "patch_scores", "patch_features")
 
 
 class _Outputs(nn.Module):
-    """The model's outputs without the None ``nearest`` of PaDiM (an ONNX graph has no None output)."""
+    """The model's outputs without the None ``patch_features`` of PaDiM (an ONNX graph has no None output)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -118,9 +119,9 @@ def trace_graph(detector) -> bytes:
     geometry) dynamic height and width per scale.
 
     Traced by torch's TorchScript exporter: about 3 s on 2 shared cores where ``torch.export``
-    took 12-60 s for the same graph, with outputs equal to ~1e-6. (What it costs: the TF "SAME"
-    padding of the stride-2 convolutions stays a computed ``Pad`` op, about 15% of the graph's time
-    on ONNX Runtime at the defaults.)
+    took 12-60 s for the same graph, with outputs equal to ~1e-6. The TF "SAME" padding of the
+    stride-2 convolutions, which the tracer computes from the input shape, is made constant where
+    it is the same for every model input (:func:`constant_pads`).
     """
     from .detectors.scoring import PatchCoreScorer
 
@@ -213,7 +214,24 @@ def constant_pads(graph: bytes, detector) -> bytes:
             g.initializer.append(numpy_helper.from_array(value, node.input[1]))
     for node in dropped:
         g.node.remove(node)
+    prune_unused(g)
     return model.SerializeToString()
+
+
+def prune_unused(graph) -> None:
+    """Remove the nodes of an ONNX ``graph`` that no graph output depends on (in place): the shape
+    arithmetic left behind by the pads made constant. ONNX Runtime would run it, and each ``Shape``
+    of a feature map forces that map out of its blocked memory layout (a copy per stride-2 block)."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):  # ONNX nodes are topologically sorted
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    if len(keep) < len(graph.node):
+        kept = list(reversed(keep))
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def geometry_of(detector) -> dict:

@@ -40,8 +40,8 @@ class GraphSession:
 
     Called as the module is: with the model input per scale, ``float32`` ``(B, 3, h_k, w_k)`` tensors, and
     returns what :class:`~anomalens.detectors.scoring.AnomalyModel` returns: ``pred_score``
-    ``(B,)``, ``anomaly_map`` ``(B, h, w)``, patch scores ``(B, h / s, w / s)`` and the nearest bank
-    rows (``int64``, or None without a bank), as torch tensors.
+    ``(B,)``, ``anomaly_map`` ``(B, h, w)``, patch scores ``(B, h / s, w / s)`` and the last
+    scale's patch features (``(B, h / s, w / s, D)``, or None without a bank), as torch tensors.
     """
 
     def __init__(self, onnx_detector):
@@ -52,8 +52,9 @@ class GraphSession:
 
     @property
     def complete(self) -> bool:
-        """The graph has the patch-score output (exports before it only had score and map)."""
-        return "patch_scores" in self.outputs
+        """The graph has this version's outputs (older exports had only score and map, or the
+        nearest bank rows instead of the patch features)."""
+        return "patch_scores" in self.outputs and "nearest" not in self.outputs
 
     def __call__(self, *inputs: torch.Tensor):
         out = self.session.run(None, {name: x.numpy() for name, x in zip(self.inputs, inputs)})
@@ -116,13 +117,13 @@ def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> 
 
     Returns:
         Per image: its score, its ``float32`` ``(H_i, W_i)`` anomaly map, its ``float32`` ``(h, w)``
-        patch-score grid and its ``int64`` ``(h, w)`` nearest bank rows (None without a bank).
+        patch-score grid and its ``float32`` ``(h, w, D)`` last-scale patch features (None without a bank).
     """
     n = len(images)
     scores: list[float] = [0.0] * n
     maps: list[np.ndarray] = [None] * n  # type: ignore[list-item]
     grids: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-    nearest: list[torch.Tensor | None] = [None] * n
+    features: list[torch.Tensor | None] = [None] * n
     run = (graph_session(det) if open_graph else det._graph) or det.model
     rows = getattr(det.model.scorer, "bank_rows", 0)
     for shapes, group in group_by_shape([det.input_shapes(img.shape[:2]) for img in images]).items():
@@ -130,9 +131,9 @@ def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> 
         per_call = max(1, DISTANCE_BUDGET // max(1, 4 * patches * rows))  # images whose distance matrix fits the budget
         for s in range(0, len(group), per_call):
             idx = group[s : s + per_call]
-            sc, mp, gr, nn = run(*[to_model_input([images[i] for i in idx], hw) for hw in shapes])
+            sc, mp, gr, pf = run(*[to_model_input([images[i] for i in idx], hw) for hw in shapes])
             for k, i in enumerate(idx):
                 scores[i], grids[i] = float(sc[k]), gr[k]
                 maps[i] = resize_map(mp[k], images[i].shape[:2])
-                nearest[i] = None if nn is None else nn[k]
-    return scores, maps, grids, nearest
+                features[i] = None if pf is None else pf[k]
+    return scores, maps, grids, features

@@ -4,6 +4,7 @@ region, and crops of the test image and of the training image that bank patch ca
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -14,7 +15,7 @@ from .bank import ScaleBank
 
 def bank_evidence(
     bank: ScaleBank, train_images: list[str | None], train_views: list[str], hw: tuple[int, int], region: Region,
-    patch_scores: torch.Tensor, nearest: torch.Tensor,
+    patch_scores: torch.Tensor, nearest_row: Callable[[int, int], int],
 ) -> Evidence:
     """The closest (patch, bank patch) pair in the core of ``region``, and matching crops.
 
@@ -33,7 +34,7 @@ def bank_evidence(
         hw: ``(H, W)`` of the test image in pixels.
         region: the flagged region (its box in image pixels).
         patch_scores: ``float32`` ``(h, w)`` patch scores of the test image.
-        nearest: ``int64`` ``(h, w)`` nearest bank row of each patch.
+        nearest_row: ``(gy, gx)`` -> the bank row nearest to the patch at grid row ``gy``, column ``gx``.
     """
     gh, gw = patch_scores.shape
     H, W = hw
@@ -45,7 +46,7 @@ def bank_evidence(
     core = patch_scores[gy0:gy1, gx0:gx1]
     k = int(torch.argmin(core))
     gy, gx = gy0 + k // core.shape[1], gx0 + k % core.shape[1]
-    vi, pos = (int(v) for v in bank.origin(nearest[gy, gx].view(1)))
+    vi, pos = (int(v) for v in bank.origin(torch.tensor([nearest_row(gy, gx)])))
     th, tw = (int(v) for v in bank.grids[vi])
     ti, view = divmod(vi, len(train_views))
     ty, tx = divmod(pos, tw)

@@ -32,7 +32,8 @@ class DetectorHooks(ABC):
     def _build_scorer(self) -> nn.Module:
         """The scoring module on the fitted state (:mod:`~anomalens.detectors.scoring`): per scale
         ``(B, D, h_k, w_k)`` features -> ``pred_score`` ``(B,)``, patch scores ``(B, h, w)`` on the
-        last scale's grid, and the ``int64`` ``(B, h, w)`` nearest bank rows (memory banks; else None)."""
+        last scale's grid, and the last scale's patch features ``float32`` ``(B, h, w, D)`` (memory banks,
+        for evidence; else None)."""
 
     def _patch_weights(self):
         """Optional Python function, the last scale's ``(B, D, h, w)`` features -> ``(B, h * w)``
@@ -48,7 +49,7 @@ class DetectorHooks(ABC):
         """
         return features[-1]
 
-    def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, nearest: torch.Tensor | None) -> Evidence | None:
+    def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, patch_features: torch.Tensor | None) -> Evidence | None:
         """Nearest normal patch for ``region`` of an image of shape ``hw`` (memory-bank detectors only)."""
         return None
 

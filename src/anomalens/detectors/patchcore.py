@@ -180,12 +180,17 @@ class PatchCore(Detector):
         _, idx = self.model.scorer.nearest(len(self.banks) - 1, q)
         return (q - self.banks[-1].bank[idx]).view(b, h, w, d).permute(0, 3, 1, 2)
 
-    def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, nearest: torch.Tensor | None) -> Evidence | None:
+    def _evidence(self, hw: tuple[int, int], region: Region, patch_scores: torch.Tensor, patch_features: torch.Tensor | None) -> Evidence | None:
         """The closest (patch, bank patch) pair in ``region`` and matching crops
-        (:func:`~anomalens.detectors.evidence.bank_evidence`)."""
-        if nearest is None or not self.banks:
+        (:func:`~anomalens.detectors.evidence.bank_evidence`); ``patch_features`` ``(h, w, D)``."""
+        if patch_features is None or not self.banks:
             return None
-        return bank_evidence(self.banks[-1], self.train_images, self.train_views, hw, region, patch_scores, nearest)
+        last = len(self.banks) - 1
+
+        def nearest_row(gy: int, gx: int) -> int:
+            return int(self.model.scorer.nearest(last, patch_features[gy, gx].view(1, -1))[1][0])
+
+        return bank_evidence(self.banks[-1], self.train_images, self.train_views, hw, region, patch_scores, nearest_row)
 
     # ------------------------------------------------------------------ state
     def _state_tensors(self) -> dict[str, torch.Tensor]:

@@ -82,13 +82,22 @@ class PatchCoreScorer(nn.Module):
         """Scale ``k``'s memory bank, ``float32`` ``(M_k, D)``."""
         return getattr(self, f"bank_{k}")
 
-    def nearest(self, k: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2 distance ``float32`` ``(Q,)`` and row ``int64`` ``(Q,)`` of the nearest scale-``k``
-        bank feature of each query ``q`` ``(Q, D)`` (exact; ties: the lowest row).
+    def distances(self, k: int, q: torch.Tensor) -> torch.Tensor:
+        """L2 distance ``float32`` ``(Q,)`` of each query ``q`` ``(Q, D)`` to its nearest scale-``k``
+        bank feature (exact).
 
         The minimum is taken over ``||m||^2 - 2 q.m`` and ``||q||^2`` added after it: rounding is
         monotone, so the distances equal those of the full ``||q - m||^2`` matrix
-        (:func:`~anomalens.knn.pairwise_sq_dists`) bit for bit, one ``(Q, M)`` pass fewer."""
+        (:func:`~anomalens.knn.pairwise_sq_dists`) bit for bit, one ``(Q, M)`` pass fewer. Only the
+        minimum, not its row, is taken here (an arg-min costs ten times the minimum on ONNX Runtime):
+        :meth:`nearest` gives the row where evidence needs it."""
+        part = torch.addmm(getattr(self, f"bank_sq_{k}")[None, :], q, self.bank(k).T, alpha=-2.0)
+        return (part.amin(1) + (q * q).sum(1)).clamp(min=0.0).sqrt()
+
+    def nearest(self, k: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distance ``float32`` ``(Q,)`` and row ``int64`` ``(Q,)`` of the nearest scale-``k``
+        bank feature of each query ``q`` ``(Q, D)`` (exact; ties: the lowest row); distances as
+        :meth:`distances`."""
         part = torch.addmm(getattr(self, f"bank_sq_{k}")[None, :], q, self.bank(k).T, alpha=-2.0)
         v, idx = part.min(1)
         return (v + (q * q).sum(1)).clamp(min=0.0).sqrt(), idx
@@ -98,16 +107,18 @@ class PatchCoreScorer(nn.Module):
         features the cosine distance ``dist^2 / 2``."""
         return dist * dist / 2.0 if self.cosine else dist
 
-    def image_scores(self, q: torch.Tensor, grid_scores: torch.Tensor, nn_idx: torch.Tensor) -> torch.Tensor:
+    def image_scores(self, q: torch.Tensor, grid_scores: torch.Tensor, nn_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Raw image scores ``(b,)`` of flat score grids ``(b, P)``; ``q`` ``(b * P, D)`` are the
-        patch features and ``nn_idx`` ``(b * P,)`` their nearest bank rows (re-weighted score only)."""
+        patch features. The re-weighted score needs each top patch's nearest bank row: from
+        ``nn_idx`` ``(b * P,)`` when given (leave-one-out scoring), else found here."""
         if self.image_score == "mean_top1":
             return top_mean(grid_scores)
         top, arg = grid_scores.max(1)
         if self.image_score == "max":
             return top
         rows = arg + torch.arange(grid_scores.shape[0]) * grid_scores.shape[1]
-        support = self.support[nn_idx[rows]]  # (b, n), first column is m* itself
+        top_rows = self.nearest(0, q[rows])[1] if nn_idx is None else nn_idx[rows]
+        support = self.support[top_rows]  # (b, n), first column is m* itself
         d = torch.linalg.vector_norm(self.bank(0)[support] - q[rows][:, None, :], dim=2)
         return (1.0 - torch.softmax(d, dim=1)[:, 0]) * top
 
@@ -138,22 +149,22 @@ class PatchCoreScorer(nn.Module):
 
         Returns:
             ``pred_score`` ``float32`` ``(B,)``, patch scores ``float32`` ``(B, h, w)`` on the last
-            scale's grid, and ``int64`` ``(B, h, w)`` the last scale's nearest bank row of each patch.
+            scale's grid, and the last scale's patch features ``float32`` ``(B, h, w, D)`` (evidence
+            finds a patch's nearest bank row from them: :meth:`nearest`).
         """
         scores, grids = [], []
-        nearest = torch.zeros(0, dtype=torch.int64)
+        q = features[-1].new_zeros(0)
         for k, f in enumerate(features):
             b, d, h, w = f.shape
             q = f.permute(0, 2, 3, 1).reshape(-1, d)
-            dist, nearest = self.nearest(k, q)
-            grid = self.patch_scores(dist).view(b, -1)
+            grid = self.patch_scores(self.distances(k, q)).view(b, -1)
             if weights is not None and k == len(features) - 1:
                 grid = grid * weights.to(grid.dtype)
-            scores.append(self.image_scores(q, grid, nearest))
+            scores.append(self.image_scores(q, grid))
             grids.append(grid.view(b, h, w))
-            nearest = nearest.view(b, h, w)
+        b, d, h, w = features[-1].shape
         score, grid = self.fuse(scores, grids)
-        return score, grid, nearest
+        return score, grid, q.view(b, h, w, d)
 
 
 class PadimScorer(nn.Module):
@@ -196,7 +207,7 @@ class PadimScorer(nn.Module):
 
 
 class AnomalyModel(nn.Module):
-    """The whole inference graph: model input -> ``(pred_score, anomaly_map, patch_scores, nearest)``.
+    """The whole inference graph: model input -> ``(pred_score, anomaly_map, patch_scores, patch_features)``.
 
     Args:
         extractor: backbone + patch features (:class:`~anomalens.common.PatchFeatureExtractor`).
@@ -208,8 +219,9 @@ class AnomalyModel(nn.Module):
 
     Forward inputs: one ``float32`` ``(B, 3, h_k, w_k)`` tensor in [0, 1] per scale. Outputs:
     ``pred_score`` ``float32`` ``(B,)``, ``anomaly_map`` ``float32`` ``(B, h, w)`` at the last scale's
-    model-input size, patch scores ``float32`` ``(B, h / stride, w / stride)`` and the nearest bank
-    row of each patch ``int64`` (same shape; None for PaDiM).
+    model-input size, patch scores ``float32`` ``(B, h / stride, w / stride)`` and the last scale's
+    patch features ``float32`` ``(B, h / stride, w / stride, D)`` (memory banks, for evidence; None
+    for PaDiM).
     """
 
     def __init__(self, extractor: PatchFeatureExtractor, scorer: nn.Module, head: AnomalyMapHead, unit_features: bool = False,
@@ -229,5 +241,5 @@ class AnomalyModel(nn.Module):
     def forward(self, image: torch.Tensor, image_1: torch.Tensor | None = None, image_2: torch.Tensor | None = None):
         feats = self.features([x for x in (image, image_1, image_2) if x is not None])
         weights = self.patch_weights(feats[-1]) if self.patch_weights is not None else None
-        score, grid, nearest = self.scorer(feats, weights)
-        return score, self.head(grid), grid, nearest
+        score, grid, patch_features = self.scorer(feats, weights)
+        return score, self.head(grid), grid, patch_features
