@@ -212,6 +212,7 @@ class MuSc:
         from ..serialization import save_model
 
         config = {"detector": self.name, "params": self.get_params(), "n_references": len(self.references),
+                  "fit_info": {"n_train_images": len(self.references)},
                   "threshold": None, "pixel_threshold": None,
                   "calibration": {"source": "batch", "mode": "batch", "note": BATCH_NOTE, "n": 0, "false_alarm_rate": None}}
         save_model(directory, config, {f"reference.{i}": a for i, a in enumerate(self.references)}, key=key)
@@ -296,7 +297,9 @@ class MuSc:
             maps.extend(torch.from_numpy(resize_map(torch.from_numpy(m), size)) for m in mp)
         return torch.tensor(scores, dtype=torch.float32), torch.stack(maps)
 
-    def predict(self, images: Iterable[ImageLike | Sample], references=None, progress=None) -> list[Prediction]:
+    def predict(
+        self, images: Iterable[ImageLike | Sample], references=None, progress=None, *, keep_images: bool = False
+    ) -> list[Prediction]:
         """Score a batch of unlabeled images against each other (and, if given, against known-good
         ``references``).
 
@@ -314,6 +317,7 @@ class MuSc:
                 :meth:`reference_scores`). Scores then are sums of robust z-scores, not distances.
                 None: the references kept by :meth:`fit`, if any.
             progress: unused; accepted for the interface of the other detectors.
+            keep_images: also return the RGB input in ``Prediction.image``.
 
         Returns:
             One :class:`~anomalens.prediction.Prediction` per input, in order; anomaly maps
@@ -359,6 +363,7 @@ class MuSc:
                 p_value=None,
                 threshold=threshold,
                 regions=find_regions(amap, mask),
+                image=arrays[j] if keep_images else None,
                 **truths[j],
             )
         return out  # type: ignore[return-value]
