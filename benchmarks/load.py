@@ -19,7 +19,7 @@ Rows are printed as Markdown and appended to ``benchmarks/results/load.jsonl`` (
 
 Usage::
 
-    python benchmarks/load.py MODEL_DIR IMAGES_DIR [--clients 8] [--requests 400] [--soak-seconds 180] [--engine onnx|torch]
+    python benchmarks/load.py MODEL_DIR IMAGES_DIR [--clients 8] [--requests 400] [--soak-seconds 180] [--engine auto|torch|onnxruntime]
 
 Only loopback addresses are ever contacted.
 """
@@ -100,7 +100,7 @@ def rss_mb(pid: int) -> float:
 class Server:
     """``anomalens serve`` in a subprocess on a free loopback port (a context manager; always stopped)."""
 
-    def __init__(self, model_dirs: list[str], engine: str = "onnx", extra: list[str] | None = None, start_timeout: float = 180.0,
+    def __init__(self, model_dirs: list[str], engine: str = "auto", extra: list[str] | None = None, start_timeout: float = 180.0,
                  env: dict | None = None):
         self.port = free_port()
         exe = [sys.executable, "-m", "anomalens.cli", "serve", *model_dirs, "--host", HOST, "--port", str(self.port), "--engine", engine, *(extra or [])]
@@ -286,7 +286,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=40, help="requests before memory is first read")
     ap.add_argument("--soak-seconds", type=float, default=180.0, help="duration of the soak (0: none)")
     ap.add_argument("--sample-seconds", type=float, default=5.0, help="RSS sampling period in the soak")
-    ap.add_argument("--engine", default="onnx")
+    ap.add_argument("--engine", default="auto")
     ap.add_argument("--serve-args", default="", help="extra `anomalens serve` options, space-separated")
     ap.add_argument("--out", default=str(RESULTS), help="append the rows as JSON lines ('' for none)")
     args = ap.parse_args()

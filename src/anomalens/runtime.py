@@ -30,7 +30,8 @@ from .io import ImageLike
 from .prediction import Prediction
 
 #: 2: model-input tensor in, aspect-kept geometry in the metadata; 3: also the ``patch_scores`` and
-#: ``nearest`` outputs (read here as 2: only ``pred_score`` and ``anomaly_map`` are used)
+#: (memory banks) ``patch_features`` outputs, or ``nearest`` in earlier exports (read here as 2: only
+#: ``pred_score`` and ``anomaly_map`` are used)
 ONNX_FORMAT_VERSION = 3
 READABLE_ONNX_FORMATS = (2, 3)
 ONNX_NAME = "model.onnx"

@@ -178,7 +178,7 @@ class Detector(Thresholds, DetectorHooks):
     @property
     def model(self) -> AnomalyModel:
         """The fitted inference graph (:class:`~anomalens.detectors.scoring.AnomalyModel`): model input
-        per scale -> ``(pred_score, anomaly_map, patch_scores, nearest)``; built on first use after
+        per scale -> ``(pred_score, anomaly_map, patch_scores, patch_features)``; built on first use after
         a fit or load (fitted state only). Python prediction runs it and the ONNX export traces it."""
         if self._model is None:
             self._model = AnomalyModel(self.extractor, self._build_scorer(), self.map_head, self.unit_features, self._patch_weights())
@@ -307,7 +307,7 @@ class Detector(Thresholds, DetectorHooks):
 
     # ------------------------------------------------------------------ predict
     def _score_batch(self, images: Sequence[np.ndarray]) -> tuple[list[float], list[np.ndarray], list[torch.Tensor], list[torch.Tensor | None]]:
-        """Scores, maps at each image's size, patch-score grids and nearest bank rows, per image
+        """Scores, maps at each image's size, patch-score grids and last-scale patch features, per image
         (:func:`~anomalens.detectors.engine.score_images`, on :attr:`engine`)."""
         return engine.score_images(self, images)
 
@@ -359,10 +359,10 @@ class Detector(Thresholds, DetectorHooks):
         self.batch_thresholds = (threshold, pixel_threshold)
 
     def _scorer(self, images: list[np.ndarray]) -> tuple[list[float], list[np.ndarray], EvidenceFn]:
-        scores, maps, grids, nearest = self._score_batch(images)
+        scores, maps, grids, features = self._score_batch(images)
 
         def evidence(j: int, hw: tuple[int, int], region: Region) -> Evidence | None:
-            return self._evidence(hw, region, grids[j], nearest[j])
+            return self._evidence(hw, region, grids[j], features[j])
 
         return scores, maps, evidence
 
