@@ -243,6 +243,24 @@ def test_crossfit_calibrates_on_every_frame_and_holdout_on_held_videos(ped2_slic
         VideoDetector(calibration_videos=2)
 
 
+def test_cell_threshold_keeps_episodes_per_hour(ped2_slice, tmp_path):
+    """Without a per-frame target the cell method's threshold is the object method's: the lowest one
+    with at most ``alarms_per_hour x hours`` episodes on the cross-fit calibration footage (240
+    frames at 10 fps: 600 per hour allow 4), and the per-frame rate it implies survives a reload."""
+    from anomalens.video import VideoDetector
+    from anomalens.video.evaluate import alarm_episodes
+
+    assert VideoDetector(pretrained=False).get_params()["false_alarm_rate"] is None  # the default is the episode target
+    det = VideoDetector(appearance=False, alarms_per_hour=600, fps=10).fit(ped2_slice["train"])
+    runs = np.split(det.calibration.scores, np.cumsum(det.fit_info["calibration_part_frames"])[:-1])
+    below = np.max(det.calibration.scores[det.calibration.scores < det.threshold])
+    assert sum(alarm_episodes(r > det.threshold) for r in runs) <= 4 < sum(alarm_episodes(r > below) for r in runs)
+    assert 0 < det.false_alarm_rate < 0.2 and "episodes per hour" in det.calibration.note
+    det.save(tmp_path / "m")
+    again = VideoDetector.load(tmp_path / "m")
+    assert again.threshold == det.threshold and again.false_alarm_rate == det.false_alarm_rate and again.fps == 10
+
+
 def test_alarm_episode_promise_is_checked_on_new_normal_footage(ped2_model, tmp_path):
     """Issue 14, point 3: frames of a video are correlated, so the threshold promises alarm episodes
     per 1000 frames of normal footage (from the calibration frames, with an exact Poisson bound), and

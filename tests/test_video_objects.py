@@ -27,6 +27,7 @@ def objects_model(ped2_slice, tmp_path_factory):
 def test_objects_are_found_and_tracked_on_real_frames(ped2_slice):
     """On test video 02 (slice: frames 64-123, a cyclist from slice frame 30) every frame has objects,
     boxes lie inside the frame, and a walker keeps its track id from frame to frame."""
+    from anomalens.video.attributes import VELOCITY_DIM
     from anomalens.video.objects import IoUTracker
     from anomalens.video.pipeline import ObjectPipeline
     from anomalens.video.objects import ObjectParams
@@ -41,7 +42,7 @@ def test_objects_are_found_and_tracked_on_real_frames(ped2_slice):
     ids = [set(f.tracks.tolist()) for f in frames]
     kept = np.mean([len(a & b) / max(1, len(b)) for a, b in zip(ids, ids[1:])])
     assert kept > 0.6, kept  # most objects continue a track of the previous frame
-    assert all(f.speed.shape == (len(f), 6) and f.appearance.shape == (len(f), 0) for f in frames)
+    assert all(f.speed.shape == (len(f), VELOCITY_DIM) and f.appearance.shape == (len(f), 0) for f in frames)
     # walkers move about a pixel per frame; frame 0 has no flow yet
     speeds = np.concatenate([f.speed[:, 2] for f in frames[1:]])
     assert 0.2 < float(np.median(speeds)) < 3 and not frames[0].speed.any()

@@ -20,7 +20,8 @@ from ..calibration import Calibration
 from ..errors import DatasetError
 from ..knn import NearestNeighbours
 from ..sampler import greedy_coreset
-from .io import as_videos, iter_frames, video_name
+from .alarm import episode_threshold
+from .io import as_videos, iter_frames, video_fps, video_name
 from .motion import per_cell_memory
 from .smoothing import TemporalSmoother
 from .sources import Progress, Rows, fold_groups, no_progress, split_units
@@ -65,7 +66,7 @@ def fit_cells(det: "CellVideoDetector", videos: str | os.PathLike | Sequence[str
     Raises:
         DatasetError: no video, or a single one too short.
         VideoReadError: a training video cannot be read to its end.
-        CalibrationError: too few calibration frames for ``false_alarm_rate``.
+        CalibrationError: too few calibration frames for ``false_alarm_rate`` (or none).
     """
     progress = progress or no_progress
     vids = as_videos(videos)
@@ -124,6 +125,7 @@ def fit_cells(det: "CellVideoDetector", videos: str | os.PathLike | Sequence[str
             grids.append(rows)
             progress("calibration", len(grids), len(calibrated))
     det.calibration = None
+    det.fps = det.fps or video_fps(vids[0])
     _calibrate(det, grids, len(calibrated))
     t3 = time.perf_counter()
     det.fit_info = {
@@ -149,7 +151,7 @@ def _calibrate(det: "CellVideoDetector", grids: list[list], n_parts: int) -> Non
     alla = [float(a.max()) for g in grids for _, a, _ in g]
     det.scales = (max(float(np.quantile(allm, SCALE_QUANTILE)), 1e-3) if det.motion else 1.0,
                   max(float(np.quantile(alla, SCALE_QUANTILE)), 1e-6) if det.appearance else 1.0)
-    scores, maxima = [], []
+    runs, maxima = [], []
     for g in grids:
         raw = []
         for m, a, hw in g:
@@ -157,10 +159,19 @@ def _calibrate(det: "CellVideoDetector", grids: list[list], n_parts: int) -> Non
             raw.append(float(total.max()))
             maxima.append(float(det._map(total, hw).max()))
         sm = TemporalSmoother(det.temporal_sigma)
-        scores += [v for s in raw for _, v in sm.push(s)] + [v for _, v in sm.flush()]
-    det.calibration = Calibration.from_scores(np.array(scores), np.array(maxima), det.false_alarm_rate, "held-out")
+        runs.append(np.array([v for s in raw for _, v in sm.push(s)] + [v for _, v in sm.flush()]))
+    scores = np.concatenate(runs)
     how = "each scored against memories fitted without it" if det.calibration_mode == "crossfit" else "held out of the memories"
+    if det.target_false_alarm_rate is None:  # the episode promise (alarm.py), as the object method's
+        _, det.false_alarm_rate, episodes = episode_threshold(runs, det.fps, det.alarms_per_hour)
+        det.calibration = Calibration.from_scores(scores, np.array(maxima), det.false_alarm_rate, "held-out")
+        det.calibration.note = (
+            f"lowest threshold with at most {det.alarms_per_hour:g} false-alarm episodes per hour on {scores.size / det.fps / 60:.1f} min "
+            f"of normal footage ({scores.size} frames at {det.fps:g} fps of {n_parts} video(s) or parts, {how}): {episodes} episodes"
+        )
+        return
+    det.calibration = Calibration.from_scores(scores, np.array(maxima), det.false_alarm_rate, "held-out")
     det.calibration.note = (
-        f"conformal at false-alarm rate {det.false_alarm_rate:g} over {len(scores)} frames of {n_parts} normal "
+        f"conformal at false-alarm rate {det.false_alarm_rate:g} over {scores.size} frames of {n_parts} normal "
         f"video(s) or parts, {how}; frames of a video are correlated, so the rate holds per frame only approximately"
     )

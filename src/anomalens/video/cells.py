@@ -28,6 +28,7 @@ from ..common import PatchFeatureExtractor, to_tensor_batch
 from ..errors import ConfigError
 from ..explain import find_regions
 from ..knn import NearestNeighbours
+from .alarm import ALARMS_PER_HOUR
 from .base import VideoModel
 from .io import iter_frames
 from .motion import FlowComputer, cell_distances, flow_descriptors
@@ -62,7 +63,11 @@ class CellVideoDetector(VideoModel):
         coreset_ratio: fraction of appearance patches kept in its bank.
         temporal_sigma: Gaussian smoothing of the frame scores, in frames (delay ``ceil(3 sigma)``).
         blur_sigma: spatial smoothing of the anomaly map, in pixels at the working resolution.
-        false_alarm_rate: target fraction of normal frames flagged.
+        alarms_per_hour: target false-alarm episodes per hour of normal footage (:mod:`~anomalens.video.alarm`,
+            the same promise as the object method's); used unless ``false_alarm_rate`` is given.
+        fps: frame rate of the footage (None: read from the training videos; frame folders: 10).
+        false_alarm_rate: a per-frame target instead (fraction of normal frames flagged; None: use
+            ``alarms_per_hour``). After fit, :attr:`false_alarm_rate` is the per-frame rate the threshold implies.
         calibration: ``"crossfit"`` (each group of videos scored against memories fitted without it)
             or ``"holdout"`` (``calibration_videos`` kept out of the memories).
         folds: groups of videos for cross-fit (a single video is cut into this many parts).
@@ -80,7 +85,8 @@ class CellVideoDetector(VideoModel):
         self, backbone: str = "efficientnet_lite0", image_size: int = 256, *, appearance: bool = True, motion: bool = True,
         cell: int = 8, flow_bins: int = 8, flow_patch: int = 8, flow_upscale: float = 1.5, flow_upscale_rows: float = 0.6,
         motion_step: int = 2, motion_memory: int = 64, appearance_step: int = 10, coreset_ratio: float = 0.01,
-        temporal_sigma: float = 1.0, blur_sigma: float = 4.0, false_alarm_rate: float = 0.01, calibration: str = "crossfit",
+        temporal_sigma: float = 1.0, blur_sigma: float = 4.0, alarms_per_hour: float = ALARMS_PER_HOUR, fps: float | None = None,
+        false_alarm_rate: float | None = None, calibration: str = "crossfit",
         folds: int = 4, calibration_videos: int | None = None, seed: int = 0, pretrained: bool = True,
     ):
         spec = get_spec(backbone)
@@ -98,6 +104,8 @@ class CellVideoDetector(VideoModel):
         if temporal_sigma < 0 or blur_sigma < 0:
             raise ConfigError("temporal_sigma and blur_sigma must be >= 0")
         check_calibration_args(false_alarm_rate, calibration, folds, calibration_videos)
+        if not alarms_per_hour > 0 or (fps is not None and not fps > 0):
+            raise ConfigError(f"alarms_per_hour and fps must be > 0, got {alarms_per_hour} and {fps}")
         self.backbone_name, self.image_size = backbone, int(image_size)
         self.appearance, self.motion = bool(appearance), bool(motion)
         self.cell, self.flow_bins, self.flow_patch = int(cell), int(flow_bins), int(flow_patch)
@@ -106,7 +114,10 @@ class CellVideoDetector(VideoModel):
         self.motion_step, self.motion_memory = int(motion_step), int(motion_memory)
         self.appearance_step, self.coreset_ratio = int(appearance_step), float(coreset_ratio)
         self.temporal_sigma, self.blur_sigma = float(temporal_sigma), float(blur_sigma)
-        self.false_alarm_rate, self.calibration_mode = float(false_alarm_rate), calibration
+        self.alarms_per_hour, self.fps, self.target_false_alarm_rate = float(alarms_per_hour), fps, false_alarm_rate
+        #: the per-frame rate of the threshold: the target given, or (set by fit) the one the episode target implies
+        self.false_alarm_rate = float(false_alarm_rate) if false_alarm_rate is not None else float("nan")
+        self.calibration_mode = calibration
         self.folds, self.calibration_videos, self.seed = int(folds), calibration_videos, int(seed)
         self.pretrained = bool(pretrained)
         #: working size ``(h, w)`` in pixels (multiples of ``cell``), set by fit
@@ -127,7 +138,8 @@ class CellVideoDetector(VideoModel):
             "cell": self.cell, "flow_bins": self.flow_bins, "flow_patch": self.flow_patch, "flow_upscale": self.flow_upscale,
             "flow_upscale_rows": self.flow_upscale_rows, "motion_step": self.motion_step, "motion_memory": self.motion_memory,
             "appearance_step": self.appearance_step, "coreset_ratio": self.coreset_ratio, "temporal_sigma": self.temporal_sigma,
-            "blur_sigma": self.blur_sigma, "false_alarm_rate": self.false_alarm_rate, "calibration": self.calibration_mode,
+            "blur_sigma": self.blur_sigma, "alarms_per_hour": self.alarms_per_hour, "fps": self.fps,
+            "false_alarm_rate": self.target_false_alarm_rate, "calibration": self.calibration_mode,
             "folds": self.folds, "calibration_videos": self.calibration_videos, "seed": self.seed, "pretrained": self.pretrained,
         }
 
@@ -260,11 +272,12 @@ class CellVideoDetector(VideoModel):
     def _state(self) -> tuple[dict, dict]:
         assert self.work_hw is not None
         tensors = {k: v for k, v in (("motion_bank", self.motion_bank), ("appearance_bank", self.appearance_bank)) if v is not None}
-        return tensors, {"work_hw": list(self.work_hw), "scales": list(self.scales)}
+        return tensors, {"work_hw": list(self.work_hw), "scales": list(self.scales), "fps": self.fps, "false_alarm_rate": self.false_alarm_rate}
 
     def _restore(self, state: dict, tensors: dict, where: str) -> None:
         self.work_hw = tuple(int(v) for v in state["work_hw"])  # type: ignore[assignment]
         self.scales = tuple(float(v) for v in state["scales"])  # type: ignore[assignment]
+        self.fps, self.false_alarm_rate = float(state["fps"]), float(state["false_alarm_rate"])
         gh, gw = self.grid
         if self.motion:
             self.motion_bank = check_tensor(tensors, "motion_bank", (gh * gw, None, 2 * self.flow_bins), where)
@@ -274,9 +287,9 @@ class CellVideoDetector(VideoModel):
             self._nn = NearestNeighbours(self.appearance_bank.float(), "faiss")
 
 
-def check_calibration_args(false_alarm_rate: float, calibration: str, folds: int, calibration_videos: int | None) -> None:
-    """Raise :class:`ConfigError` for an invalid calibration setting."""
-    if not 0.0 < false_alarm_rate < 1.0:
+def check_calibration_args(false_alarm_rate: float | None, calibration: str, folds: int, calibration_videos: int | None) -> None:
+    """Raise :class:`ConfigError` for an invalid calibration setting (``false_alarm_rate`` None: an episode target)."""
+    if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:
         raise ConfigError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
     if calibration not in ("crossfit", "holdout"):
         raise ConfigError(f"calibration must be 'crossfit' or 'holdout', got {calibration!r}")

@@ -8,7 +8,8 @@ by side is one object; the training footage holds such groups too, so its size a
 
 Tracking (:class:`IoUTracker`) matches each box to the previous frame's boxes by overlap (greedy,
 highest intersection over union first), so that an object keeps its id and its speed can be averaged
-over the last frames of its track.
+over the last frames of its track; a box cut by the frame's border keeps its track's speed from
+before it touched the border.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class ObjectParams:
         min_area: smallest blob kept, in pixels (at the frame's resolution).
         close: side in pixels of the square that closes gaps between parts of one object.
         adapt: rate at which the background follows the frame where no object is (0 = fixed).
+        flow_near: a moving pixel (flow above ``speed``) is foreground only within this many pixels
+            of a pixel that differs from the background; 0 = anywhere. Dense flow spreads a fast
+            object's motion over the ground around it, which would join a cyclist and the walkers
+            beside it into one blob.
     """
 
     diff: float = 25.0
@@ -38,11 +43,12 @@ class ObjectParams:
     min_area: int = 60
     close: int = 7
     adapt: float = 0.02
+    flow_near: int = 0
 
     def check(self) -> "ObjectParams":
         """Raise :class:`ConfigError` on values out of range; returns self."""
-        if not (0 < self.diff < 255 and self.speed > 0 and self.min_area >= 1 and self.close >= 1 and 0 <= self.adapt < 1):
-            raise ConfigError(f"invalid object parameters {self}: need 0 < diff < 255, speed > 0, min_area >= 1, close >= 1, 0 <= adapt < 1")
+        if not (0 < self.diff < 255 and self.speed > 0 and self.min_area >= 1 and self.close >= 1 and 0 <= self.adapt < 1 and self.flow_near >= 0):
+            raise ConfigError(f"invalid object parameters {self}: need 0 < diff < 255, speed > 0, min_area >= 1, close >= 1, 0 <= adapt < 1, flow_near >= 0")
         return self
 
 
@@ -71,6 +77,8 @@ class ForegroundBoxes:
         self.bg = np.array(background, dtype=np.float32, copy=True)
         self.p = params.check()
         self._kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (params.close, params.close))
+        n = 2 * params.flow_near + 1
+        self._near = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (n, n)) if params.flow_near else None
 
     def __call__(self, gray: np.ndarray, flow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """One frame: ``uint8`` ``(H, W)`` and its flow ``float32`` ``(H, W, 2)`` (None for the first).
@@ -87,7 +95,10 @@ class ForegroundBoxes:
         g = gray.astype(np.float32)
         fg = np.abs(g - self.bg) > self.p.diff
         if flow is not None:
-            fg |= (flow[..., 0] ** 2 + flow[..., 1] ** 2) > self.p.speed ** 2
+            moving = (flow[..., 0] ** 2 + flow[..., 1] ** 2) > self.p.speed ** 2
+            if self._near is not None:
+                moving &= cv2.dilate(fg.astype(np.uint8), self._near).astype(bool)
+            fg |= moving
         m = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
         m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, self._kernel)
         n, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
@@ -98,6 +109,12 @@ class ForegroundBoxes:
             still = m == 0
             self.bg[still] += self.p.adapt * (g[still] - self.bg[still])
         return boxes, m.astype(bool)
+
+
+def on_border(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """``bool`` ``(N,)``: which boxes ``(N, 4)`` (``x0, y0, x1, y1``, exclusive ends) touch the border of a frame of ``hw = (H, W)``."""
+    b = np.asarray(boxes).reshape(-1, 4)
+    return (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= hw[1]) | (b[:, 3] >= hw[0])
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -150,6 +167,16 @@ class IoUTracker:
                 if self._tracks[t]["missed"] > self.max_missed:
                     del self._tracks[t]
         return ids
+
+    def off_border(self, track: int, value: np.ndarray, on_border: bool) -> np.ndarray:
+        """``value`` for a box off the frame's border (it is remembered for ``track``); for a box
+        touching the border, the value last remembered for its track (``value`` if none): a person cut
+        by the frame's edge shows only part of its motion, its track knows the whole."""
+        t = self._tracks[track]
+        if not on_border:
+            t["inner"] = np.asarray(value, np.float32)
+            return t["inner"]
+        return t.get("inner", np.asarray(value, np.float32))
 
     def mean_of(self, track: int, value: np.ndarray) -> np.ndarray:
         """Record ``value`` for ``track`` this frame; returns the mean of its last ``history`` values."""

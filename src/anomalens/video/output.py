@@ -43,7 +43,8 @@ class ObjectRowsWriter:
     Columns: ``frame, track, x0, y0, x1, y1, score, cause, pred_label`` (the frame's decision) and one
     column per attribute score (``speed``, ``size``, ``appearance``; empty when the model does not
     score it). Boxes are in the frame's pixels (``x1``, ``y1`` exclusive); scores are in units of normal
-    objects (1 = the calibration quantile of normal training objects).
+    objects (:class:`~anomalens.video.density.AttributeDensity`: by default 0 is the least and 1 the
+    most unusual cross-fitted normal training object, per attribute).
     """
 
     FIELDS = ("frame", "track", "x0", "y0", "x1", "y1", "score", "cause", "pred_label", "speed", "size", "appearance")
