@@ -26,14 +26,22 @@ def to_model_input(images: Sequence[np.ndarray], hw: tuple[int, int]) -> torch.T
     Returns ``float32`` ``(B, 3, h, w)`` in [0, 1]. Resizing is bilinear with antialiasing; the ONNX
     inferencer prepares its input with this same function.
     """
-    out = []
+    return to_model_inputs(images, (hw,))[0]
+
+
+def to_model_inputs(images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """:func:`to_model_input` at each of several ``shapes`` (one per scale), each image converted to
+    ``float32`` once for all of them: one ``float32`` ``(B, 3, h_k, w_k)`` tensor per shape."""
+    floats = []
     for img in images:
         arr = img if img.flags.writeable and img.flags.c_contiguous else np.array(img, copy=True)
-        t = torch.from_numpy(arr).permute(2, 0, 1)[None].float().div_(255.0)
-        if tuple(t.shape[-2:]) != tuple(hw):
-            t = F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True)
-        out.append(t)
-    return torch.cat(out, 0).clamp_(0.0, 1.0)
+        floats.append(torch.from_numpy(arr).permute(2, 0, 1)[None].float().div_(255.0))
+    out = []
+    for hw in shapes:
+        resized = [t if tuple(t.shape[-2:]) == tuple(hw) else
+                   F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True) for t in floats]
+        out.append(torch.cat(resized, 0).clamp_(0.0, 1.0))
+    return out
 
 
 def to_tensor_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:

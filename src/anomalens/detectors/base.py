@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..backbones import DEFAULT_IMAGE_SIZE, get_spec, make_backbone
 from ..calibration import DEFAULT_FALSE_ALARM_RATE, Calibration
-from ..common import AnomalyMapHead, PatchFeatureExtractor, group_by_shape, model_input_hw, to_model_input
+from ..common import AnomalyMapHead, PatchFeatureExtractor, group_by_shape, model_input_hw, to_model_inputs
 from ..data import Sample, normal_images
 from ..errors import AnomalensError, ConfigError
 from ..explain import Evidence, Region
@@ -252,7 +252,7 @@ class Detector(Thresholds, DetectorHooks):
 
     def _group_features(self, images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """Per scale ``(B, D, h_k, w_k)`` features of images that share the model-input ``shapes``."""
-        feats = [self.extractor(to_model_input(images, hw)) for hw in shapes]
+        feats = [self.extractor(x) for x in to_model_inputs(images, shapes)]
         return [F.normalize(f, dim=1) for f in feats] if self.unit_features else feats
 
     # ------------------------------------------------------------------ fit

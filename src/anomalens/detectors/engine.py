@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..common import group_by_shape, resize_map, to_model_input
+from ..common import group_by_shape, resize_map, to_model_inputs
 from ..errors import AnomalensError, ConfigError
 
 #: engines a detector can be asked to use
@@ -131,7 +131,7 @@ def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> 
         per_call = max(1, DISTANCE_BUDGET // max(1, 4 * patches * rows))  # images whose distance matrix fits the budget
         for s in range(0, len(group), per_call):
             idx = group[s : s + per_call]
-            sc, mp, gr, pf = run(*[to_model_input([images[i] for i in idx], hw) for hw in shapes])
+            sc, mp, gr, pf = run(*to_model_inputs([images[i] for i in idx], shapes))
             for k, i in enumerate(idx):
                 scores[i], grids[i] = float(sc[k]), gr[k]
                 maps[i] = resize_map(mp[k], images[i].shape[:2])
