@@ -66,11 +66,12 @@ def test_object_model_evaluate_and_predict_end_to_end(ped2_slice, objects_model,
     frames = list(csv.DictReader(open(d / "scores.csv")))
     objects = list(csv.DictReader(open(d / "objects.csv")))
     assert len(frames) == 60 and len(objects) >= 60
-    assert {o["cause"] for o in objects} <= {"speed", "size", "appearance"} and all(o["size"] != "" for o in objects)
+    # the default scores speed and appearance; size is measured but not scored: its column stays empty
+    assert {o["cause"] for o in objects} <= {"speed", "appearance"} and all(o["size"] == "" and o["speed"] != "" for o in objects)
     for o in objects:
         x0, y0, x1, y1 = (int(o[k]) for k in ("x0", "y0", "x1", "y1"))
         assert 0 <= x0 < x1 <= 360 and 0 <= y0 < y1 <= 240
-        assert float(o["score"]) == pytest.approx(sum(float(o[a]) for a in ("speed", "size", "appearance")), abs=3e-4)  # combine="sum"
+        assert float(o["score"]) == pytest.approx(sum(float(o[a]) for a in ("speed", "appearance")), abs=3e-4)  # combine="sum"
     # the frame's raw score is its most abnormal object's score
     best = {}
     for o in objects:
@@ -81,7 +82,7 @@ def test_object_model_evaluate_and_predict_end_to_end(ped2_slice, objects_model,
     labels = json.loads(ped2_slice["labels"].read_text())["02"]
     flagged = [int(f["pred_label"]) for f in frames]
     assert sum(f for f, y in zip(flagged, labels) if y) >= 15
-    assert all(f["cause"] in ("speed", "size", "appearance") for f in frames if f["pred_label"] == "1")
+    assert all(f["cause"] in ("speed", "appearance") for f in frames if f["pred_label"] == "1")
     cap = cv2.VideoCapture(str(d / "annotated.mp4"))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 60
     cap.release()
@@ -153,3 +154,28 @@ def test_a_single_video_is_cut_into_folds(ped2_slice):
     assert len(det.fit_info["train_videos"]) == 4 and det.fit_info["n_objects"] > 60
     with pytest.raises(DatasetError, match="at least"):
         ObjectVideoDetector(folds=40).fit([video])
+
+
+def test_velocity_histogram_and_border_boxes_keep_their_track_speed():
+    """The velocity histogram puts each pixel's speed into the sector of its flow's direction (a
+    rightward 2 px per frame lands in the sector starting at angle 0, a downward one in the sector
+    starting at pi / 2, the others stay 0); a box
+    that reaches the frame's border keeps the speed its track had before it touched it."""
+    from anomalens.video.attributes import N_BINS, VELOCITY_DIM, object_velocity, velocity_columns
+    from anomalens.video.objects import IoUTracker, on_border
+
+    flow = np.zeros((40, 60, 2), np.float32)
+    flow[10:30, 10:20, 0] = 2.0  # object 0 moves right
+    flow[10:30, 40:50, 1] = 1.0  # object 1 moves down (image rows grow downwards)
+    boxes = np.array([[10, 10, 20, 30], [40, 10, 50, 30]])
+    v = object_velocity(flow, boxes, np.ones((40, 60), bool))
+    h = velocity_columns(v, "hist")
+    assert v.shape == (2, VELOCITY_DIM) and h.shape == (2, N_BINS)
+    assert h[0, N_BINS // 2] == pytest.approx(2.0) and h[0].sum() == pytest.approx(2.0)
+    assert h[1, 3 * N_BINS // 4] == pytest.approx(1.0) and h[1].sum() == pytest.approx(1.0)
+    assert on_border(np.array([[0, 5, 10, 20], [5, 5, 10, 40], [5, 5, 10, 20]]), (40, 60)).tolist() == [True, True, False]
+    t = IoUTracker()
+    a = t.update(np.array([[10, 10, 20, 30]]))[0]
+    assert t.off_border(a, np.array([1.0]), False)[0] == 1.0
+    b = t.update(np.array([[10, 12, 20, 40]]))[0]
+    assert b == a and t.off_border(b, np.array([0.3]), True)[0] == 1.0  # cut by the bottom edge: the track's speed

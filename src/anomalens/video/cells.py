@@ -277,7 +277,9 @@ class CellVideoDetector(VideoModel):
     def _restore(self, state: dict, tensors: dict, where: str) -> None:
         self.work_hw = tuple(int(v) for v in state["work_hw"])  # type: ignore[assignment]
         self.scales = tuple(float(v) for v in state["scales"])  # type: ignore[assignment]
-        self.fps, self.false_alarm_rate = float(state["fps"]), float(state["false_alarm_rate"])
+        # models fitted before the episode threshold carry their per-frame target in their params
+        self.fps = float(state["fps"]) if state.get("fps") else None
+        self.false_alarm_rate = float(state.get("false_alarm_rate", self.false_alarm_rate))
         gh, gw = self.grid
         if self.motion:
             self.motion_bank = check_tensor(tensors, "motion_bank", (gh * gw, None, 2 * self.flow_bins), where)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..calibration import Calibration
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, ModelFileError
 from .alarm import ALARMS_PER_HOUR, episode_threshold
 from .attributes import ATTRIBUTES, VELOCITY_KINDS, CropEmbedder
 from .base import VideoModel
@@ -261,6 +261,8 @@ class ObjectVideoDetector(VideoModel):
         return tensors, {"scales": dict(self.density.scales), "offsets": dict(self.density.offsets), "fps": self.fps, "false_alarm_rate": self.false_alarm_rate}
 
     def _restore(self, state: dict, tensors: dict, where: str) -> None:
+        if "offsets" not in state:
+            raise ModelFileError(f"{where}: an object model of an earlier version (speed and scales changed): re-fit it with `anomalens video fit --method objects`")
         self.background = check_tensor(tensors, "background", (None, None), where).numpy()
         v = VELOCITY_KINDS[self.velocity]
         dims = {"speed": v.stop - v.start + 2, "size": 4, "appearance": None}
