@@ -103,25 +103,30 @@ def extract(ped2: str, cache: str) -> dict:
 HW: tuple[int, int] = (240, 360)  # set by extract from the background
 
 
-def _edge_track(x: dict) -> dict:
-    """``x`` with each border-touching box's speed replaced by its track's speed at the last frame
-    its box was off the border (kept when it never was)."""
-    b, sp = x["box"], np.array(x["speed"], copy=True)
+def _edge_track(x: dict, keys: tuple[str, ...] = ("speed",)) -> dict:
+    """``x`` with each border-touching box's ``keys`` (speed; with ``edge=track+appearance`` also the
+    crop embedding) replaced by its track's at the last frame its box was off the border (kept when
+    it never was)."""
+    b = x["box"]
     h, w = HW
     edge = (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= w) | (b[:, 3] >= h)
-    last: dict[int, np.ndarray] = {}
-    for i in np.lexsort((np.arange(len(b)), x["frame"])):  # frame order
-        t = int(x["track"][i])
-        if not edge[i]:
-            last[t] = sp[i]
-        elif t in last:
-            sp[i] = last[t]
-    return {**x, "speed": sp}
+    out = dict(x)
+    for k in keys:
+        a = np.array(x[k], copy=True)
+        last: dict[int, np.ndarray] = {}
+        for i in np.lexsort((np.arange(len(b)), x["frame"])):  # frame order
+            t = int(x["track"][i])
+            if not edge[i]:
+                last[t] = a[i]
+            elif t in last:
+                a[i] = last[t]
+        out[k] = a
+    return out
 
 
 def _keep(x: dict, min_height: int) -> dict:
-    if FIXED["edge"] == "track":
-        x = _edge_track(x)
+    if FIXED["edge"] in ("track", "track+appearance"):
+        x = _edge_track(x, ("speed", "appearance") if FIXED["edge"] == "track+appearance" else ("speed",))
     b = x["box"]
     m = (b[:, 3] - b[:, 1]) >= min_height
     return {k: (a[m] if np.ndim(a) and len(a) == len(m) else a) for k, a in x.items()}
