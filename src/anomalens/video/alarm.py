@@ -10,7 +10,9 @@ threshold is the highest calibration score; the promise that can then be *stated
 Poisson upper bound for zero episodes in that footage (3 episodes in 4.3 minutes at 95%: 42 per hour),
 and it narrows only with more normal footage (3 hours without an episode support 1 per hour).
 A per-frame target (1% of frames) would allow 360 flagged frames an hour at 10 fps, that is tens
-of episodes an hour: it is what the cell detector promised, and what a control room refused.
+of episodes an hour: it is what the cell detector promised before, and what a control room refused.
+Both video methods use this threshold by default; the cells still take a per-frame target when one
+is given (``false_alarm_rate``).
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 Calibration (cross-fit by default): the normal training videos are split into groups; each group is
 scored against memories built from the others, so every training frame is a calibration frame and the
-final memories still hold every video. The part scales and the thresholds come from those scores,
-split-conformal at ``false_alarm_rate`` (frames of a video are correlated, so the guarantee holds per
-frame only approximately).
+final memories still hold every video. The part scales and the thresholds come from those scores:
+by default the lowest threshold with at most ``alarms_per_hour`` false-alarm episodes per hour of
+that footage (:func:`~anomalens.video.alarm.episode_threshold`, as the object method's); with a
+per-frame ``false_alarm_rate`` given, split-conformal at it (frames of a video are correlated, so
+that guarantee holds per frame only approximately).
 """
 
 from __future__ import annotations
