@@ -3,9 +3,12 @@
 The attributes follow Reiss & Hoshen ("Attribute-based Representations for Accurate and
 Interpretable Video Anomaly Detection", 2022), with what ships offline:
 
-* **speed**: the optical flow on the object's foreground pixels: its mean velocity and speed, and
-  those of its fastest quarter of pixels (pixels per frame), averaged over the last frames of the
-  object's track, beside the object's place (the camera's perspective: far objects move fewer pixels);
+* **speed**: the optical flow on the object's foreground pixels (pixels per frame), averaged over
+  the last frames of the object's track, beside the object's place (the camera's perspective: far
+  objects move fewer pixels). :func:`object_velocity` measures the mean velocity and speed (of all
+  pixels and of the fastest quarter), the 90th percentile of speed, and AI-VAD's histogram (mean
+  speed per direction sector); :data:`VELOCITY_KINDS` names the columns each description uses
+  (the detector's default: the histogram);
 * **size**: the box's height, width (log pixels) and the place of its foot in the frame (the camera's
   perspective: far objects are small), so that a cart or a group is judged against what is seen *there*;
 * **appearance**: a frozen ImageNet CNN's embedding of the object's crop (mean of its last feature

@@ -5,10 +5,12 @@ Each attribute (:data:`~anomalens.video.attributes.ATTRIBUTES`) has its own vect
 (:func:`attribute_vectors`) and its own bank (every training object). An object's raw score for an
 attribute is the mean distance to its ``k`` nearest training objects. Raw distances of different
 attributes, and of objects in different videos, are not comparable; so each attribute's raw score is
-divided by its ``quantile`` on normal objects that were *not* in the bank (cross-fit: each group of
-training videos scored against the others' objects). A score of 1 is then "as unusual as the
-``quantile`` of normal objects"; the object's score is its largest attribute score, and that attribute
-is its cause. A frame is as abnormal as its most abnormal object (0 without objects).
+put on the scale of normal objects that were *not* in the bank (cross-fit: each group of training
+videos scored against the others' objects): by default AI-VAD's min-max, (raw - min) / (max - min)
+of those scores, so that 0 and 1 are the least and the most unusual normal object; or raw over its
+``quantile`` (``scale="quantile"``). An object's score combines its attribute scores (the detector's
+``combine``), and the largest attribute is its cause. A frame is as abnormal as its most abnormal
+object (0 without objects).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ PLACE_WEIGHT = 0.5
 
 
 def attribute_vectors(
-    speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT, velocity: str = "mean"
+    speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT, velocity: str = "hist"
 ) -> dict[str, np.ndarray]:
     """The vectors each attribute's kNN compares, for ``N`` objects.
 
@@ -87,7 +89,7 @@ class AttributeDensity:
         ConfigError: invalid values.
     """
 
-    def __init__(self, k: int = 1, quantile: float = 0.99, attributes: tuple[str, ...] = ATTRIBUTES, scale: str = "quantile"):
+    def __init__(self, k: int = 1, quantile: float = 0.99, attributes: tuple[str, ...] = ATTRIBUTES, scale: str = "minmax"):
         if k < 1 or not 0 < quantile < 1 or not attributes or set(attributes) - set(ATTRIBUTES) or scale not in SCALES:
             raise ConfigError(
                 f"need k >= 1, 0 < quantile < 1, attributes among {ATTRIBUTES} and scale among {SCALES}; got k={k}, quantile={quantile}, attributes={attributes}, scale={scale!r}"
