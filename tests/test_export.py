@@ -49,17 +49,29 @@ def test_onnx_parity_on_hazelnut_cli(hazelnut, fitted_patchcore, tmp_path):
     assert s16[:5] == pytest.approx([p.pred_score for p in onnx_model.predict(batch[:5])], rel=1e-5)
 
 
-def test_onnx_parity_few_shot_max_score(hazelnut, tmp_path):
-    """A few-shot model (4 shots: the maximum patch score, every patch and its turned views in the bank)
-    exports with the same scores and decisions; the full-data models above use the top-1% mean."""
+def test_onnx_parity_few_shot_max_score(hazelnut, tmp_path, monkeypatch):
+    """A few-shot model (4 shots: every patch and its turned views in the bank) exports with the
+    same scores and decisions; with a distance budget below one image's patch-to-bank distances,
+    the exported model scores one image per call, with the same scores."""
+    import anomalens.geometry
     from anomalens import PatchCore
     from anomalens.export import export_onnx
+    from anomalens.io import read_image
     from anomalens.runtime import OnnxDetector
 
     det = PatchCore().fit(hazelnut, shots=4, seed=1)
     assert det.image_score == "max" and det.train_views == ["id", "rot90", "rot180", "rot270"]
     images = sorted((hazelnut / "test").rglob("*.png"))
-    assert_parity(det.predict(images), OnnxDetector(export_onnx(det, tmp_path / "few.onnx")).predict(images))
+    onnx_model = OnnxDetector(export_onnx(det, tmp_path / "few.onnx"))
+    assert_parity(det.predict(images), onnx_model.predict(images))
+    arrays = [read_image(p) for p in images[:4]]
+    whole, _ = onnx_model.score_batch(arrays)
+    calls = []
+    run = onnx_model.session.run
+    monkeypatch.setattr(onnx_model, "session", type("S", (), {"run": lambda self, *a: calls.append(1) or run(*a)})())
+    monkeypatch.setattr(anomalens.geometry, "DISTANCE_BUDGET", 1)
+    chunked, _ = onnx_model.score_batch(arrays)
+    assert len(calls) == 4 and chunked == pytest.approx(whole, rel=1e-5)
 
 
 def test_onnx_parity_padim(hazelnut, tmp_path):

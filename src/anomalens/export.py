@@ -99,6 +99,8 @@ def _write_onnx(detector, path: Path, source_config_sha256: str | None) -> Path:
         "detector": detector.name,
         "params": detector.get_params(),
         "geometry": geometry_of(detector),
+        "bank_rows": int(getattr(detector.model.scorer, "bank_rows", 0)),  # bounds the images per call
+        "patch_stride": int(detector.extractor.stride),
         "source_config_sha256": source_config_sha256,
         "threshold": cal.threshold,
         "pixel_threshold": cal.pixel_threshold,

@@ -33,3 +33,15 @@ def group_by_shape(shapes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], l
     for i, hw in enumerate(shapes):
         groups.setdefault(tuple(hw), []).append(i)
     return groups
+
+
+#: bytes of patch-to-bank distances one graph call may hold (a large few-shot bank scores fewer images per call)
+DISTANCE_BUDGET = 256 << 20
+
+
+def images_per_call(shapes: Sequence[tuple[int, int]], stride: int, bank_rows: int) -> int:
+    """How many images of model-input ``shapes`` (one per scale) one graph call may score so that
+    its ``float32`` patch-to-bank distances, ``patches x bank_rows`` per image, stay within
+    :data:`DISTANCE_BUDGET` (at least one; no bank: any number)."""
+    patches = max(h * w for h, w in shapes) // max(1, stride) ** 2
+    return max(1, DISTANCE_BUDGET // max(1, 4 * patches * bank_rows))

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .calibration import Calibration
 from .errors import ConfigError, ModelFileError
-from .geometry import group_by_shape, model_input_hw
+from .geometry import group_by_shape, images_per_call, model_input_hw
 from .io import ImageLike
 from .prediction import Prediction
 
@@ -139,16 +139,20 @@ class OnnxDetector:
 
     def score_batch(self, images: list[np.ndarray]) -> tuple[list[float], list[np.ndarray]]:
         """Image scores and maps (at each image's size) for ``uint8`` RGB images ``(H_i, W_i, 3)``;
-        one session call per model-input shape."""
+        one session call per model-input shape, or several when the patch-to-bank distances of a
+        large (few-shot) bank would exceed :data:`~anomalens.geometry.DISTANCE_BUDGET`."""
         scores: list[float] = [0.0] * len(images)
         maps: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
-        for shapes, idx in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
-            group = [images[i] for i in idx]
-            feeds = {("image" if k == 0 else f"image_{k}"): model_input(group, hw) for k, hw in enumerate(shapes)}
-            s, m = self.session.run(["pred_score", "anomaly_map"], feeds)
-            for k, i in enumerate(idx):
-                scores[i] = float(s[k])
-                maps[i] = resize_map(m[k], images[i].shape[:2])
+        rows, stride = int(self.meta.get("bank_rows", 0)), int(self.meta.get("patch_stride", 8))
+        for shapes, group in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
+            per_call = images_per_call(shapes, stride, rows)
+            for start in range(0, len(group), per_call):
+                idx = group[start : start + per_call]
+                feeds = {("image" if k == 0 else f"image_{k}"): model_input([images[i] for i in idx], hw) for k, hw in enumerate(shapes)}
+                s, m = self.session.run(["pred_score", "anomaly_map"], feeds)
+                for k, i in enumerate(idx):
+                    scores[i] = float(s[k])
+                    maps[i] = resize_map(m[k], images[i].shape[:2])
         return scores, maps
 
     def _scorer(self, images: list[np.ndarray]):

@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from ..common import group_by_shape, resize_map, to_model_inputs
+from ..geometry import images_per_call
 from ..errors import AnomalensError, ConfigError
 
 #: engines a detector can be asked to use
 ENGINES = ("auto", "torch", "onnxruntime")
 _LOCK = threading.Lock()
-#: bytes of patch-to-bank distances one graph call may hold (a large few-shot bank scores fewer images per call)
-DISTANCE_BUDGET = 256 << 20
 
 
 def onnxruntime_available() -> bool:
@@ -111,7 +110,7 @@ def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> 
     """Score ``uint8`` RGB images ``(H_i, W_i, 3)`` on ``det``'s engine, one graph call per model-input shape.
 
     Images of one shape go through one call, or several when their patch-to-bank distances would
-    exceed :data:`DISTANCE_BUDGET` (large few-shot banks). ``open_graph=False`` (calibration, which
+    exceed :data:`~anomalens.geometry.DISTANCE_BUDGET` (large few-shot banks). ``open_graph=False`` (calibration, which
     rewrites the model folder itself): the ONNX Runtime
     session only when it is open already, else torch; the folder is never exported into.
 
@@ -127,8 +126,7 @@ def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> 
     run = (graph_session(det) if open_graph else det._graph) or det.model
     rows = getattr(det.model.scorer, "bank_rows", 0)
     for shapes, group in group_by_shape([det.input_shapes(img.shape[:2]) for img in images]).items():
-        patches = max(h * w for h, w in shapes) // det.extractor.stride ** 2
-        per_call = max(1, DISTANCE_BUDGET // max(1, 4 * patches * rows))  # images whose distance matrix fits the budget
+        per_call = images_per_call(shapes, det.extractor.stride, rows)
         for s in range(0, len(group), per_call):
             idx = group[s : s + per_call]
             sc, mp, gr, pf = run(*to_model_inputs([images[i] for i in idx], shapes))
