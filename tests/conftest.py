@@ -117,8 +117,8 @@ def ped2_slice(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def ped2_model(ped2_slice, tmp_path_factory) -> Path:
     """A video model fitted on the training slice (cross-fit: each of its 4 videos calibrates against the other 3, at 5%)."""
-    from anomalens.video import VideoDetector
+    from anomalens.video import CellVideoDetector
 
     out = tmp_path_factory.mktemp("video_model") / "m"
-    VideoDetector(false_alarm_rate=0.05).fit(ped2_slice["train"]).save(out)
+    CellVideoDetector(false_alarm_rate=0.05).fit(ped2_slice["train"]).save(out)
     return out

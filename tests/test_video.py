@@ -157,7 +157,7 @@ def test_synthetic_events_have_exact_labels_and_are_detected(tmp_path):
     from conftest import PED2, link_frames, require
 
     from anomalens.io import read_image
-    from anomalens.video import VideoDetector
+    from anomalens.video import CellVideoDetector
 
     frames = require(PED2) / "training" / "frames"
     src = link_frames(frames / "05", tmp_path / "normal" / "05", 60, 180)
@@ -178,7 +178,7 @@ def test_synthetic_events_have_exact_labels_and_are_detected(tmp_path):
         elif i not in inside:
             assert np.array_equal(new, old), i
     model = tmp_path / "motion-model"
-    det = VideoDetector(appearance=False, false_alarm_rate=0.05).fit([frames / v for v in ("01", "02", "03", "04")])
+    det = CellVideoDetector(appearance=False, false_alarm_rate=0.05).fit([frames / v for v in ("01", "02", "03", "04")])
     det.save(model)
     r = CliRunner().invoke(app, ["video", "evaluate", str(model), str(out), str(out / "frame_labels.json"), "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
@@ -223,15 +223,15 @@ def test_crossfit_calibrates_on_every_frame_and_holdout_on_held_videos(ped2_slic
     """Cross-fit (default): every training frame is scored against memories that never saw its video
     (or, for a single video, its part); hold-out: only the held-out video calibrates."""
     from anomalens.errors import ConfigError
-    from anomalens.video import VideoDetector
+    from anomalens.video import CellVideoDetector, VideoDetector
 
     train = ped2_slice["train"]  # 4 videos x 60 frames
-    cf = VideoDetector(appearance=False, false_alarm_rate=0.05).fit(train)
+    cf = CellVideoDetector(appearance=False, false_alarm_rate=0.05).fit(train)
     assert cf.fit_info["n_calibration_frames"] == 240 and sorted(v for g in cf.fit_info["folds"] for v in g) == ["01", "02", "03", "04"]
     assert all(len(g) == 1 for g in cf.fit_info["folds"]) and "fitted without it" in cf.calibration.note
-    ho = VideoDetector(appearance=False, false_alarm_rate=0.05, calibration="holdout", calibration_videos=1).fit(train)
+    ho = CellVideoDetector(appearance=False, false_alarm_rate=0.05, calibration="holdout", calibration_videos=1).fit(train)
     assert ho.fit_info["n_calibration_frames"] == 60 and len(ho.fit_info["train_videos"]) == 3
-    one = VideoDetector(appearance=False, false_alarm_rate=0.05).fit([train / "frames" / "01"])
+    one = CellVideoDetector(appearance=False, false_alarm_rate=0.05).fit([train / "frames" / "01"])
     assert one.fit_info["n_calibration_frames"] == 60 and len(one.fit_info["folds"]) == 4
     # a cross-fitted model saved and loaded scores the same
     cf.save(tmp_path / "m")
@@ -240,18 +240,18 @@ def test_crossfit_calibrates_on_every_frame_and_holdout_on_held_videos(ped2_slic
     np.testing.assert_allclose(a.pred_scores, b.pred_scores, rtol=1e-5)
     assert again.threshold == cf.threshold and again.get_params()["calibration"] == "crossfit"
     with pytest.raises(ConfigError, match="holdout"):
-        VideoDetector(calibration_videos=2)
+        CellVideoDetector(calibration_videos=2)
 
 
 def test_cell_threshold_keeps_episodes_per_hour(ped2_slice, tmp_path):
     """Without a per-frame target the cell method's threshold is the object method's: the lowest one
     with at most ``alarms_per_hour x hours`` episodes on the cross-fit calibration footage (240
     frames at 10 fps: 600 per hour allow 4), and the per-frame rate it implies survives a reload."""
-    from anomalens.video import VideoDetector
+    from anomalens.video import CellVideoDetector, VideoDetector
     from anomalens.video.evaluate import alarm_episodes
 
-    assert VideoDetector(pretrained=False).get_params()["false_alarm_rate"] is None  # the default is the episode target
-    det = VideoDetector(appearance=False, alarms_per_hour=600, fps=10).fit(ped2_slice["train"])
+    assert CellVideoDetector(pretrained=False).get_params()["false_alarm_rate"] is None  # the default is the episode target
+    det = CellVideoDetector(appearance=False, alarms_per_hour=600, fps=10).fit(ped2_slice["train"])
     runs = np.split(det.calibration.scores, np.cumsum(det.fit_info["calibration_part_frames"])[:-1])
     below = np.max(det.calibration.scores[det.calibration.scores < det.threshold])
     assert sum(alarm_episodes(r > det.threshold) for r in runs) <= 4 < sum(alarm_episodes(r > below) for r in runs)

@@ -22,8 +22,9 @@ from ..serialization import load_model, save_model
 if TYPE_CHECKING:
     from .base import VideoModel
 
-#: version of the video models' layout (2: the object detector, one config for both methods)
-VIDEO_FORMAT = 2
+#: version of the video models' layout (2: the object detector, one config for both methods; 3: the
+#: objects' velocity histogram and min-max scales, both methods' episode threshold)
+VIDEO_FORMAT = 3
 
 
 def _classes() -> dict:
