@@ -34,8 +34,10 @@ ABOUT = {
     "video-rules": "`benchmarks/video.py`: frame rule and part scales on every split.",
     "video-flow": "`benchmarks/video.py`: optical flow resolution and the enlarged far band on every split; alarm episodes on held-out normal video.",
     "video-fade": "`benchmarks/video.py --fade`: synthetic objects that fade in and out against abrupt ones, paired.",
+    "speed": "`benchmarks/vs_anomalib.py`: anomalib 2.7's PatchCore beside ours in one run (fit, ms per image end to end and through `predict`, the backbone alone); `benchmarks/parity.py` rows (`kind: parity`): one model's scores, maps, decisions and evidence before and after a change.",
+    "video-objects": "`benchmarks/video_objects.py`: the object video method, leave-one-video-out over UCSD Ped2 test 01-06 (settings chosen on the other five), one row per idea; alarm episodes on unseen normal footage; fps.",
 }
-ORDER = ["suite", "fewshot", "trust", "video", "video-splits", "video-rules", "video-flow", "video-fade",
+ORDER = ["suite", "speed", "fewshot", "trust", "video-objects", "video", "video-splits", "video-rules", "video-flow", "video-fade",
          "onnx", "load", "ray", "concurrency", "bench-320", "bench-sizes", "fewshot-before-defaults"]
 BIG = {"auc_by_temporal_sigma", "fit_info", "edge_frames_scores", "per_defect", "first_errors", "server_errors",
        "test_per_video_auc", "synthetic_per_video_auc", "held_out_false_alarm_per_video_pct", "fit_videos",
