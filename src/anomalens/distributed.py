@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import AnomalensError, DatasetError
+from .errors import AnomalensError, ConfigError, DatasetError
 
 SCHEMA_FIELDS = ("path", "pred_score", "normalized_score", "pred_label", "p_value", "p_value_at_floor", "anomalous_area_pct", "n_regions", "error")
 
@@ -148,7 +148,7 @@ def batch_predict(
     Raises:
         DatasetError: no input images. AnomalensError: ``out`` holds the results of another model or
         another input list. ModelFileError: the model cannot be loaded. ConfigError: an unknown
-        engine (``"onnx"`` included: say ``"onnxruntime"``).
+        engine (``"onnx"`` included: say ``"onnxruntime"``), or a video or MuSc model.
     """
     from .contract import check_engine
     from .data import expand_inputs
@@ -169,6 +169,9 @@ def batch_predict(
     if not paths:
         raise DatasetError("no input images")
     cfg = read_config(model_dir)  # fails early on a bad model directory
+    if cfg.get("detector") in ("musc", "video"):
+        raise ConfigError(f"{model_dir} is a {cfg['detector']} model: batch-predict scores images one chunk at a time "
+                          f"({'use anomalens video predict' if cfg['detector'] == 'video' else 'MuSc scores a whole batch together: use anomalens predict'})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()

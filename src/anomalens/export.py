@@ -303,7 +303,7 @@ def export_to_model_dir(model_dir: str | os.PathLike, detector=None, source_conf
 def onnx_for_model_dir(model_dir: Path, config_sha256: str | None = None, threads: int | None = None, detector=None,
                        key: bytes | None = None) -> "OnnxDetector":
     """The ONNX Runtime model of ``model_dir``: its ``model.onnx`` when the verified manifest lists it
-    and it was exported from this very model, else a fresh export of ``detector`` (the loaded model of
+    and it was exported from this very model by this format version, else a fresh export of ``detector`` (the loaded model of
     ``model_dir``; loaded here when not given) into the folder (:func:`export_to_model_dir`), or into
     a temporary folder when the model folder cannot take it (read-only; signed and no key).
 
@@ -327,7 +327,7 @@ def onnx_for_model_dir(model_dir: Path, config_sha256: str | None = None, thread
     if ONNX_NAME in config["model_files"] and sha == config["config_sha256"]:
         try:
             m = OnnxDetector(path, threads=threads)
-            if m.meta.get("source_config_sha256") == sha:
+            if m.meta.get("source_config_sha256") == sha and m.meta.get("format_version") == ONNX_FORMAT_VERSION:
                 return m
         except ModelFileError:
             pass  # from another version: export again

@@ -30,10 +30,11 @@ from .io import ImageLike
 from .prediction import Prediction
 
 #: 2: model-input tensor in, aspect-kept geometry in the metadata; 3: also the ``patch_scores`` and
-#: (memory banks) ``patch_features`` outputs, or ``nearest`` in earlier exports (read here as 2: only
-#: ``pred_score`` and ``anomaly_map`` are used)
-ONNX_FORMAT_VERSION = 3
-READABLE_ONNX_FORMATS = (2, 3)
+#: (memory banks) ``nearest`` outputs; 4: ``patch_features`` instead of ``nearest``, ``bank_rows`` in
+#: the metadata. All are read here (only ``pred_score`` and ``anomaly_map`` are used); a detector's
+#: folder graph of an older format is exported again (:func:`anomalens.export.onnx_for_model_dir`).
+ONNX_FORMAT_VERSION = 4
+READABLE_ONNX_FORMATS = (2, 3, 4)
 ONNX_NAME = "model.onnx"
 
 
@@ -73,7 +74,8 @@ class OnnxDetector:
     Args:
         path: an ``.onnx`` file written by :func:`export_onnx` (``anomalens export``).
         threads: intra-op threads (None = ONNX Runtime's default, all cores).
-        batch_size: images per call (images of different sizes are run separately).
+        batch_size: images per call at most (images of different sizes are run separately, and a
+            large bank's calls are smaller: :func:`~anomalens.geometry.images_per_call`).
 
     Raises:
         ModelFileError: missing file, not an ONNX model, no or incompatible anomalens metadata, or
@@ -255,7 +257,8 @@ def load_inference_model(model_dir: str | os.PathLike, engine: str = "auto", thr
 
     Args:
         engine: ``"auto"`` (default), ``"torch"`` or ``"onnxruntime"`` (see :func:`anomalens.load_detector`).
-        threads: ONNX Runtime threads of an :class:`OnnxDetector` (a detector's graph uses torch's).
+        threads: ONNX Runtime intra-op threads of the model's session (an :class:`OnnxDetector`'s,
+            or a detector's graph; None: all cores for the former, torch's thread count for the latter).
         key: signing key; None = ``ANOMALENS_MODEL_KEY`` when set.
 
     Raises:
@@ -265,6 +268,8 @@ def load_inference_model(model_dir: str | os.PathLike, engine: str = "auto", thr
     from .loading import load_detector
 
     model = load_detector(model_dir, key=key, engine=engine, threads=threads)
+    if hasattr(model, "graph_threads"):
+        model.graph_threads = threads
     if getattr(model, "engine", None) == "onnxruntime" and hasattr(model, "use_engine"):
         from .detectors.engine import graph_session
 

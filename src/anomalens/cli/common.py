@@ -46,11 +46,40 @@ def progress_bars() -> Iterator:
         yield cb
 
 
-#: ``--engine`` of every command that scores images
-ENGINE_HELP = (
+#: ``--engine`` of the commands that need an image detector (evaluate)
+DETECTOR_ENGINE_HELP = (
     "auto (default: the model's graph on ONNX Runtime, exported into the model folder at first use, with evidence; "
-    "torch where it cannot be exported), onnxruntime (as auto), or torch. Without torch installed: the folder's exported model.onnx."
+    "torch where it cannot be exported), onnxruntime (as auto), or torch."
 )
+#: ``--engine`` of the commands that score images with any image model (predict, serve, batch-predict)
+ENGINE_HELP = DETECTOR_ENGINE_HELP + " Without torch installed: the folder's exported model.onnx."
+
+
+def describe_model(det) -> str:
+    """What kind of model ``det`` is, for messages: "an exported model (from patchcore)", "a video
+    model", "a musc model"."""
+    if getattr(det, "engine", None) == "onnxruntime" and type(det).__name__ == "OnnxDetector":
+        return f"an exported model (from {det.name})"
+    return f"a {det.name} model"
+
+
+def image_detector(model_dir: Path, key: Optional[bytes] = None, engine: str = "auto"):
+    """The image detector (PatchCore, PaDiM, AnomalyDINO) of ``model_dir`` on ``engine``, for the
+    commands that need one (evaluate, discover, export).
+
+    Raises:
+        ConfigError: the folder holds another kind of model (video, MuSc, an exported model).
+        ModelFileError: the folder cannot be loaded.
+    """
+    from ..detectors import Detector
+    from ..errors import ConfigError
+    from ..loading import load_detector
+
+    det = load_detector(model_dir, key=key, engine=engine)
+    if not isinstance(det, Detector):
+        raise ConfigError(f"{model_dir} holds {describe_model(det)}: this command needs an image detector fitted with "
+                          "`anomalens fit` (and torch)")
+    return det
 #: ``--key-file`` of the commands that only read a model
 KEY_FILE_HELP = "Model-signing key file: refuse models that are unsigned or not signed with it (default: ANOMALENS_MODEL_KEY)."
 

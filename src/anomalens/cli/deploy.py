@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import AnomalensError
-from .common import ENGINE_HELP, KEY_FILE_HELP, console, fail as _fail, fmt_threshold, model_key, out_console
+from .common import ENGINE_HELP, KEY_FILE_HELP, console, fail as _fail, fmt_threshold, image_detector, model_key, out_console
 
 API_KEY_ENV = "ANOMALENS_API_KEY"
 
@@ -27,9 +27,7 @@ def export(
     calibration in its metadata. Images are resized outside the graph, by the same code as in Python."""
     import numpy as np
 
-    from ..detectors import Detector
     from ..export import OnnxDetector, export_onnx
-    from ..loading import load_detector
 
     if format != "onnx":
         _fail(AnomalensError(f"unknown export format {format!r}; supported: onnx"))
@@ -37,9 +35,7 @@ def export(
 
     path = out or model_dir / "model.onnx"
     try:
-        det = load_detector(model_dir)
-        if not isinstance(det, Detector):
-            raise AnomalensError(f"{model_dir} holds a {det.name!r} model; only image detectors (anomalens fit) are exported")
+        det = image_detector(model_dir)
         export_onnx(det, path, source_config_sha256=read_config(model_dir).get("config_sha256"))
         msg = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)"
         if check:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import AnomalensError
-from .common import ENGINE_HELP, KEY_FILE_HELP, fail as _fail, fmt_pct as _fmt, model_key, out_console, progress_bars
+from .common import DETECTOR_ENGINE_HELP, KEY_FILE_HELP, fail as _fail, image_detector, fmt_pct as _fmt, model_key, out_console, progress_bars
 from .common import metrics_table
 from .outputs import write_rows
 
@@ -35,7 +35,7 @@ def evaluate(
     ),
     report: bool = typer.Option(False, "--report", help="Also write report.html: curves, histograms, galleries, defect types."),
     n_types: Optional[int] = typer.Option(None, help="Number of defect types for the report's clustering (default: chosen by silhouette)."),
-    engine: str = typer.Option("auto", help=ENGINE_HELP),
+    engine: str = typer.Option("auto", help=DETECTOR_ENGINE_HELP),
     key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_FILE_HELP),
 ) -> None:
     """Evaluate a model on labelled images: image AUROC, F1-max, AP and the threshold's false-alarm and
@@ -51,7 +51,7 @@ def evaluate(
         where = (f"{data}: " if data is not None else "") + ", ".join(parts)
     name = data.name if data is not None else (normal_dir or (abnormal_dir or [Path("?")])[0]).name
     try:
-        det = _image_detector(model_dir, model_key(key_file), engine)
+        det = image_detector(model_dir, model_key(key_file), engine)
         with progress_bars() as cb:
             result = run_evaluation(det, data, normal_dir=normal_dir, abnormal_dir=abnormal_dir or None, mask_dir=mask_dir, progress=cb)
         thresholds = threshold_table(det, result.predictions)
@@ -116,23 +116,6 @@ def evaluate(
         out_console.print(f"report: {report_path}")
 
 
-def _image_detector(model_dir: Path, key, engine: str):
-    """The image detector of ``model_dir`` (:func:`anomalens.load_detector`) on ``engine``.
-
-    Raises:
-        ConfigError: the folder holds another kind of model (video, MuSc, an exported model).
-        ModelFileError: the folder cannot be loaded.
-    """
-    from ..detectors import Detector
-    from ..errors import ConfigError
-    from ..loading import load_detector
-
-    det = load_detector(model_dir, key=key, engine=engine)
-    if not isinstance(det, Detector):
-        raise ConfigError(f"{model_dir} holds a {det.name!r} model: this command needs an image detector fitted with `anomalens fit` (and torch)")
-    return det
-
-
 def discover(
     model_dir: Path = typer.Argument(..., help="Model directory written by `anomalens fit`."),
     images: List[Path] = typer.Argument(..., help="Image files and/or folders, e.g. a week of NG parts."),
@@ -148,7 +131,7 @@ def discover(
     from ..visualize import region_crop, save_image, tile_grid
 
     try:
-        det = _image_detector(model_dir, None, "auto")
+        det = image_detector(model_dir, None, "auto")
         with progress_bars() as cb:
             preds = det.predict(expand_inputs(images), progress=cb)
         chosen = [p for p in preds if p.ok and (all_images or p.pred_label == 1)]

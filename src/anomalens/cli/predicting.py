@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import AnomalensError, ConfigError
-from .common import ENGINE_HELP, KEY_FILE_HELP, console, fail as _fail, model_key, out_console, progress_bars, split_names
+from .common import ENGINE_HELP, KEY_FILE_HELP, console, describe_model, fail as _fail, model_key, out_console, progress_bars, split_names
 from .outputs import save_overlays, write_rows
 
 
@@ -79,9 +79,13 @@ def predict(
         det = load_detector(model_dir, key=key, engine=engine)
         if getattr(det, "is_video", False):
             raise ConfigError(f"{model_dir} is a video model: score videos with `anomalens video predict`")
+        whole = getattr(det, "scores_whole_batch", False)  # MuSc: the images are scored against each other
+        if whole and resume:
+            raise ConfigError(f"--resume: the {det.name} model of {model_dir} scores all images against each other; run them again as one job")
         if false_alarm_rate is not None:
             if not hasattr(det, "set_false_alarm_rate"):
-                raise ConfigError(f"--false-alarm-rate: the {det.name} model of {model_dir} has no calibration scores to set it from")
+                raise ConfigError(f"--false-alarm-rate: {model_dir} holds {describe_model(det)}, whose threshold is fixed "
+                                  "(an exported model: change it with `anomalens calibrate` where torch is installed and export again)")
             det.set_false_alarm_rate(false_alarm_rate)
         run = {"command": "predict", "model": str(model_dir.resolve()), "model_sha256": read_config(model_dir, key).get("config_sha256"),
                "false_alarm_rate": false_alarm_rate}
@@ -90,7 +94,8 @@ def predict(
         todo = [i for i, p in enumerate(paths) if str(p) not in writer.done]
         with progress_bars() as cb:
             done = 0
-            for chunk in chunks_by_pixels([paths[i] for i in todo], most=chunk):
+            chunks = [list(range(len(todo)))] if whole else chunks_by_pixels([paths[i] for i in todo], most=chunk)
+            for chunk in chunks:
                 idx = [todo[k] for k in chunk]
                 part = det.predict([paths[i] for i in idx], keep_images=heatmaps,
                                    progress=lambda st, d, t, base=done: cb(st, base + d, len(todo)))

@@ -31,7 +31,7 @@ from ..backbones import DEFAULT_IMAGE_SIZE, get_spec, make_backbone
 from ..calibration import DEFAULT_FALSE_ALARM_RATE, Calibration
 from ..common import AnomalyMapHead, PatchFeatureExtractor, group_by_shape, model_input_hw, to_model_inputs
 from ..data import Sample, normal_images
-from ..errors import AnomalensError, ConfigError
+from ..errors import AnomalensError
 from ..explain import Evidence, Region
 from ..inference import EvidenceFn, Progress, no_progress, run_predictions
 from ..io import ImageLike
@@ -142,6 +142,8 @@ class Detector(Thresholds, DetectorHooks):
         self._model_key: bytes | None = None
         self._graph = None
         self._graph_failed = False
+        #: ONNX Runtime intra-op threads of the graph's session (None: torch's thread count)
+        self.graph_threads: int | None = None
 
     # ------------------------------------------------------------------ configuration
     def get_params(self) -> dict[str, Any]:
@@ -196,11 +198,11 @@ class Detector(Thresholds, DetectorHooks):
         it can, else torch), ``"torch"``, or ``"onnxruntime"`` (as auto). Returns ``self``.
 
         Raises:
-            ConfigError: an unknown name.
+            ConfigError: an unknown name (:func:`~anomalens.contract.check_engine`).
         """
-        if name not in engine.ENGINES:
-            raise ConfigError(f"unknown engine {name!r}; choose one of {engine.ENGINES}")
-        self.engine_preference = name
+        from ..contract import check_engine
+
+        self.engine_preference = check_engine(name)
         if name == "torch":
             self._graph = None
         return self
@@ -371,16 +373,20 @@ class Detector(Thresholds, DetectorHooks):
         return np.array([p.pred_score for p in self.predict(images)], dtype=np.float64)
 
     # ------------------------------------------------------------------ save / load
-    def save(self, directory: str | os.PathLike) -> None:
+    def save(self, directory: str | os.PathLike, key: bytes | None = None) -> None:
         """Write the fitted model to ``directory`` (:func:`~anomalens.detectors.persistence.save_detector`).
+
+        Args:
+            key: signing key of the manifest; None = ``ANOMALENS_MODEL_KEY`` when set.
 
         Raises:
             NotFittedError: not fitted.
+            ModelFileError: ``directory`` holds files that are not model files.
         """
         from .persistence import save_detector
 
         self._check_fitted()
-        save_detector(self, directory)
+        save_detector(self, directory, key=key)
 
 
 __all__ = ["Detector", "Progress", "AnomalensError"]

@@ -21,11 +21,9 @@ import numpy as np
 import torch
 
 from ..common import group_by_shape, resize_map, to_model_inputs
-from ..geometry import images_per_call
 from ..errors import AnomalensError, ConfigError
+from ..geometry import images_per_call
 
-#: engines a detector can be asked to use
-ENGINES = ("auto", "torch", "onnxruntime")
 _LOCK = threading.Lock()
 
 
@@ -48,12 +46,6 @@ class GraphSession:
         self.path = onnx_detector.path
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
-
-    @property
-    def complete(self) -> bool:
-        """The graph has this version's outputs (older exports had only score and map, or the
-        nearest bank rows instead of the patch features)."""
-        return "patch_scores" in self.outputs and "nearest" not in self.outputs
 
     def __call__(self, *inputs: torch.Tensor):
         out = self.session.run(None, {name: x.numpy() for name, x in zip(self.inputs, inputs)})
@@ -88,21 +80,19 @@ def graph_session(det) -> GraphSession | None:
                 det._graph = _open(det)
             except (AnomalensError, RuntimeError, OSError) as exc:
                 det._graph_failed = True
-                warnings.warn(f"running {det.name} on torch: its graph could not be run on ONNX Runtime ({str(exc)[:300]})", stacklevel=3)
+                warnings.warn(f"running {det.name} on torch: its graph could not be run on ONNX Runtime ({str(exc)[:300]})", stacklevel=5)
     return det._graph
 
 
 def _open(det) -> GraphSession:
-    from ..export import export_to_model_dir, onnx_for_model_dir
-    from ..runtime import OnnxDetector
+    """The session of the folder's current graph; an export of an older format is replaced (in the
+    folder, or privately when the folder cannot take it: :func:`~anomalens.export.onnx_for_model_dir`)."""
+    from ..export import onnx_for_model_dir
     from ..serialization import read_config
 
     sha = read_config(det.model_dir)["config_sha256"]
-    threads = torch.get_num_threads()
-    graph = GraphSession(onnx_for_model_dir(det.model_dir, sha, threads, det, det._model_key))
-    if not graph.complete:  # cached by an older export: export again
-        graph = GraphSession(OnnxDetector(export_to_model_dir(det.model_dir, det, sha, det._model_key), threads=threads))
-    return graph
+    threads = det.graph_threads or torch.get_num_threads()
+    return GraphSession(onnx_for_model_dir(det.model_dir, sha, threads, det, det._model_key))
 
 
 @torch.inference_mode()

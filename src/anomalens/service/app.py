@@ -33,7 +33,8 @@ class ServedModel:
 
     Raises:
         ModelFileError: the directory cannot be loaded (or fails its signature check with ``key``).
-        ConfigError: an unknown engine, or a model kind the service does not score (video).
+        ConfigError: an unknown engine, or a model kind the service does not score (video; MuSc, whose
+            scores are relative to a whole batch).
     """
 
     def __init__(self, name: str, model_dir: Path, engine: str, threads: int | None = None, key: Any = None):
@@ -48,6 +49,9 @@ class ServedModel:
         self.model = load_inference_model(model_dir, engine=engine, threads=threads, key=key)
         if getattr(self.model, "is_video", False):
             raise ConfigError(f"{model_dir} is a video model: the service scores images (use anomalens video predict)")
+        if getattr(self.model, "scores_whole_batch", False):
+            raise ConfigError(f"{model_dir} is a {self.model.name} model: it scores a whole batch of images against each other, "
+                              "not the images of one request (use anomalens zero-shot or predict)")
         #: what scores the images: ``"onnxruntime"`` or ``"torch"``
         self.runtime = self.model.engine
         cfg.pop("tensors", None)
@@ -139,7 +143,7 @@ def create_app(
             torch: each folder's exported ``model.onnx``.
         threads: ONNX Runtime intra-op threads of an exported ``model.onnx`` run without torch
             (None: its default); a detector's graph uses torch's thread count.
-        key: the signing key the loader checks each model against (None: no check).
+        key: the signing key the loader checks each model against (None: ``ANOMALENS_MODEL_KEY`` when set, else no check).
         api_key: bearer token required on every path but ``/health``, the page and the docs; None: open.
         max_upload_mb: largest request body, in MB (declared or streamed).
         max_pixels: largest image, in pixels (width x height), checked from its header.

@@ -75,6 +75,9 @@ class MuSc:
     #: the CNN votes, the few-shot bank and the mutual scoring run on torch (the ViT itself on ONNX Runtime)
     engine = "torch"
 
+    #: scores are relative to the batch predicted together: one job is never split into batches
+    scores_whole_batch = True
+
     def __init__(
         self,
         layers: Sequence[str] = ("layer.2", "layer.5", "layer.8"),
@@ -287,8 +290,11 @@ class MuSc:
         Raises:
             ImageReadError: a reference image cannot be read.
             DatasetError: no reference image (an empty folder).
+            ConfigError: ``references`` None and none kept by :meth:`fit`.
         """
         det = self._reference_detector if references is None else self._fit_references(references)
+        if det is None:
+            raise ConfigError("no reference images: pass references= or fit(good_images) first")
         scores, maps = [], []
         size = (self.image_size, self.image_size)
         for s in range(0, len(arrays), det.batch_size):
