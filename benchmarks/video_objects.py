@@ -50,13 +50,23 @@ GRID = {
     "temporal_sigma": [1.0, 3.0, 6.0],
 }
 #: settings held fixed in one run (``--set key=value`` changes one; each idea tried is one row):
-#: velocity (a key of anomalens.video.attributes.VELOCITY_KINDS), scale (AttributeDensity's), edge
-#: ("as-is", or "track": a box touching the frame's border takes its track's last speed off the border)
+#: velocity (a key of anomalens.video.attributes.VELOCITY_KINDS), scale (AttributeDensity's, or "minqQ":
+#: (raw - min) / (quantile Q - min), min-max with a robust top), edge
+#: ("as-is", or "track": a box touching the frame's border takes its track's last speed off the border;
+#: "track-max": the element-wise larger of that and its own velocity histogram)
 #: close, flow_near: the object finder's (ObjectParams; changing one extracts into another cache folder)
 #: frame_unit: "raw", or "threshold": each setting's frame scores divided by its alarm threshold on its own
 #: cross-fitted training runs (1 = the alarm level), so that held-out scores of folds that chose
 #: different settings are pooled in one unit (within a setting the order of frames does not change)
-FIXED = {"velocity": "hist", "scale": "minmax", "edge": "track", "close": "7", "flow_near": "0", "frame_unit": "raw"}
+#: speed_density: "knn" (nearest training object), or "gmmK": AI-VAD's Gaussian mixture of K components
+#: fitted on the training objects' speed vectors (velocity and place; "gmmKv": the velocity alone), raw score
+#: = negative log-likelihood
+#: peak: half-widths (frames, comma-separated, a grid dimension) of a centred max filter applied to the
+#: frame scores before the Gaussian ("0": none)
+#: track_sigma: sigmas (frames, comma-separated, a grid dimension) of a centred Gaussian applied to each
+#: object's score along its own track before the frame takes its most abnormal object ("0": none)
+FIXED = {"velocity": "hist", "scale": "minmax", "edge": "track", "close": "7", "flow_near": "0", "frame_unit": "raw",
+         "speed_density": "knn", "peak": "0", "track_sigma": "0"}
 #: the smallest min_height of the grid: objects are extracted down to it, taller ones kept per setting
 MIN_EXTRACT = min(GRID["min_height"])
 #: bump when the extraction (objects, velocity columns, embeddings) changes: the cache folder is named by it
@@ -119,13 +129,13 @@ def _edge_track(x: dict, keys: tuple[str, ...] = ("speed",)) -> dict:
             if not edge[i]:
                 last[t] = a[i]
             elif t in last:
-                a[i] = last[t]
+                a[i] = np.maximum(last[t], a[i]) if FIXED["edge"] == "track-max" and k == "speed" else last[t]
         out[k] = a
     return out
 
 
 def _keep(x: dict, min_height: int) -> dict:
-    if FIXED["edge"] in ("track", "track+appearance"):
+    if FIXED["edge"] in ("track", "track+appearance", "track-max"):
         x = _edge_track(x, ("speed", "appearance") if FIXED["edge"] == "track+appearance" else ("speed",))
     b = x["box"]
     m = (b[:, 3] - b[:, 1]) >= min_height
@@ -148,11 +158,54 @@ def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: lis
         vec = lambda x: attribute_vectors(x["speed"], x["geometry"], x["appearance"], place_weight, FIXED["velocity"])[attr]  # noqa: E731
         x = np.concatenate([vec(t) for t in tr])
         folds = np.concatenate([np.full(len(t["frame"]), fold_of[u]) for u, t in enumerate(tr)])
+        dens = _gmm_scores if attr == "speed" and FIXED["speed_density"].startswith("gmm") else (lambda b, q: knn_scores(b, q, 1))
         r = np.zeros(len(x), np.float32)
         for f in np.unique(folds):
-            r[folds == f] = knn_scores(x[folds != f], x[folds == f], 1)
-        _RAW[key] = (r, {v: knn_scores(x, vec(_keep(data[("test", v)], min_height)), 1) for v in test})
+            r[folds == f] = dens(x[folds != f], x[folds == f])
+        _RAW[key] = (r, {v: dens(x, vec(_keep(data[("test", v)], min_height))) for v in test})
     return _RAW[key]
+
+
+def _gmm_scores(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood ``(Q,)`` of ``queries`` under a Gaussian mixture (FIXED speed_density
+    "gmmK": K full-covariance components, AI-VAD's velocity density) fitted on ``bank``."""
+    from sklearn.mixture import GaussianMixture
+
+    if not len(queries):
+        return np.zeros(0, np.float32)
+    spec = FIXED["speed_density"][3:]
+    if spec.endswith("v"):  # the velocity alone, without the place (AI-VAD's velocity features)
+        spec, bank, queries = spec[:-1], bank[:, :-2], queries[:, :-2]
+    g = GaussianMixture(n_components=int(spec or 5), covariance_type="full", reg_covar=1e-3, random_state=0).fit(bank)
+    return (-g.score_samples(queries)).astype(np.float32)
+
+
+def _minq(raw: np.ndarray, q: float) -> tuple[float, float]:
+    """``(min, quantile q - min)``: min-max with a robust top (FIXED scale "minqQ")."""
+    lo = float(np.min(raw))
+    return lo, float(max(np.quantile(raw, q) - lo, 1e-6))
+
+
+def _peak(f: np.ndarray, r: int) -> np.ndarray:
+    """Centred max over ``2 r + 1`` frames (truncated at the ends)."""
+    from scipy.ndimage import maximum_filter1d
+
+    return maximum_filter1d(f, 2 * r + 1, mode="nearest") if r > 0 else f
+
+
+def _track_smooth(o: np.ndarray, frame: np.ndarray, track: np.ndarray, sigma: float) -> np.ndarray:
+    """Object scores ``(N,)`` smoothed along each track by a centred Gaussian of ``sigma`` frames
+    (truncated at the track's ends and renormalised; a frame the track skipped is left out)."""
+    if sigma <= 0 or not len(o):
+        return o
+    out = np.array(o, np.float64, copy=True)
+    for t in np.unique(track):
+        i = np.where(track == t)[0]
+        i = i[np.argsort(frame[i])]
+        f = frame[i].astype(np.float64)
+        w = np.exp(-0.5 * ((f[:, None] - f[None, :]) / sigma) ** 2) * (np.abs(f[:, None] - f[None, :]) <= np.ceil(3 * sigma))
+        out[i] = (w @ o[i]) / w.sum(1)
+    return out
 
 
 def score_setting(data: dict, s: dict, train: list[str], test: list[str]) -> tuple[dict, list[np.ndarray]]:
@@ -163,20 +216,23 @@ def score_setting(data: dict, s: dict, train: list[str], test: list[str]) -> tup
     from anomalens.video.smoothing import smooth
 
     raws = [_raw(data, a, s["min_height"], s["place_weight"], train, test) for a in s["attributes"]]
-    scales = [scale_of(r, FIXED["scale"]) for r, _ in raws]
+    scales = [scale_of(r, FIXED["scale"]) if not FIXED["scale"].startswith("minq") else _minq(r, float(FIXED["scale"][4:])) for r, _ in raws]
     comb = (lambda a: a.sum(1)) if s["combine"] == "sum" else (lambda a: a.max(1))  # noqa: E731
-    sm = (lambda f: smooth(f, s["temporal_sigma"])) if s["temporal_sigma"] > 0 else (lambda f: f)  # noqa: E731
+    r_peak = int(s.get("peak", 0))
+    sm = (lambda f: smooth(_peak(f, r_peak), s["temporal_sigma"])) if s["temporal_sigma"] > 0 else (lambda f: _peak(f, r_peak))  # noqa: E731, F811
     obj = comb(np.stack([(r - c[0]) / c[1] for (r, _), c in zip(raws, scales)], 1))
+    ts = float(s.get("track_sigma", 0))
     runs, start = [], 0
     for v in train:
         x = _keep(data[("train", v)], s["min_height"])
         n = len(x["frame"])
-        runs.append(sm(frame_scores(obj[start:start + n, None], x["frame"], int(x["n_frames"]))[0]))
+        o = _track_smooth(obj[start:start + n], x["frame"], x["track"], ts)
+        runs.append(sm(frame_scores(o[:, None], x["frame"], int(x["n_frames"]))[0]))
         start += n
     res = {}
     for v in test:
         x = _keep(data[("test", v)], s["min_height"])
-        o = comb(np.stack([(t[v] - c[0]) / c[1] for (_, t), c in zip(raws, scales)], 1))
+        o = _track_smooth(comb(np.stack([(t[v] - c[0]) / c[1] for (_, t), c in zip(raws, scales)], 1)), x["frame"], x["track"], ts)
         res[v] = sm(frame_scores(o[:, None], x["frame"], int(x["n_frames"]))[0])
     if FIXED["frame_unit"] == "threshold":
         from anomalens.video.alarm import ALARMS_PER_HOUR, episode_threshold
@@ -223,6 +279,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append the row to this JSON Lines file")
     ap.add_argument("--no-fps", action="store_true", help="skip the end-to-end fit and fps run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"change a fixed setting of {sorted(FIXED)}")
+    ap.add_argument("--sigmas", default="", help="comma-separated temporal sigmas of the grid (default 1,3,6)")
     ap.add_argument("--note", default="", help="what this run tries (goes into the row's variant)")
     args = ap.parse_args()
     for kv in args.set:
@@ -230,6 +287,12 @@ def main() -> None:
         if k not in FIXED:
             ap.error(f"--set {kv}: the fixed settings are {sorted(FIXED)}")
         FIXED[k] = v
+    if FIXED["peak"] != "0":
+        GRID["peak"] = [int(x) for x in FIXED["peak"].split(",")]
+    if FIXED["track_sigma"] != "0":
+        GRID["track_sigma"] = [float(x) for x in FIXED["track_sigma"].split(",")]
+    if args.sigmas:
+        GRID["temporal_sigma"] = [float(x) for x in args.sigmas.split(",")]
     ped2 = os.path.join(args.data, "ucsd_ped2")
     labels = {k: np.asarray(v) for k, v in json.load(open(os.path.join(ped2, "testing", "frame_labels.json"))).items()}
     finder = "" if (FIXED["close"], FIXED["flow_near"]) == ("7", "0") else f"-close{FIXED['close']}-near{FIXED['flow_near']}"
@@ -254,8 +317,8 @@ def main() -> None:
     from anomalens.video import ObjectVideoDetector
 
     p = ObjectVideoDetector(pretrained=False).get_params()
-    s_lib = {"attributes": tuple(p["attributes"]), **{k: p[k] for k in GRID if k != "attributes"}}
-    s_def, res_def, runs_def = next(x for x in scored if x[0] == s_lib)
+    s_lib = {"attributes": tuple(p["attributes"]), **{k: p.get(k, 0) for k in GRID if k != "attributes"}}
+    s_def, res_def, runs_def = next((x for x in scored if x[0] == s_lib), scored[best_all])
     from anomalens.video.alarm import ALARMS_PER_HOUR, episode_threshold
     from anomalens.video.evaluate import EVENT_MARGIN, _far_from_events, false_alarm_episodes
 
