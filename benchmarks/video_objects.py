@@ -63,14 +63,16 @@ GRID = {
 #: = negative log-likelihood
 #: peak: half-widths (frames, comma-separated, a grid dimension) of a centred max filter applied to the
 #: frame scores before the Gaussian ("0": none)
+#: app_size: weights (comma-separated, a grid dimension) of the box's log height and width beside the crop embedding (the appearance of a big
+#: group or a near walker compared with objects of its size; "0": the embedding alone)
 #: track_sigma: sigmas (frames, comma-separated, a grid dimension) of a centred Gaussian applied to each
 #: object's score along its own track before the frame takes its most abnormal object ("0": none)
-FIXED = {"velocity": "hist", "scale": "minmax", "edge": "track", "close": "7", "flow_near": "0", "frame_unit": "raw",
-         "speed_density": "knn", "peak": "0", "track_sigma": "0"}
+FIXED = {"velocity": "hist+strip", "scale": "minmax", "edge": "track", "close": "7", "flow_near": "0", "frame_unit": "raw",
+         "speed_density": "knn", "peak": "0", "track_sigma": "0", "app_size": "0"}
 #: the smallest min_height of the grid: objects are extracted down to it, taller ones kept per setting
 MIN_EXTRACT = min(GRID["min_height"])
 #: bump when the extraction (objects, velocity columns, embeddings) changes: the cache folder is named by it
-EXTRACT_VERSION = "v2"
+EXTRACT_VERSION = "v3"
 
 
 def extract(ped2: str, cache: str) -> dict:
@@ -145,17 +147,21 @@ def _keep(x: dict, min_height: int) -> dict:
 _RAW: dict = {}
 
 
-def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: list[str], test: list[str]) -> tuple[np.ndarray, dict]:
+def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: list[str], test: list[str], app_size: float = 0.0) -> tuple[np.ndarray, dict]:
     """Cross-fit raw kNN scores of the ``train`` objects (4 folds of videos, as the detector's fit)
     and raw scores of each ``test`` video's objects against all of them, for one attribute (memoised)."""
     from anomalens.video.density import attribute_vectors, knn_scores
     from anomalens.video.sources import fold_groups
 
-    key = (attr, min_height, place_weight if attr != "appearance" else None, tuple(train), tuple(test), tuple(FIXED.values()))
+    key = (attr, min_height, place_weight if attr != "appearance" else app_size, tuple(train), tuple(test), tuple(FIXED.values()))
     if key not in _RAW:
         tr = [_keep(data[("train", v)], min_height) for v in train]
         fold_of = {u: g for g, members in enumerate(fold_groups(len(tr), 4, 0)) for u in members}
-        vec = lambda x: attribute_vectors(x["speed"], x["geometry"], x["appearance"], place_weight, FIXED["velocity"])[attr]  # noqa: E731
+        def vec(x: dict) -> np.ndarray:
+            a = attribute_vectors(x["speed"], x["geometry"], x["appearance"], place_weight, FIXED["velocity"])[attr]
+            w = app_size
+            return np.concatenate([a, w * np.asarray(x["geometry"], np.float32)[:, :2]], 1) if attr == "appearance" and w > 0 else a
+
         x = np.concatenate([vec(t) for t in tr])
         folds = np.concatenate([np.full(len(t["frame"]), fold_of[u]) for u, t in enumerate(tr)])
         dens = _gmm_scores if attr == "speed" and FIXED["speed_density"].startswith("gmm") else (lambda b, q: knn_scores(b, q, 1))
@@ -215,7 +221,7 @@ def score_setting(data: dict, s: dict, train: list[str], test: list[str]) -> tup
     from anomalens.video.density import frame_scores, scale_of
     from anomalens.video.smoothing import smooth
 
-    raws = [_raw(data, a, s["min_height"], s["place_weight"], train, test) for a in s["attributes"]]
+    raws = [_raw(data, a, s["min_height"], s["place_weight"], train, test, float(s.get("app_size", 0))) for a in s["attributes"]]
     scales = [scale_of(r, FIXED["scale"]) if not FIXED["scale"].startswith("minq") else _minq(r, float(FIXED["scale"][4:])) for r, _ in raws]
     comb = (lambda a: a.sum(1)) if s["combine"] == "sum" else (lambda a: a.max(1))  # noqa: E731
     r_peak = int(s.get("peak", 0))
@@ -289,6 +295,8 @@ def main() -> None:
         FIXED[k] = v
     if FIXED["peak"] != "0":
         GRID["peak"] = [int(x) for x in FIXED["peak"].split(",")]
+    if FIXED["app_size"] != "0":
+        GRID["app_size"] = [float(x) for x in FIXED["app_size"].split(",")]
     if FIXED["track_sigma"] != "0":
         GRID["track_sigma"] = [float(x) for x in FIXED["track_sigma"].split(",")]
     if args.sigmas:

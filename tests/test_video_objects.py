@@ -159,7 +159,8 @@ def test_a_single_video_is_cut_into_folds(ped2_slice):
 def test_velocity_histogram_and_border_boxes_keep_their_track_speed():
     """The velocity histogram puts each pixel's speed into the sector of its flow's direction (a
     rightward 2 px per frame lands in the sector starting at angle 0, a downward one in the sector
-    starting at pi / 2, the others stay 0); a box
+    starting at pi / 2, the others stay 0); a cyclist beside a walker in one box keeps its own speed
+    in the histogram of the box's fastest strip; a box
     that reaches the frame's border keeps the speed its track had before it touched it."""
     from anomalens.video.attributes import N_BINS, VELOCITY_DIM, object_velocity, velocity_columns
     from anomalens.video.objects import IoUTracker, on_border
@@ -173,6 +174,16 @@ def test_velocity_histogram_and_border_boxes_keep_their_track_speed():
     assert v.shape == (2, VELOCITY_DIM) and h.shape == (2, N_BINS)
     assert h[0, N_BINS // 2] == pytest.approx(2.0) and h[0].sum() == pytest.approx(2.0)
     assert h[1, 3 * N_BINS // 4] == pytest.approx(1.0) and h[1].sum() == pytest.approx(1.0)
+    # one box holding a walker (1 px per frame) and a cyclist (4 px per frame) side by side, both rightward:
+    # the box's histogram averages them, its fastest person-wide strip keeps the cyclist's speed
+    group = np.zeros((40, 60, 2), np.float32)
+    group[10:30, 10:20, 0], group[10:30, 30:40, 0] = 1.0, 4.0
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 10:20] = mask[10:30, 30:40] = True
+    g = object_velocity(group, np.array([[10, 10, 40, 30]]), mask)
+    assert velocity_columns(g, "hist")[0, N_BINS // 2] == pytest.approx(2.5)
+    assert velocity_columns(g, "strip")[0, N_BINS // 2] == pytest.approx(4.0) and velocity_columns(g, "strip").sum() == pytest.approx(4.0)
+    assert velocity_columns(g, "hist+strip").shape == (1, 2 * N_BINS)
     assert on_border(np.array([[0, 5, 10, 20], [5, 5, 10, 40], [5, 5, 10, 20]]), (40, 60)).tolist() == [True, True, False]
     t = IoUTracker()
     a = t.update(np.array([[10, 10, 20, 30]]))[0]

@@ -6,9 +6,10 @@ Interpretable Video Anomaly Detection", 2022), with what ships offline:
 * **speed**: the optical flow on the object's foreground pixels (pixels per frame), averaged over
   the last frames of the object's track, beside the object's place (the camera's perspective: far
   objects move fewer pixels). :func:`object_velocity` measures the mean velocity and speed (of all
-  pixels and of the fastest quarter), the 90th percentile of speed, and AI-VAD's histogram (mean
-  speed per direction sector); :data:`VELOCITY_KINDS` names the columns each description uses
-  (the detector's default: the histogram);
+  pixels and of the fastest quarter), the 90th percentile of speed, AI-VAD's histogram (mean
+  speed per direction sector), and the same histogram of the box's fastest person-wide strip (a box
+  from background subtraction can hold a group, and a cyclist in it); :data:`VELOCITY_KINDS` names
+  the columns each description uses (the detector's default: both histograms, ``"hist+strip"``);
 * **size**: the box's height, width (log pixels) and the place of its foot in the frame (the camera's
   perspective: far objects are small), so that a cart or a group is judged against what is seen *there*;
 * **appearance**: a frozen ImageNet CNN's embedding of the object's crop (mean of its last feature
@@ -27,7 +28,10 @@ from ..errors import ConfigError
 #: orientation bins of the velocity histogram (:func:`object_velocity`), as AI-VAD's
 N_BINS = 8
 #: length of the velocity vector (:func:`object_velocity`)
-VELOCITY_DIM = 7 + N_BINS
+VELOCITY_DIM = 7 + 2 * N_BINS
+#: width of the strips of a box (fraction of its height; about one person) whose fastest one gives
+#: the strip histogram (:func:`object_velocity`)
+STRIP_WIDTH = 0.5
 #: the attributes, in the order of scores and causes
 ATTRIBUTES = ("speed", "size", "appearance")
 #: columns of :func:`object_velocity` that each velocity description uses (:func:`velocity_columns`)
@@ -35,6 +39,8 @@ VELOCITY_KINDS = {
     "mean": slice(0, 6),  # mean velocity and speed, and those of the fastest quarter of pixels
     "hist": slice(7, 7 + N_BINS),  # AI-VAD: mean speed per flow orientation
     "hist+p90": slice(6, 7 + N_BINS),  # the histogram beside the 90th percentile of speed
+    "strip": slice(7 + N_BINS, 7 + 2 * N_BINS),  # the histogram of the box's fastest person-wide strip
+    "hist+strip": slice(7, 7 + 2 * N_BINS),  # both histograms
 }
 
 
@@ -63,8 +69,8 @@ def object_velocity(flow: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> np
         object's foreground pixels; the same over its fastest quarter of pixels (a fast part of a
         merged blob, a cyclist among walkers, is not averaged away); the 90th percentile of speed;
         then the mean speed of the pixels whose flow points into each of :data:`N_BINS` equal sectors
-        of orientation from -pi (0 for an empty sector; Reiss & Hoshen's velocity histogram). Zeros for
-        an object without pixels.
+        of orientation from -pi (0 for an empty sector; Reiss & Hoshen's velocity histogram); then the
+        same histogram of the box's fastest person-wide vertical strip. Zeros for an object without pixels.
     """
     out = np.zeros((len(boxes), VELOCITY_DIM), np.float32)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
@@ -76,10 +82,36 @@ def object_velocity(flow: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> np
         out[i, :3] = f[:, 0].mean(), f[:, 1].mean(), mag.mean()
         out[i, 3:6] = f[top, 0].mean(), f[top, 1].mean(), mag[top].mean()
         out[i, 6] = np.quantile(mag, 0.9)
-        b = np.minimum(((np.arctan2(f[:, 1], f[:, 0]) + np.pi) * (N_BINS / (2 * np.pi))).astype(np.int64), N_BINS - 1)
-        n = np.bincount(b, minlength=N_BINS)
-        out[i, 7:] = np.bincount(b, weights=mag, minlength=N_BINS) / np.maximum(n, 1)
+        out[i, 7:7 + N_BINS] = _histogram(f, mag)
+        out[i, 7 + N_BINS:] = _fastest_strip(flow[y0:y1, x0:x1], mask[y0:y1, x0:x1])
     return out
+
+
+def _histogram(f: np.ndarray, mag: np.ndarray) -> np.ndarray:
+    """Mean speed ``(N_BINS,)`` of the flow vectors ``f`` ``(P, 2)`` (speeds ``mag``) per orientation sector."""
+    b = np.minimum(((np.arctan2(f[:, 1], f[:, 0]) + np.pi) * (N_BINS / (2 * np.pi))).astype(np.int64), N_BINS - 1)
+    return np.bincount(b, weights=mag, minlength=N_BINS) / np.maximum(np.bincount(b, minlength=N_BINS), 1)
+
+
+def _fastest_strip(flow: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The velocity histogram of the box's fastest vertical strip (``STRIP_WIDTH`` of its height wide,
+    steps of half that; strips with foreground on under a quarter of their pixels are skipped; the
+    whole box when it is narrower than a strip): a cyclist in a group's box keeps its own speed."""
+    h, w = mask.shape
+    sw = max(2, int(round(STRIP_WIDTH * h)))
+    best, best_speed = None, -1.0
+    for x in range(0, max(w - sw, 0) + 1, max(1, sw // 2)):
+        m = mask[:, x:x + sw]
+        if m.sum() < 0.25 * m.size and w > sw:
+            continue
+        f = flow[:, x:x + sw][m]
+        mag = np.hypot(f[:, 0], f[:, 1])
+        if len(f) and mag.mean() > best_speed:
+            best, best_speed = (f, mag), float(mag.mean())
+    if best is None:
+        f = flow[mask]
+        best = (f, np.hypot(f[:, 0], f[:, 1]))
+    return _histogram(*best) if len(best[0]) else np.zeros(N_BINS, np.float32)
 
 
 def geometry(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -28,7 +28,7 @@ PLACE_WEIGHT = 0.5
 
 
 def attribute_vectors(
-    speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT, velocity: str = "hist"
+    speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT, velocity: str = "hist+strip"
 ) -> dict[str, np.ndarray]:
     """The vectors each attribute's kNN compares, for ``N`` objects.
 

@@ -73,7 +73,7 @@ class ObjectVideoDetector(VideoModel):
     def __init__(
         self, backbone: str = "efficientnet_lite0", *, attributes: Sequence[str] = DEFAULT_ATTRIBUTES, combine: str = "sum",
         k: int = 1, quantile: float = 0.99, place_weight: float = PLACE_WEIGHT, min_height: int = 20, diff: float = 25.0,
-        flow_speed: float = 1.0, min_area: int = 60, close: int = 7, flow_near: int = 0, velocity: str = "hist", scale: str = "minmax",
+        flow_speed: float = 1.0, min_area: int = 60, close: int = 7, flow_near: int = 0, velocity: str = "hist+strip", scale: str = "minmax",
         edge_track: bool = True, temporal_sigma: float = 6.0, alarms_per_hour: float = ALARMS_PER_HOUR,
         fps: float | None = None, folds: int = 4, seed: int = 0, pretrained: bool = True,
     ):
