@@ -32,8 +32,9 @@ def load_detector(
             folder gives the :class:`~anomalens.runtime.OnnxDetector` of its exported ``model.onnx``
             (``"torch"`` is refused). Video models and MuSc run on torch; exported models on ONNX
             Runtime.
-        threads: ONNX Runtime intra-op threads of an :class:`~anomalens.runtime.OnnxDetector` (None:
-            all cores); a detector's graph uses torch's thread count.
+        threads: ONNX Runtime intra-op threads of an :class:`~anomalens.runtime.OnnxDetector` or of
+            an image detector's graph (None: all cores for the former, torch's thread count for the
+            latter).
 
     Returns:
         An :class:`~anomalens.contract.AnomalyDetector`: a :class:`~anomalens.detectors.base.Detector`,
@@ -75,4 +76,6 @@ def load_detector(
         return load_musc(directory, key)
     from .detectors.persistence import load_detector as load_image_detector
 
-    return load_image_detector(directory, key).use_engine(engine)
+    det = load_image_detector(directory, key).use_engine(engine)
+    det.graph_threads = threads
+    return det

@@ -268,8 +268,6 @@ def load_inference_model(model_dir: str | os.PathLike, engine: str = "auto", thr
     from .loading import load_detector
 
     model = load_detector(model_dir, key=key, engine=engine, threads=threads)
-    if hasattr(model, "graph_threads"):
-        model.graph_threads = threads
     if getattr(model, "engine", None) == "onnxruntime" and hasattr(model, "use_engine"):
         from .detectors.engine import graph_session
 

@@ -91,16 +91,23 @@ class PatchCoreScorer(nn.Module):
         (:func:`~anomalens.knn.pairwise_sq_dists`) bit for bit, one ``(Q, M)`` pass fewer. Only the
         minimum, not its row, is taken here (an arg-min costs ten times the minimum on ONNX Runtime):
         :meth:`nearest` gives the row where evidence needs it."""
-        part = torch.addmm(getattr(self, f"bank_sq_{k}")[None, :], q, self.bank(k).T, alpha=-2.0)
-        return (part.amin(1) + (q * q).sum(1)).clamp(min=0.0).sqrt()
+        return self._finish(self._partial(k, q).amin(1), q)
 
     def nearest(self, k: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distance ``float32`` ``(Q,)`` and row ``int64`` ``(Q,)`` of the nearest scale-``k``
         bank feature of each query ``q`` ``(Q, D)`` (exact; ties: the lowest row); distances as
         :meth:`distances`."""
-        part = torch.addmm(getattr(self, f"bank_sq_{k}")[None, :], q, self.bank(k).T, alpha=-2.0)
-        v, idx = part.min(1)
-        return (v + (q * q).sum(1)).clamp(min=0.0).sqrt(), idx
+        v, idx = self._partial(k, q).min(1)
+        return self._finish(v, q), idx
+
+    def _partial(self, k: int, q: torch.Tensor) -> torch.Tensor:
+        """``||m||^2 - 2 q.m`` ``(Q, M_k)`` for every query ``q`` ``(Q, D)`` and scale-``k`` bank feature ``m``."""
+        return torch.addmm(getattr(self, f"bank_sq_{k}")[None, :], q, self.bank(k).T, alpha=-2.0)
+
+    @staticmethod
+    def _finish(partial_min: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """L2 distances ``(Q,)`` from the minima of :meth:`_partial` ``(Q,)``: ``||q||^2`` added, then the root."""
+        return (partial_min + (q * q).sum(1)).clamp(min=0.0).sqrt()
 
     def patch_scores(self, dist: torch.Tensor) -> torch.Tensor:
         """Patch scores from nearest-bank L2 distances (any shape): the distances, or for unit
