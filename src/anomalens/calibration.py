@@ -272,6 +272,17 @@ class Calibration:
     def is_batch_relative(self) -> bool:
         return self.mode == "batch"
 
+    def config_fields(self) -> dict:
+        """What a model folder's ``config.json`` says of this calibration: ``threshold``,
+        ``pixel_threshold`` and ``calibration`` (source, mode, note, number of scores, false-alarm
+        rate); thresholds and rate None when batch-relative."""
+        batch = self.is_batch_relative
+        return {
+            "threshold": None if batch else self.threshold, "pixel_threshold": None if batch else self.pixel_threshold,
+            "calibration": {"source": self.source, "mode": self.mode, "note": self.note, "n": int(self.scores.size),
+                            "false_alarm_rate": None if batch else self.false_alarm_rate},
+        }
+
     @classmethod
     def restore(
         cls,

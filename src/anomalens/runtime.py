@@ -201,13 +201,8 @@ class OnnxDetector:
         except OSError as exc:
             raise ModelFileError(f"cannot read {self.path} ({exc.strerror})") from None
         cal = self.calibration
-        batch = cal.is_batch_relative
-        config = {
-            "detector": "onnx", "exported_detector": self.name, "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
-            "threshold": None if batch else cal.threshold, "pixel_threshold": None if batch else cal.pixel_threshold,
-            "calibration": {"source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size),
-                            "false_alarm_rate": None if batch else cal.false_alarm_rate},
-        }
+        config = {"detector": "onnx", "exported_detector": self.name, "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+                  **cal.config_fields()}
         arrays = {"calibration.scores": np.asarray(cal.scores, dtype=np.float64),
                   "calibration.map_maxima": np.asarray(cal.map_maxima, dtype=np.float64)}
         save_model(directory, config, arrays, key=key, files={ONNX_NAME: onnx_bytes})

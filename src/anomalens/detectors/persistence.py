@@ -32,16 +32,12 @@ def save_detector(det, directory: str | os.PathLike, key: bytes | None = None, e
     tensors = dict(det._state_tensors())
     tensors["calibration.scores"] = torch.from_numpy(np.asarray(cal.scores, dtype=np.float64))
     tensors["calibration.map_maxima"] = torch.from_numpy(np.asarray(cal.map_maxima, dtype=np.float64))
+    fields = cal.config_fields()
+    fields["calibration"]["added_sha256"] = list(cal.added)
     config = {
         "detector": det.name,
         "params": det.get_params(),
-        "threshold": None if cal.is_batch_relative else cal.threshold,
-        "pixel_threshold": None if cal.is_batch_relative else cal.pixel_threshold,
-        "calibration": {
-            "source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size),
-            "false_alarm_rate": None if cal.is_batch_relative else cal.false_alarm_rate,
-            "added_sha256": list(cal.added),
-        },
+        **fields,
         "train_images": det.train_images,
         "train_views": det.train_views,
         "fit_info": det.fit_info,

@@ -215,9 +215,7 @@ class MuSc:
         from ..serialization import save_model
 
         config = {"detector": self.name, "params": self.get_params(), "n_references": len(self.references),
-                  "fit_info": {"n_train_images": len(self.references)},
-                  "threshold": None, "pixel_threshold": None,
-                  "calibration": {"source": "batch", "mode": "batch", "note": BATCH_NOTE, "n": 0, "false_alarm_rate": None}}
+                  "fit_info": {"n_train_images": len(self.references)}, **self.calibration.config_fields()}
         save_model(directory, config, {f"reference.{i}": a for i, a in enumerate(self.references)}, key=key)
         return Path(directory)
 
