@@ -273,38 +273,42 @@ class Calibration:
         return self.mode == "batch"
 
     def config_fields(self) -> dict:
-        """What a model folder's ``config.json`` says of this calibration: ``threshold``,
-        ``pixel_threshold`` and ``calibration`` (source, mode, note, number of scores, false-alarm
-        rate); thresholds and rate None when batch-relative."""
+        """What a model folder's ``config.json`` (or an exported graph's metadata) says of this
+        calibration: ``threshold``, ``pixel_threshold`` and ``calibration`` (source, mode, note, number
+        of scores, false-alarm rate, hashes of added images); thresholds and rate None when
+        batch-relative. :meth:`restore` reads it back beside the scores."""
         batch = self.is_batch_relative
         return {
             "threshold": None if batch else self.threshold, "pixel_threshold": None if batch else self.pixel_threshold,
             "calibration": {"source": self.source, "mode": self.mode, "note": self.note, "n": int(self.scores.size),
-                            "false_alarm_rate": None if batch else self.false_alarm_rate},
+                            "false_alarm_rate": None if batch else self.false_alarm_rate, "added_sha256": list(self.added)},
         }
 
     @classmethod
     def restore(
-        cls,
-        scores: np.ndarray,
-        map_maxima: np.ndarray,
-        false_alarm_rate: float,
-        *,
-        source: str,
-        mode: str,
-        threshold: float | None,
-        pixel_threshold: float | None,
-        note: str = "",
-        where: str = "model",
-        added: Sequence[str] = (),
+        cls, fields: dict, scores: np.ndarray, map_maxima: np.ndarray, *, where: str = "model", false_alarm_rate: float = float("nan"), source: str = ""
     ) -> "Calibration":
-        """Rebuild a saved calibration (model directory or ONNX metadata) and check it against the
-        thresholds stored beside it.
+        """Rebuild a saved calibration from what :meth:`config_fields` wrote and the saved scores,
+        and check it against the thresholds stored beside them.
+
+        Args:
+            fields: ``{"threshold", "pixel_threshold", "calibration": {...}}`` as :meth:`config_fields` gives.
+            scores: ``float64`` ``(N,)`` calibration image scores; map_maxima: ``float64`` ``(N,)``.
+            where: names the file in errors.
+            false_alarm_rate, source: used when ``fields`` has none.
 
         Raises:
-            ModelFileError: the scores cannot calibrate ``false_alarm_rate``, or the stored thresholds
+            ModelFileError: the scores cannot calibrate the false-alarm rate, or the stored thresholds
                 do not follow from the stored scores (an edited or mixed-up file). ``where`` names it.
         """
+        c = fields.get("calibration") or {}
+        if not isinstance(c, dict):
+            raise ModelFileError(f"{where}: malformed calibration block")
+        mode, note = str(c.get("mode", "conformal")), str(c.get("note", ""))
+        threshold, pixel_threshold = fields.get("threshold"), fields.get("pixel_threshold")
+        rate = c.get("false_alarm_rate")
+        false_alarm_rate = float(false_alarm_rate if rate is None else rate)
+        source, added = str(c.get("source") or source), c.get("added_sha256") or ()
         if mode == "batch":
             if np.asarray(scores).size:
                 raise ModelFileError(f"{where}: a batch-relative calibration must have no calibration scores")

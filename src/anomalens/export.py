@@ -102,13 +102,10 @@ def _write_onnx(detector, path: Path, source_config_sha256: str | None) -> Path:
         "bank_rows": int(getattr(detector.model.scorer, "bank_rows", 0)),  # bounds the images per call
         "patch_stride": int(detector.extractor.stride),
         "source_config_sha256": source_config_sha256,
-        "threshold": cal.threshold,
-        "pixel_threshold": cal.pixel_threshold,
-        "calibration": {
-            "scores": cal.scores.tolist(), "map_maxima": cal.map_maxima.tolist(), "false_alarm_rate": cal.false_alarm_rate,
-            "source": cal.source, "mode": cal.mode, "note": cal.note,
-        },
     }
+    fields = cal.config_fields()  # what Calibration.restore reads back, with the scores beside it
+    fields["calibration"].update(scores=cal.scores.tolist(), map_maxima=cal.map_maxima.tolist())
+    meta.update(fields)
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = "anomalens", json.dumps(meta)

@@ -106,11 +106,7 @@ class OnnxDetector:
             if meta["format_version"] not in READABLE_ONNX_FORMATS:
                 raise ModelFileError(f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {READABLE_ONNX_FORMATS}")
             c = meta["calibration"]
-            cal = Calibration.restore(
-                np.asarray(c["scores"]), np.asarray(c["map_maxima"]), float(c["false_alarm_rate"]), source=c["source"],
-                mode=c.get("mode", "conformal"), threshold=float(meta["threshold"]), pixel_threshold=float(meta["pixel_threshold"]),
-                note=str(c.get("note", "")), where=str(path),
-            )
+            cal = Calibration.restore(meta, np.asarray(c["scores"], np.float64), np.asarray(c["map_maxima"], np.float64), where=str(path))
         except ModelFileError:
             raise
         except Exception as exc:
@@ -235,12 +231,7 @@ def load_exported(
     from .serialization import load_arrays
 
     _, arrays = load_arrays(model_dir, key)
-    c = config.get("calibration") or {}
-    model.calibration = Calibration.restore(
-        arrays["calibration.scores"], arrays["calibration.map_maxima"], float(c.get("false_alarm_rate") or "nan"),
-        source=str(c.get("source", "")), mode=str(c.get("mode", "conformal")), threshold=config.get("threshold"),
-        pixel_threshold=config.get("pixel_threshold"), note=str(c.get("note", "")), where=str(model_dir),
-    )
+    model.calibration = Calibration.restore(config, arrays["calibration.scores"], arrays["calibration.map_maxima"], where=str(model_dir))
     model.model_dir = Path(model_dir)
     return model
 

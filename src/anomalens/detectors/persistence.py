@@ -32,12 +32,10 @@ def save_detector(det, directory: str | os.PathLike, key: bytes | None = None, e
     tensors = dict(det._state_tensors())
     tensors["calibration.scores"] = torch.from_numpy(np.asarray(cal.scores, dtype=np.float64))
     tensors["calibration.map_maxima"] = torch.from_numpy(np.asarray(cal.map_maxima, dtype=np.float64))
-    fields = cal.config_fields()
-    fields["calibration"]["added_sha256"] = list(cal.added)
     config = {
         "detector": det.name,
         "params": det.get_params(),
-        **fields,
+        **cal.config_fields(),
         "train_images": det.train_images,
         "train_views": det.train_views,
         "fit_info": det.fit_info,
@@ -67,13 +65,7 @@ def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
     scores = tensors.pop("calibration.scores").numpy()
     maxima = tensors.pop("calibration.map_maxima").numpy()
     det._load_state_tensors(tensors)
-    cal_cfg = config.get("calibration") or {}
-    alpha = cal_cfg.get("false_alarm_rate") or det.false_alarm_rate
-    det.calibration = Calibration.restore(
-        scores, maxima, float(alpha), source=cal_cfg.get("source", det.calibration_source),
-        mode=cal_cfg.get("mode", "conformal"), threshold=config["threshold"], pixel_threshold=config["pixel_threshold"],
-        note=str(cal_cfg.get("note", "")), added=cal_cfg.get("added_sha256") or (),
-    )
+    det.calibration = Calibration.restore(config, scores, maxima, false_alarm_rate=det.false_alarm_rate, source=det.calibration_source)
     if not det.calibration.is_batch_relative:
         det.false_alarm_rate = det.calibration.false_alarm_rate
     det.fit_info = config.get("fit_info", {})
