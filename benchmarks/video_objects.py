@@ -22,6 +22,11 @@ Protocol:
 * **fps**: the library's ``evaluate`` over test 01-06 (``OMP_NUM_THREADS`` threads, default 2), end to end (frames read, flow,
   objects, crops, kNN).
 
+The ideas this script refuted (other velocity descriptions, scales with a robust top, AI-VAD's
+Gaussian mixture for speed, a max filter, smoothing along tracks, box size beside the appearance,
+scores in threshold units) were measured with it up to commit ``2d70788``: their rows are in
+``benchmarks/results/video-objects.jsonl`` and their lines in ``docs/design/decisions.md``.
+
 Run: ``python benchmarks/video_objects.py --data /work/shared/data`` (about 10 minutes on 2 cores; the
 extraction is cached). Rows go to ``benchmarks/results/video-objects.jsonl`` with ``--out``.
 """
@@ -49,30 +54,10 @@ GRID = {
     "place_weight": [0.5, 1.0],
     "temporal_sigma": [1.0, 3.0, 6.0],
 }
-#: settings held fixed in one run (``--set key=value`` changes one; each idea tried is one row):
-#: velocity (a key of anomalens.video.attributes.VELOCITY_KINDS), scale (AttributeDensity's, or "minqQ":
-#: (raw - min) / (quantile Q - min), min-max with a robust top), edge
-#: ("as-is", or "track": a box touching the frame's border takes its track's last speed off the border;
-#: "track-max": the element-wise larger of that and its own velocity histogram)
-#: close, flow_near: the object finder's (ObjectParams; changing one extracts into another cache folder)
-#: frame_unit: "raw", or "threshold": each setting's frame scores divided by its alarm threshold on its own
-#: cross-fitted training runs (1 = the alarm level), so that held-out scores of folds that chose
-#: different settings are pooled in one unit (within a setting the order of frames does not change)
-#: speed_density: "knn" (nearest training object), or "gmmK": AI-VAD's Gaussian mixture of K components
-#: fitted on the training objects' speed vectors (velocity and place; "gmmKv": the velocity alone), raw score
-#: = negative log-likelihood
-#: peak: half-widths (frames, comma-separated, a grid dimension) of a centred max filter applied to the
-#: frame scores before the Gaussian ("0": none)
-#: app_size: weights (comma-separated, a grid dimension) of the box's log height and width beside the crop embedding (the appearance of a big
-#: group or a near walker compared with objects of its size; "0": the embedding alone)
-#: track_sigma: sigmas (frames, comma-separated, a grid dimension) of a centred Gaussian applied to each
-#: object's score along its own track before the frame takes its most abnormal object ("0": none)
-FIXED = {"velocity": "hist+strip", "scale": "minmax", "edge": "track", "close": "7", "flow_near": "0", "frame_unit": "raw",
-         "speed_density": "knn", "peak": "0", "track_sigma": "0", "app_size": "0"}
 #: the smallest min_height of the grid: objects are extracted down to it, taller ones kept per setting
 MIN_EXTRACT = min(GRID["min_height"])
 #: bump when the extraction (objects, velocity columns, embeddings) changes: the cache folder is named by it
-EXTRACT_VERSION = "v3"
+EXTRACT_VERSION = "v4"
 
 
 def extract(ped2: str, cache: str) -> dict:
@@ -85,16 +70,13 @@ def extract(ped2: str, cache: str) -> dict:
 
     torch.set_num_threads(1)
     os.makedirs(cache, exist_ok=True)
-    det = ObjectVideoDetector(attributes=("speed", "size", "appearance"), min_height=MIN_EXTRACT, close=int(FIXED["close"]), flow_near=int(FIXED["flow_near"]))
+    det = ObjectVideoDetector(attributes=("speed", "size", "appearance"), min_height=MIN_EXTRACT)
     bg_path = os.path.join(cache, "background.npy")
     train = list_videos(os.path.join(ped2, "training", "frames"))
     if not os.path.exists(bg_path):
         np.save(bg_path, ObjectPipeline.background_of(train, every=10))
     det.background = np.load(bg_path)
-    global HW
-    HW = tuple(det.background.shape)
     pipe = det._pipeline()
-    pipe.edge_track = False  # cached as measured: FIXED["edge"] is applied to the cache (_edge_track)
     out = {}
     for split, vids in (("train", train), ("test", list_videos(os.path.join(ped2, "testing", "frames")))):
         for v in vids:
@@ -112,33 +94,8 @@ def extract(ped2: str, cache: str) -> dict:
     return out
 
 
-HW: tuple[int, int] = (240, 360)  # set by extract from the background
-
-
-def _edge_track(x: dict, keys: tuple[str, ...] = ("speed",)) -> dict:
-    """``x`` with each border-touching box's ``keys`` (speed; with ``edge=track+appearance`` also the
-    crop embedding) replaced by its track's at the last frame its box was off the border (kept when
-    it never was)."""
-    b = x["box"]
-    h, w = HW
-    edge = (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= w) | (b[:, 3] >= h)
-    out = dict(x)
-    for k in keys:
-        a = np.array(x[k], copy=True)
-        last: dict[int, np.ndarray] = {}
-        for i in np.lexsort((np.arange(len(b)), x["frame"])):  # frame order
-            t = int(x["track"][i])
-            if not edge[i]:
-                last[t] = a[i]
-            elif t in last:
-                a[i] = np.maximum(last[t], a[i]) if FIXED["edge"] == "track-max" and k == "speed" else last[t]
-        out[k] = a
-    return out
-
-
 def _keep(x: dict, min_height: int) -> dict:
-    if FIXED["edge"] in ("track", "track+appearance", "track-max"):
-        x = _edge_track(x, ("speed", "appearance") if FIXED["edge"] == "track+appearance" else ("speed",))
+    """The objects of ``x`` at least ``min_height`` pixels tall (the detector's ``min_height``)."""
     b = x["box"]
     m = (b[:, 3] - b[:, 1]) >= min_height
     return {k: (a[m] if np.ndim(a) and len(a) == len(m) else a) for k, a in x.items()}
@@ -147,104 +104,51 @@ def _keep(x: dict, min_height: int) -> dict:
 _RAW: dict = {}
 
 
-def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: list[str], test: list[str], app_size: float = 0.0) -> tuple[np.ndarray, dict]:
+def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: list[str], test: list[str]) -> tuple[np.ndarray, dict]:
     """Cross-fit raw kNN scores of the ``train`` objects (4 folds of videos, as the detector's fit)
     and raw scores of each ``test`` video's objects against all of them, for one attribute (memoised)."""
     from anomalens.video.density import attribute_vectors, knn_scores
     from anomalens.video.sources import fold_groups
 
-    key = (attr, min_height, place_weight if attr != "appearance" else app_size, tuple(train), tuple(test), tuple(FIXED.values()))
+    key = (attr, min_height, place_weight if attr != "appearance" else 0.0, tuple(train), tuple(test))
     if key not in _RAW:
         tr = [_keep(data[("train", v)], min_height) for v in train]
         fold_of = {u: g for g, members in enumerate(fold_groups(len(tr), 4, 0)) for u in members}
         def vec(x: dict) -> np.ndarray:
-            a = attribute_vectors(x["speed"], x["geometry"], x["appearance"], place_weight, FIXED["velocity"])[attr]
-            w = app_size
-            return np.concatenate([a, w * np.asarray(x["geometry"], np.float32)[:, :2]], 1) if attr == "appearance" and w > 0 else a
+            return attribute_vectors(x["speed"], x["geometry"], x["appearance"], place_weight)[attr]
 
         x = np.concatenate([vec(t) for t in tr])
         folds = np.concatenate([np.full(len(t["frame"]), fold_of[u]) for u, t in enumerate(tr)])
-        dens = _gmm_scores if attr == "speed" and FIXED["speed_density"].startswith("gmm") else (lambda b, q: knn_scores(b, q, 1))
         r = np.zeros(len(x), np.float32)
         for f in np.unique(folds):
-            r[folds == f] = dens(x[folds != f], x[folds == f])
-        _RAW[key] = (r, {v: dens(x, vec(_keep(data[("test", v)], min_height))) for v in test})
+            r[folds == f] = knn_scores(x[folds != f], x[folds == f], 1)
+        _RAW[key] = (r, {v: knn_scores(x, vec(_keep(data[("test", v)], min_height)), 1) for v in test})
     return _RAW[key]
-
-
-def _gmm_scores(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood ``(Q,)`` of ``queries`` under a Gaussian mixture (FIXED speed_density
-    "gmmK": K full-covariance components, AI-VAD's velocity density) fitted on ``bank``."""
-    from sklearn.mixture import GaussianMixture
-
-    if not len(queries):
-        return np.zeros(0, np.float32)
-    spec = FIXED["speed_density"][3:]
-    if spec.endswith("v"):  # the velocity alone, without the place (AI-VAD's velocity features)
-        spec, bank, queries = spec[:-1], bank[:, :-2], queries[:, :-2]
-    g = GaussianMixture(n_components=int(spec or 5), covariance_type="full", reg_covar=1e-3, random_state=0).fit(bank)
-    return (-g.score_samples(queries)).astype(np.float32)
-
-
-def _minq(raw: np.ndarray, q: float) -> tuple[float, float]:
-    """``(min, quantile q - min)``: min-max with a robust top (FIXED scale "minqQ")."""
-    lo = float(np.min(raw))
-    return lo, float(max(np.quantile(raw, q) - lo, 1e-6))
-
-
-def _peak(f: np.ndarray, r: int) -> np.ndarray:
-    """Centred max over ``2 r + 1`` frames (truncated at the ends)."""
-    from scipy.ndimage import maximum_filter1d
-
-    return maximum_filter1d(f, 2 * r + 1, mode="nearest") if r > 0 else f
-
-
-def _track_smooth(o: np.ndarray, frame: np.ndarray, track: np.ndarray, sigma: float) -> np.ndarray:
-    """Object scores ``(N,)`` smoothed along each track by a centred Gaussian of ``sigma`` frames
-    (truncated at the track's ends and renormalised; a frame the track skipped is left out)."""
-    if sigma <= 0 or not len(o):
-        return o
-    out = np.array(o, np.float64, copy=True)
-    for t in np.unique(track):
-        i = np.where(track == t)[0]
-        i = i[np.argsort(frame[i])]
-        f = frame[i].astype(np.float64)
-        w = np.exp(-0.5 * ((f[:, None] - f[None, :]) / sigma) ** 2) * (np.abs(f[:, None] - f[None, :]) <= np.ceil(3 * sigma))
-        out[i] = (w @ o[i]) / w.sum(1)
-    return out
 
 
 def score_setting(data: dict, s: dict, train: list[str], test: list[str]) -> tuple[dict, list[np.ndarray]]:
     """Frame scores (smoothed) of each ``test`` video and the smoothed cross-fit runs of the ``train``
-    videos for setting ``s``: the detector's fit path (each attribute over its 0.99 quantile on the
-    cross-fit normal objects, combined per object, the frame's most abnormal object) on cached objects."""
+    videos for setting ``s``: the detector's fit path (each attribute min-max scaled on the cross-fit
+    normal objects, combined per object, the frame's most abnormal object, smoothed) on cached objects."""
     from anomalens.video.density import frame_scores, scale_of
     from anomalens.video.smoothing import smooth
 
-    raws = [_raw(data, a, s["min_height"], s["place_weight"], train, test, float(s.get("app_size", 0))) for a in s["attributes"]]
-    scales = [scale_of(r, FIXED["scale"]) if not FIXED["scale"].startswith("minq") else _minq(r, float(FIXED["scale"][4:])) for r, _ in raws]
+    raws = [_raw(data, a, s["min_height"], s["place_weight"], train, test) for a in s["attributes"]]
+    scales = [scale_of(r) for r, _ in raws]
     comb = (lambda a: a.sum(1)) if s["combine"] == "sum" else (lambda a: a.max(1))  # noqa: E731
-    r_peak = int(s.get("peak", 0))
-    sm = (lambda f: smooth(_peak(f, r_peak), s["temporal_sigma"])) if s["temporal_sigma"] > 0 else (lambda f: _peak(f, r_peak))  # noqa: E731, F811
+    sm = (lambda f: smooth(f, s["temporal_sigma"])) if s["temporal_sigma"] > 0 else (lambda f: f)  # noqa: E731
     obj = comb(np.stack([(r - c[0]) / c[1] for (r, _), c in zip(raws, scales)], 1))
-    ts = float(s.get("track_sigma", 0))
     runs, start = [], 0
     for v in train:
         x = _keep(data[("train", v)], s["min_height"])
         n = len(x["frame"])
-        o = _track_smooth(obj[start:start + n], x["frame"], x["track"], ts)
-        runs.append(sm(frame_scores(o[:, None], x["frame"], int(x["n_frames"]))[0]))
+        runs.append(sm(frame_scores(obj[start:start + n, None], x["frame"], int(x["n_frames"]))[0]))
         start += n
     res = {}
     for v in test:
         x = _keep(data[("test", v)], s["min_height"])
-        o = _track_smooth(comb(np.stack([(t[v] - c[0]) / c[1] for (_, t), c in zip(raws, scales)], 1)), x["frame"], x["track"], ts)
+        o = comb(np.stack([(t[v] - c[0]) / c[1] for (_, t), c in zip(raws, scales)], 1))
         res[v] = sm(frame_scores(o[:, None], x["frame"], int(x["n_frames"]))[0])
-    if FIXED["frame_unit"] == "threshold":
-        from anomalens.video.alarm import ALARMS_PER_HOUR, episode_threshold
-
-        t = max(episode_threshold(runs, 10.0, ALARMS_PER_HOUR)[0], 1e-9)
-        res, runs = {v: r / t for v, r in res.items()}, [r / t for r in runs]
     return res, runs
 
 
@@ -284,27 +188,14 @@ def main() -> None:
     ap.add_argument("--cache", default=f"/tmp/anomalens-video-objects-{EXTRACT_VERSION}", help="extraction cache (versioned: a change of extraction gets a new folder)")
     ap.add_argument("--out", default=None, help="append the row to this JSON Lines file")
     ap.add_argument("--no-fps", action="store_true", help="skip the end-to-end fit and fps run")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"change a fixed setting of {sorted(FIXED)}")
     ap.add_argument("--sigmas", default="", help="comma-separated temporal sigmas of the grid (default 1,3,6)")
     ap.add_argument("--note", default="", help="what this run tries (goes into the row's variant)")
     args = ap.parse_args()
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        if k not in FIXED:
-            ap.error(f"--set {kv}: the fixed settings are {sorted(FIXED)}")
-        FIXED[k] = v
-    if FIXED["peak"] != "0":
-        GRID["peak"] = [int(x) for x in FIXED["peak"].split(",")]
-    if FIXED["app_size"] != "0":
-        GRID["app_size"] = [float(x) for x in FIXED["app_size"].split(",")]
-    if FIXED["track_sigma"] != "0":
-        GRID["track_sigma"] = [float(x) for x in FIXED["track_sigma"].split(",")]
     if args.sigmas:
         GRID["temporal_sigma"] = [float(x) for x in args.sigmas.split(",")]
     ped2 = os.path.join(args.data, "ucsd_ped2")
     labels = {k: np.asarray(v) for k, v in json.load(open(os.path.join(ped2, "testing", "frame_labels.json"))).items()}
-    finder = "" if (FIXED["close"], FIXED["flow_near"]) == ("7", "0") else f"-close{FIXED['close']}-near{FIXED['flow_near']}"
-    data = extract(ped2, args.cache + finder)
+    data = extract(ped2, args.cache)
     settings = [dict(zip(GRID, vals)) for vals in itertools.product(*GRID.values())]
     scored = []
     for s in settings:
@@ -336,7 +227,7 @@ def main() -> None:
     flagged = np.concatenate([res_def[v] > t for v in TEST])
     y = np.concatenate([labels[v] for v in TEST])
     row = {
-        "variant": "objects: LOVO over test 01-06" + (f" ({args.note})" if args.note else ""), "fixed": dict(FIXED), "fit_videos": TRAIN, "grid": {k: [list(x) if isinstance(x, tuple) else x for x in v] for k, v in GRID.items()},
+        "variant": "objects: LOVO over test 01-06" + (f" ({args.note})" if args.note else ""), "fit_videos": TRAIN, "grid": {k: [list(x) if isinstance(x, tuple) else x for x in v] for k, v in GRID.items()},
         "lovo_pooled_auc_micro": lovo_pooled, "lovo_per_video_auc": {f["video"]: f["held_out_auc"] for f in folds},
         "lovo_worst_video": min(folds, key=lambda f: f["held_out_auc"])["video"], "lovo_folds": folds,
         "best_on_all_six": scored[best_all][0], "best_on_all_six_pooled_auc_micro": pooled(labels, scored[best_all][1], TEST),

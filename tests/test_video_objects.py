@@ -27,7 +27,7 @@ def objects_model(ped2_slice, tmp_path_factory):
 def test_objects_are_found_and_tracked_on_real_frames(ped2_slice):
     """On test video 02 (slice: frames 64-123, a cyclist from slice frame 30) every frame has objects,
     boxes lie inside the frame, and a walker keeps its track id from frame to frame."""
-    from anomalens.video.attributes import VELOCITY_DIM
+    from anomalens.video.attributes import N_BINS, VELOCITY_DIM
     from anomalens.video.objects import IoUTracker
     from anomalens.video.pipeline import ObjectPipeline
     from anomalens.video.objects import ObjectParams
@@ -43,8 +43,8 @@ def test_objects_are_found_and_tracked_on_real_frames(ped2_slice):
     kept = np.mean([len(a & b) / max(1, len(b)) for a, b in zip(ids, ids[1:])])
     assert kept > 0.6, kept  # most objects continue a track of the previous frame
     assert all(f.speed.shape == (len(f), VELOCITY_DIM) and f.appearance.shape == (len(f), 0) for f in frames)
-    # walkers move about a pixel per frame; frame 0 has no flow yet
-    speeds = np.concatenate([f.speed[:, 2] for f in frames[1:]])
+    # walkers move about a pixel per frame (their histogram's fullest direction); frame 0 has no flow yet
+    speeds = np.concatenate([f.speed[:, :N_BINS].max(1) for f in frames[1:]])
     assert 0.2 < float(np.median(speeds)) < 3 and not frames[0].speed.any()
     t = IoUTracker()
     a = t.update(np.array([[10, 10, 30, 50], [100, 10, 120, 50]]))
@@ -162,7 +162,7 @@ def test_velocity_histogram_and_border_boxes_keep_their_track_speed():
     starting at pi / 2, the others stay 0); a cyclist beside a walker in one box keeps its own speed
     in the histogram of the box's fastest strip; a box
     that reaches the frame's border keeps the speed its track had before it touched it."""
-    from anomalens.video.attributes import N_BINS, VELOCITY_DIM, object_velocity, velocity_columns
+    from anomalens.video.attributes import N_BINS, VELOCITY_DIM, object_velocity
     from anomalens.video.objects import IoUTracker, on_border
 
     flow = np.zeros((40, 60, 2), np.float32)
@@ -170,8 +170,8 @@ def test_velocity_histogram_and_border_boxes_keep_their_track_speed():
     flow[10:30, 40:50, 1] = 1.0  # object 1 moves down (image rows grow downwards)
     boxes = np.array([[10, 10, 20, 30], [40, 10, 50, 30]])
     v = object_velocity(flow, boxes, np.ones((40, 60), bool))
-    h = velocity_columns(v, "hist")
-    assert v.shape == (2, VELOCITY_DIM) and h.shape == (2, N_BINS)
+    h = v[:, :N_BINS]  # the box's histogram (its fastest strip's follows)
+    assert v.shape == (2, VELOCITY_DIM) == (2, 2 * N_BINS)
     assert h[0, N_BINS // 2] == pytest.approx(2.0) and h[0].sum() == pytest.approx(2.0)
     assert h[1, 3 * N_BINS // 4] == pytest.approx(1.0) and h[1].sum() == pytest.approx(1.0)
     # one box holding a walker (1 px per frame) and a cyclist (4 px per frame) side by side, both rightward:
@@ -181,9 +181,8 @@ def test_velocity_histogram_and_border_boxes_keep_their_track_speed():
     mask = np.zeros((40, 60), bool)
     mask[10:30, 10:20] = mask[10:30, 30:40] = True
     g = object_velocity(group, np.array([[10, 10, 40, 30]]), mask)
-    assert velocity_columns(g, "hist")[0, N_BINS // 2] == pytest.approx(2.5)
-    assert velocity_columns(g, "strip")[0, N_BINS // 2] == pytest.approx(4.0) and velocity_columns(g, "strip").sum() == pytest.approx(4.0)
-    assert velocity_columns(g, "hist+strip").shape == (1, 2 * N_BINS)
+    assert g[0, N_BINS // 2] == pytest.approx(2.5)
+    assert g[0, N_BINS + N_BINS // 2] == pytest.approx(4.0) and g[0, N_BINS:].sum() == pytest.approx(4.0)
     assert on_border(np.array([[0, 5, 10, 20], [5, 5, 10, 40], [5, 5, 10, 20]]), (40, 60)).tolist() == [True, True, False]
     t = IoUTracker()
     a = t.update(np.array([[10, 10, 20, 30]]))[0]

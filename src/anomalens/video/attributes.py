@@ -5,11 +5,9 @@ Interpretable Video Anomaly Detection", 2022), with what ships offline:
 
 * **speed**: the optical flow on the object's foreground pixels (pixels per frame), averaged over
   the last frames of the object's track, beside the object's place (the camera's perspective: far
-  objects move fewer pixels). :func:`object_velocity` measures the mean velocity and speed (of all
-  pixels and of the fastest quarter), the 90th percentile of speed, AI-VAD's histogram (mean
-  speed per direction sector), and the same histogram of the box's fastest person-wide strip (a box
-  from background subtraction can hold a group, and a cyclist in it); :data:`VELOCITY_KINDS` names
-  the columns each description uses (the detector's default: both histograms, ``"hist+strip"``);
+  objects move fewer pixels). :func:`object_velocity` measures AI-VAD's histogram (mean speed per
+  direction sector) beside the same histogram of the box's fastest person-wide strip (a box from
+  background subtraction can hold a group, and a cyclist in it);
 * **size**: the box's height, width (log pixels) and the place of its foot in the frame (the camera's
   perspective: far objects are small), so that a cart or a group is judged against what is seen *there*;
 * **appearance**: a frozen ImageNet CNN's embedding of the object's crop (mean of its last feature
@@ -23,39 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import make_backbone
-from ..errors import ConfigError
 
 #: orientation bins of the velocity histogram (:func:`object_velocity`), as AI-VAD's
 N_BINS = 8
-#: length of the velocity vector (:func:`object_velocity`)
-VELOCITY_DIM = 7 + 2 * N_BINS
+#: length of the velocity vector (:func:`object_velocity`): the box's histogram, then its fastest strip's
+VELOCITY_DIM = 2 * N_BINS
 #: width of the strips of a box (fraction of its height; about one person) whose fastest one gives
 #: the strip histogram (:func:`object_velocity`)
 STRIP_WIDTH = 0.5
 #: the attributes, in the order of scores and causes
 ATTRIBUTES = ("speed", "size", "appearance")
-#: columns of :func:`object_velocity` that each velocity description uses (:func:`velocity_columns`)
-VELOCITY_KINDS = {
-    "mean": slice(0, 6),  # mean velocity and speed, and those of the fastest quarter of pixels
-    "hist": slice(7, 7 + N_BINS),  # AI-VAD: mean speed per flow orientation
-    "hist+p90": slice(6, 7 + N_BINS),  # the histogram beside the 90th percentile of speed
-    "strip": slice(7 + N_BINS, 7 + 2 * N_BINS),  # the histogram of the box's fastest person-wide strip
-    "hist+strip": slice(7, 7 + 2 * N_BINS),  # both histograms
-}
-
-
-def velocity_columns(velocity: np.ndarray, kind: str) -> np.ndarray:
-    """The columns of :func:`object_velocity` rows ``(N, VELOCITY_DIM)`` that the description ``kind``
-    (a key of :data:`VELOCITY_KINDS`) uses: ``float32`` ``(N, d)``.
-
-    Raises:
-        ConfigError: an unknown ``kind``.
-    """
-    if kind not in VELOCITY_KINDS:
-        raise ConfigError(f"velocity must be one of {sorted(VELOCITY_KINDS)}, got {kind!r}")
-    return np.asarray(velocity, np.float32).reshape(-1, VELOCITY_DIM)[:, VELOCITY_KINDS[kind]]
-
-
 def object_velocity(flow: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per object, its velocity from the flow on its foreground pixels.
 
@@ -65,25 +40,19 @@ def object_velocity(flow: np.ndarray, boxes: np.ndarray, mask: np.ndarray) -> np
         mask: ``bool`` ``(H, W)`` foreground.
 
     Returns:
-        ``float32`` ``(N, VELOCITY_DIM)``, all in pixels per frame: mean ``dx, dy`` and mean speed of the
-        object's foreground pixels; the same over its fastest quarter of pixels (a fast part of a
-        merged blob, a cyclist among walkers, is not averaged away); the 90th percentile of speed;
-        then the mean speed of the pixels whose flow points into each of :data:`N_BINS` equal sectors
-        of orientation from -pi (0 for an empty sector; Reiss & Hoshen's velocity histogram); then the
-        same histogram of the box's fastest person-wide vertical strip. Zeros for an object without pixels.
+        ``float32`` ``(N, VELOCITY_DIM)`` in pixels per frame: the mean speed of the object's foreground
+        pixels whose flow points into each of :data:`N_BINS` equal sectors of orientation from -pi (0
+        for an empty sector; Reiss & Hoshen's velocity histogram), then the same histogram of the box's
+        fastest person-wide vertical strip (a cyclist merged into a group's box keeps its own speed).
+        Zeros for an object without pixels.
     """
     out = np.zeros((len(boxes), VELOCITY_DIM), np.float32)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         f = flow[y0:y1, x0:x1][mask[y0:y1, x0:x1]]
         if not len(f):
             continue
-        mag = np.hypot(f[:, 0], f[:, 1])
-        top = mag >= np.quantile(mag, 0.75)
-        out[i, :3] = f[:, 0].mean(), f[:, 1].mean(), mag.mean()
-        out[i, 3:6] = f[top, 0].mean(), f[top, 1].mean(), mag[top].mean()
-        out[i, 6] = np.quantile(mag, 0.9)
-        out[i, 7:7 + N_BINS] = _histogram(f, mag)
-        out[i, 7 + N_BINS:] = _fastest_strip(flow[y0:y1, x0:x1], mask[y0:y1, x0:x1])
+        out[i, :N_BINS] = _histogram(f, np.hypot(f[:, 0], f[:, 1]))
+        out[i, N_BINS:] = _fastest_strip(flow[y0:y1, x0:x1], mask[y0:y1, x0:x1])
     return out
 
 

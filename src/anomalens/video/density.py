@@ -6,9 +6,8 @@ Each attribute (:data:`~anomalens.video.attributes.ATTRIBUTES`) has its own vect
 attribute is the mean distance to its ``k`` nearest training objects. Raw distances of different
 attributes, and of objects in different videos, are not comparable; so each attribute's raw score is
 put on the scale of normal objects that were *not* in the bank (cross-fit: each group of training
-videos scored against the others' objects): by default AI-VAD's min-max, (raw - min) / (max - min)
-of those scores, so that 0 and 1 are the least and the most unusual normal object; or raw over its
-``quantile`` (``scale="quantile"``). An object's score combines its attribute scores (the detector's
+videos scored against the others' objects): AI-VAD's min-max, (raw - min) / (max - min) of those
+scores, so that 0 and 1 are the least and the most unusual normal object. An object's score combines its attribute scores (the detector's
 ``combine``), and the largest attribute is its cause. A frame is as abnormal as its most abnormal
 object (0 without objects).
 """
@@ -20,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..knn import NearestNeighbours
-from .attributes import ATTRIBUTES, velocity_columns
+from .attributes import ATTRIBUTES, VELOCITY_DIM
 
 #: weight of the foot row and centre column (fractions of the frame) against pixels per frame (speed)
 #: and log pixels (size): a tenth of the frame's height weighs as much as 0.05 px per frame
@@ -28,7 +27,7 @@ PLACE_WEIGHT = 0.5
 
 
 def attribute_vectors(
-    speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT, velocity: str = "hist+strip"
+    speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray | None, place_weight: float = PLACE_WEIGHT
 ) -> dict[str, np.ndarray]:
     """The vectors each attribute's kNN compares, for ``N`` objects.
 
@@ -37,34 +36,24 @@ def attribute_vectors(
         geometry: ``float32`` ``(N, 4)``: log height, log width, foot row, centre column.
         appearance: ``float32`` ``(N, D)`` crop embeddings, or None / ``D = 0`` (no appearance).
         place_weight: weight of the place (fractions of the frame) beside speed and size.
-        velocity: which velocity description (a key of :data:`~anomalens.video.attributes.VELOCITY_KINDS`).
 
     Returns:
-        ``{"speed": (N, d + 2), "size": (N, 4), "appearance": (N, D)}`` (``float32``; no appearance key
+        ``{"speed": (N, VELOCITY_DIM + 2), "size": (N, 4), "appearance": (N, D)}`` (``float32``; no appearance key
         without embeddings): velocity beside the place; height, width and place; the embedding.
-
-    Raises:
-        ConfigError: an unknown ``velocity``.
     """
     g = np.asarray(geometry, np.float32).reshape(-1, 4)
     place = place_weight * g[:, 2:]
-    out = {"speed": np.concatenate([velocity_columns(speed, velocity), place], 1), "size": np.concatenate([g[:, :2], place], 1)}
+    out = {"speed": np.concatenate([np.asarray(speed, np.float32).reshape(-1, VELOCITY_DIM), place], 1), "size": np.concatenate([g[:, :2], place], 1)}
     if appearance is not None and np.asarray(appearance).ndim == 2 and np.asarray(appearance).shape[1]:
         out["appearance"] = np.asarray(appearance, np.float32)
     return out
 
 
-#: how raw attribute scores are put on one scale (:class:`AttributeDensity`)
-SCALES = ("quantile", "minmax")
-
-
-def scale_of(raw: np.ndarray, scale: str, quantile: float = 0.99) -> tuple[float, float]:
-    """``(offset, scale)`` that put raw scores ``(N,)`` of normal objects on a common scale:
-    ``(0, quantile of raw)`` or ``(min, max - min)`` (see :class:`AttributeDensity`)."""
-    if scale == "minmax":
-        lo = float(np.min(raw))
-        return lo, float(max(np.max(raw) - lo, 1e-6))
-    return 0.0, float(max(np.quantile(raw, quantile), 1e-6))
+def scale_of(raw: np.ndarray) -> tuple[float, float]:
+    """``(offset, scale)`` = ``(min, max - min)`` of raw scores ``(N,)`` of normal objects: AI-VAD's
+    min-max, which puts every attribute on one scale (see :class:`AttributeDensity`)."""
+    lo = float(np.min(raw))
+    return lo, float(max(np.max(raw) - lo, 1e-6))
 
 
 def knn_scores(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -76,25 +65,21 @@ def knn_scores(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 class AttributeDensity:
-    """Per-attribute kNN density of normal objects, with cross-fit scales.
+    """Per-attribute kNN density of normal objects, with cross-fit min-max scales: (raw - min) / (max
+    - min) of the cross-fit normal objects' raw scores (AI-VAD's normalisation).
 
     Args:
         k: neighbours averaged.
-        quantile: the quantile of cross-fit normal object scores that becomes 1 (``scale="quantile"``).
         attributes: which attributes score (a subset of :data:`ATTRIBUTES`).
-        scale: ``"quantile"``: raw / its ``quantile`` on cross-fit normal objects; ``"minmax"``: (raw -
-            min) / (max - min) of the cross-fit normal objects (AI-VAD's normalisation).
 
     Raises:
         ConfigError: invalid values.
     """
 
-    def __init__(self, k: int = 1, quantile: float = 0.99, attributes: tuple[str, ...] = ATTRIBUTES, scale: str = "minmax"):
-        if k < 1 or not 0 < quantile < 1 or not attributes or set(attributes) - set(ATTRIBUTES) or scale not in SCALES:
-            raise ConfigError(
-                f"need k >= 1, 0 < quantile < 1, attributes among {ATTRIBUTES} and scale among {SCALES}; got k={k}, quantile={quantile}, attributes={attributes}, scale={scale!r}"
-            )
-        self.k, self.quantile, self.attributes, self.scale = int(k), float(quantile), tuple(a for a in ATTRIBUTES if a in attributes), scale
+    def __init__(self, k: int = 1, attributes: tuple[str, ...] = ATTRIBUTES):
+        if k < 1 or not attributes or set(attributes) - set(ATTRIBUTES):
+            raise ConfigError(f"need k >= 1 and attributes among {ATTRIBUTES}; got k={k}, attributes={attributes}")
+        self.k, self.attributes = int(k), tuple(a for a in ATTRIBUTES if a in attributes)
         self.banks: dict[str, np.ndarray] = {}
         self.scales: dict[str, float] = {}
         self.offsets: dict[str, float] = {}
@@ -126,7 +111,7 @@ class AttributeDensity:
                 r[inside] = knn_scores(x[~inside], x[inside], self.k)
             raw[a] = r
             self.banks[a] = np.ascontiguousarray(x, np.float32)
-            self.offsets[a], self.scales[a] = scale_of(r, self.scale, self.quantile)
+            self.offsets[a], self.scales[a] = scale_of(r)
         return raw
 
     def raw(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

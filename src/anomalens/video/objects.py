@@ -32,10 +32,6 @@ class ObjectParams:
         min_area: smallest blob kept, in pixels (at the frame's resolution).
         close: side in pixels of the square that closes gaps between parts of one object.
         adapt: rate at which the background follows the frame where no object is (0 = fixed).
-        flow_near: a moving pixel (flow above ``speed``) is foreground only within this many pixels
-            of a pixel that differs from the background; 0 = anywhere. Dense flow spreads a fast
-            object's motion over the ground around it, which would join a cyclist and the walkers
-            beside it into one blob.
     """
 
     diff: float = 25.0
@@ -43,12 +39,11 @@ class ObjectParams:
     min_area: int = 60
     close: int = 7
     adapt: float = 0.02
-    flow_near: int = 0
 
     def check(self) -> "ObjectParams":
         """Raise :class:`ConfigError` on values out of range; returns self."""
-        if not (0 < self.diff < 255 and self.speed > 0 and self.min_area >= 1 and self.close >= 1 and 0 <= self.adapt < 1 and self.flow_near >= 0):
-            raise ConfigError(f"invalid object parameters {self}: need 0 < diff < 255, speed > 0, min_area >= 1, close >= 1, 0 <= adapt < 1, flow_near >= 0")
+        if not (0 < self.diff < 255 and self.speed > 0 and self.min_area >= 1 and self.close >= 1 and 0 <= self.adapt < 1):
+            raise ConfigError(f"invalid object parameters {self}: need 0 < diff < 255, speed > 0, min_area >= 1, close >= 1, 0 <= adapt < 1")
         return self
 
 
@@ -77,8 +72,6 @@ class ForegroundBoxes:
         self.bg = np.array(background, dtype=np.float32, copy=True)
         self.p = params.check()
         self._kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (params.close, params.close))
-        n = 2 * params.flow_near + 1
-        self._near = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (n, n)) if params.flow_near else None
 
     def __call__(self, gray: np.ndarray, flow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """One frame: ``uint8`` ``(H, W)`` and its flow ``float32`` ``(H, W, 2)`` (None for the first).
@@ -95,10 +88,7 @@ class ForegroundBoxes:
         g = gray.astype(np.float32)
         fg = np.abs(g - self.bg) > self.p.diff
         if flow is not None:
-            moving = (flow[..., 0] ** 2 + flow[..., 1] ** 2) > self.p.speed ** 2
-            if self._near is not None:
-                moving &= cv2.dilate(fg.astype(np.uint8), self._near).astype(bool)
-            fg |= moving
+            fg |= (flow[..., 0] ** 2 + flow[..., 1] ** 2) > self.p.speed ** 2
         m = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
         m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, self._kernel)
         n, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)

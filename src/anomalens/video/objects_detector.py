@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..calibration import Calibration
-from ..errors import ConfigError, DatasetError, ModelFileError
+from ..errors import ConfigError, DatasetError
 from .alarm import ALARMS_PER_HOUR, episode_threshold
-from .attributes import ATTRIBUTES, VELOCITY_KINDS, CropEmbedder
+from .attributes import ATTRIBUTES, VELOCITY_DIM, CropEmbedder
 from .base import VideoModel
 from .density import PLACE_WEIGHT, AttributeDensity, attribute_vectors, frame_scores
 from .io import as_videos, video_fps, video_name
@@ -47,16 +47,11 @@ class ObjectVideoDetector(VideoModel):
         attributes: which attributes score (of ``speed``, ``size``, ``appearance``).
         combine: an object's score from its attribute scores: ``"sum"`` or ``"max"``.
         k: neighbours averaged in each attribute's kNN.
-        quantile: the quantile of cross-fit normal objects' scores that is 1 on each attribute's scale.
         place_weight: weight of an object's place (fractions of the frame) in the speed and size vectors.
         min_height: objects less tall (pixels) are not scored (far noise).
-        diff, flow_speed, min_area, close, flow_near: foreground: grey-level difference from the
-            background, flow speed (pixels per frame), smallest blob in pixels, side of the closing
-            square in pixels, and how near a differing pixel a moving one must be (pixels; 0: anywhere)
+        diff, flow_speed, min_area, close: foreground: grey-level difference from the background, flow
+            speed (pixels per frame), smallest blob in pixels and side of the closing square in pixels
             (:class:`~anomalens.video.objects.ObjectParams`).
-        velocity: how speed is described (a key of :data:`~anomalens.video.attributes.VELOCITY_KINDS`).
-        scale: how each attribute's kNN distances are put on one scale (:class:`~anomalens.video.density.AttributeDensity`).
-        edge_track: a box touching the frame's border takes its track's speed from before it touched it.
         temporal_sigma: Gaussian smoothing of the frame scores in frames (delay ``ceil(3 sigma)``).
         alarms_per_hour: target false-alarm episodes per hour of normal footage (:mod:`~anomalens.video.alarm`).
         fps: frame rate of the footage (None: read from the training videos; frame folders: 10).
@@ -72,9 +67,8 @@ class ObjectVideoDetector(VideoModel):
 
     def __init__(
         self, backbone: str = "efficientnet_lite0", *, attributes: Sequence[str] = DEFAULT_ATTRIBUTES, combine: str = "sum",
-        k: int = 1, quantile: float = 0.99, place_weight: float = PLACE_WEIGHT, min_height: int = 20, diff: float = 25.0,
-        flow_speed: float = 1.0, min_area: int = 60, close: int = 7, flow_near: int = 0, velocity: str = "hist+strip", scale: str = "minmax",
-        edge_track: bool = True, temporal_sigma: float = 6.0, alarms_per_hour: float = ALARMS_PER_HOUR,
+        k: int = 1, place_weight: float = PLACE_WEIGHT, min_height: int = 20, diff: float = 25.0,
+        flow_speed: float = 1.0, min_area: int = 60, close: int = 7, temporal_sigma: float = 6.0, alarms_per_hour: float = ALARMS_PER_HOUR,
         fps: float | None = None, folds: int = 4, seed: int = 0, pretrained: bool = True,
     ):
         if combine not in ("sum", "max"):
@@ -84,14 +78,11 @@ class ObjectVideoDetector(VideoModel):
         if not alarms_per_hour > 0 or (fps is not None and not fps > 0):
             raise ConfigError(f"alarms_per_hour and fps must be > 0, got {alarms_per_hour} and {fps}")
         self.backbone_name = backbone
-        self.density = AttributeDensity(k, quantile, tuple(attributes), scale)  # validates them
-        if velocity not in VELOCITY_KINDS:
-            raise ConfigError(f"velocity must be one of {sorted(VELOCITY_KINDS)}, got {velocity!r}")
-        self.velocity, self.scale, self.edge_track = velocity, scale, bool(edge_track)
+        self.density = AttributeDensity(k, tuple(attributes))  # validates them
         self.attributes = self.density.attributes
-        self.combine, self.k, self.quantile = combine, int(k), float(quantile)
+        self.combine, self.k = combine, int(k)
         self.place_weight, self.min_height = float(place_weight), int(min_height)
-        self.object_params = ObjectParams(diff=float(diff), speed=float(flow_speed), min_area=int(min_area), close=int(close), flow_near=int(flow_near)).check()
+        self.object_params = ObjectParams(diff=float(diff), speed=float(flow_speed), min_area=int(min_area), close=int(close)).check()
         self.temporal_sigma, self.alarms_per_hour, self.fps = float(temporal_sigma), float(alarms_per_hour), fps
         self.folds, self.seed, self.pretrained = int(folds), int(seed), bool(pretrained)
         self.false_alarm_rate = float("nan")  # the per-frame rate the threshold implies, set by fit
@@ -105,9 +96,8 @@ class ObjectVideoDetector(VideoModel):
         p = self.object_params
         return {
             "backbone": self.backbone_name, "attributes": list(self.attributes), "combine": self.combine, "k": self.k,
-            "quantile": self.quantile, "place_weight": self.place_weight, "min_height": self.min_height, "diff": p.diff,
-            "flow_speed": p.speed, "min_area": p.min_area, "close": p.close, "flow_near": p.flow_near, "velocity": self.velocity,
-            "scale": self.scale, "edge_track": self.edge_track, "temporal_sigma": self.temporal_sigma,
+            "place_weight": self.place_weight, "min_height": self.min_height, "diff": p.diff,
+            "flow_speed": p.speed, "min_area": p.min_area, "close": p.close, "temporal_sigma": self.temporal_sigma,
             "alarms_per_hour": self.alarms_per_hour, "fps": self.fps, "folds": self.folds, "seed": self.seed, "pretrained": self.pretrained,
         }
 
@@ -116,10 +106,10 @@ class ObjectVideoDetector(VideoModel):
         if self._embedder is None and "appearance" in self.attributes:
             self._embedder = CropEmbedder(self.backbone_name, pretrained=self.pretrained)
         assert self.background is not None
-        return ObjectPipeline(self.background, self.object_params, self._embedder, min_height=self.min_height, edge_track=self.edge_track)
+        return ObjectPipeline(self.background, self.object_params, self._embedder, min_height=self.min_height)
 
     def _vectors(self, speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray) -> dict[str, np.ndarray]:
-        return attribute_vectors(speed, geometry, appearance, self.place_weight, self.velocity)
+        return attribute_vectors(speed, geometry, appearance, self.place_weight)
 
     def _object_scores(self, scaled: np.ndarray) -> np.ndarray:
         """``(N, A)`` scaled attribute scores -> ``(N,)`` object scores."""
@@ -261,11 +251,8 @@ class ObjectVideoDetector(VideoModel):
         return tensors, {"scales": dict(self.density.scales), "offsets": dict(self.density.offsets), "fps": self.fps, "false_alarm_rate": self.false_alarm_rate}
 
     def _restore(self, state: dict, tensors: dict, where: str) -> None:
-        if "offsets" not in state:
-            raise ModelFileError(f"{where}: an object model of an earlier version (speed and scales changed): re-fit it with `anomalens video fit --method objects`")
         self.background = check_tensor(tensors, "background", (None, None), where).numpy()
-        v = VELOCITY_KINDS[self.velocity]
-        dims = {"speed": v.stop - v.start + 2, "size": 4, "appearance": None}
+        dims = {"speed": VELOCITY_DIM + 2, "size": 4, "appearance": None}
         for a in self.attributes:
             self.density.banks[a] = check_tensor(tensors, f"bank.{a}", (None, dims[a]), where).numpy()
             self.density.scales[a] = float(state["scales"][a])

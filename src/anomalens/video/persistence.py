@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from .base import VideoModel
 
 #: version of the video models' layout (2: the object detector, one config for both methods; 3: the
-#: objects' velocity histogram and min-max scales, both methods' episode threshold)
-VIDEO_FORMAT = 3
+#: objects' velocity histogram and min-max scales, both methods' episode threshold; 4: the objects'
+#: velocity is the box's histogram beside its fastest strip's, without the probes' options)
+VIDEO_FORMAT = 4
 
 
 def _classes() -> dict:
@@ -46,9 +47,7 @@ def save_video_model(det: "VideoModel", directory: str | os.PathLike, key: bytes
     tensors = {**tensors, "calibration.scores": torch.from_numpy(cal.scores), "calibration.map_maxima": torch.from_numpy(cal.map_maxima)}
     config = {
         "detector": det.name, "method": det.method, "video_format": VIDEO_FORMAT, "params": det.get_params(),
-        "threshold": cal.threshold, "pixel_threshold": cal.pixel_threshold,
-        "calibration": {"source": cal.source, "mode": cal.mode, "note": cal.note, "n": int(cal.scores.size)},
-        "fit_info": det.fit_info, "state": extra,
+        **cal.config_fields(), "fit_info": det.fit_info, "state": extra,
     }
     return save_model(directory, config, tensors, key=key)
 
@@ -76,11 +75,8 @@ def load_video_model(directory: str | os.PathLike, key: bytes | None = None) -> 
         det._restore(config.get("state") or {}, tensors, str(directory))
     except (TypeError, KeyError, ValueError, ConfigError) as exc:
         raise ModelFileError(f"{directory}: invalid video model config ({exc})") from None
-    c = config.get("calibration") or {}
     det.calibration = Calibration.restore(
-        tensors["calibration.scores"].numpy(), tensors["calibration.map_maxima"].numpy(), det.false_alarm_rate,
-        source=c.get("source", "held-out"), mode=c.get("mode", "conformal"), threshold=config["threshold"],
-        pixel_threshold=config["pixel_threshold"], note=str(c.get("note", "")), where=str(directory),
+        config, tensors["calibration.scores"].numpy(), tensors["calibration.map_maxima"].numpy(), where=str(directory), false_alarm_rate=det.false_alarm_rate
     )
     det.fit_info = config.get("fit_info", {})
     return det

@@ -56,19 +56,20 @@ class ObjectPipeline:
         embedder: :class:`~anomalens.video.attributes.CropEmbedder`, or None (no appearance).
         track_frames: frames the speed is averaged over along a track.
         min_height: boxes less tall (pixels) are tracked but not described or scored.
-        edge_track: a box touching the frame's border takes its track's speed from the last frame
-            it was off the border (:meth:`~anomalens.video.objects.IoUTracker.off_border`).
+
+    A box touching the frame's border takes its track's speed from the last frame it was off the
+    border (:meth:`~anomalens.video.objects.IoUTracker.off_border`): a walker half out of the frame
+    does not look slow for its place.
     """
 
     def __init__(
-        self, background: np.ndarray, params: ObjectParams, embedder: CropEmbedder | None, track_frames: int = 5, min_height: int = 12, edge_track: bool = True
+        self, background: np.ndarray, params: ObjectParams, embedder: CropEmbedder | None, track_frames: int = 5, min_height: int = 12
     ):
         self.background = np.asarray(background, np.float32)
         self.params = params.check()
         self.embedder = embedder
         self.track_frames = int(track_frames)
         self.min_height = int(min_height)
-        self.edge_track = bool(edge_track)
         self.flow = FlowComputer(finest_scale=0)
 
     @staticmethod
@@ -100,8 +101,7 @@ class ObjectPipeline:
             speed = np.zeros((len(boxes), VELOCITY_DIM), np.float32)
             if flow is not None and len(boxes):  # every track's history, so that scoring fewer objects changes no speed
                 speed = np.stack([tracker.mean_of(int(t), v) for t, v in zip(ids, object_velocity(flow, boxes, mask))])
-                if self.edge_track:
-                    speed = np.stack([tracker.off_border(int(t), v, e) for t, v, e in zip(ids, speed, on_border(boxes, gray.shape))])
+                speed = np.stack([tracker.off_border(int(t), v, e) for t, v, e in zip(ids, speed, on_border(boxes, gray.shape))])
             tall = (boxes[:, 3] - boxes[:, 1]) >= self.min_height
             boxes, ids, speed = boxes[tall], ids[tall], speed[tall]
             app = self.embedder(rgb, boxes) if self.embedder is not None else np.zeros((len(boxes), 0), np.float32)

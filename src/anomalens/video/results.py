@@ -18,8 +18,8 @@ class ObjectScore:
     Attributes:
         track: track id (the same object in consecutive frames keeps it; unique within a video).
         box: ``(x0, y0, x1, y1)`` in the frame's pixels (exclusive ends).
-        scores: attribute -> score in units of normal objects (1 = the calibration quantile of normal
-            objects' scores for that attribute), e.g. ``{"speed": 2.4, "size": 0.3, "appearance": 0.8}``.
+        scores: attribute -> score in units of normal objects (0 and 1: the least and the most unusual
+            normal training object for that attribute, scored by cross-fit), e.g. ``{"speed": 2.4, "appearance": 0.8}``.
         score: the largest of ``scores``.
         cause: the attribute that gives ``score``.
     """
