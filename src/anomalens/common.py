@@ -86,9 +86,8 @@ class PatchFeatureExtractor(nn.Module):
     def backbone_forward(self, x01: torch.Tensor) -> list[torch.Tensor]:
         """Normalise, reflect-pad and run the backbone: the raw per-layer maps (padding included).
 
-        The backbone runs on ``micro_batch`` images at a time: on a 2-core CPU one image per call was
-        fastest per image (EfficientNet-Lite0 at 384 px: 56 ms at 1, 134 ms at 16; larger batches
-        thrash the cache).
+        The backbone runs on ``micro_batch`` images at a time (default 1: on a CPU, one image per call
+        is the fastest per image, as larger batches thrash the cache).
         """
         pad = self.border_pad
         x = self.backbone.normalize(x01)
@@ -104,8 +103,8 @@ class PatchFeatureExtractor(nn.Module):
         feats = self.backbone_forward(x01)
         if self.patch_size > 1:
             p = self.patch_size
-            # zero padding counted in the border average, as in the PatchCore paper's code and anomalib
-            # (on transistor at 256 px: 93.0 -> 100 image AUROC against averaging valid pixels only)
+            # zero padding counted in the border average, as in the PatchCore paper's code and anomalib,
+            # not an average of the valid pixels only (measured reason: docs/design/decisions.md)
             feats = [F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=True) for f in feats]
         if pad:
             feats = [f[..., pad // s : f.shape[-2] - pad // s, pad // s : f.shape[-1] - pad // s] for f, s in zip(feats, self.backbone.strides)]
@@ -131,9 +130,9 @@ class AnomalyMapHead(nn.Module):
 
     Both steps are linear and separable, so the map is ``A_h @ grid @ A_w^T`` with one
     ``(n * stride, n)`` matrix per axis (:meth:`axis_operator`: the upsampling and blur applied to
-    the ``n`` unit impulses). Two small matrix products replace the full-resolution blur (on 2 cores,
-    a 40 x 40 grid's map: about 0.1 instead of 1.4 ms in ONNX Runtime); the result equals
-    upsample-then-blur up to float rounding (~5e-7 relative).
+    the ``n`` unit impulses). Two small matrix products replace the full-resolution single-channel
+    convolutions, which are slower in ONNX Runtime (measured reason: docs/design/decisions.md); the
+    result equals upsample-then-blur up to float rounding (~5e-7 relative).
     """
 
     def __init__(self, stride: int, sigma: float = 4.0):

@@ -117,10 +117,10 @@ def trace_graph(detector) -> bytes:
     """``detector.model`` as a serialised ONNX graph with dynamic batch and (but for PaDiM's fixed
     geometry) dynamic height and width per scale.
 
-    Traced by torch's TorchScript exporter: about 3 s on 2 shared cores where ``torch.export``
-    took 12-60 s for the same graph, with outputs equal to ~1e-6. The TF "SAME" padding of the
-    stride-2 convolutions, which the tracer computes from the input shape, is made constant where
-    it is the same for every model input (:func:`constant_pads`).
+    Traced by torch's TorchScript exporter, which is several times faster than ``torch.export`` on
+    the same graph and gives outputs equal to ~1e-6 (measured reason: docs/design/decisions.md).
+    The TF "SAME" padding of the stride-2 convolutions, which the tracer computes from the input
+    shape, is made constant where it is the same for every model input (:func:`constant_pads`).
     """
     from .detectors.scoring import PatchCoreScorer
 

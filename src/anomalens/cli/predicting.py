@@ -143,7 +143,7 @@ def zero_shot(
         help="Known-good images (files/folders; repeatable): few-shot, their PatchCore score is added to the mutual score.",
     ),
     augment: str = typer.Option("none", help="Augmentation of the --reference images: none, flips, rotations, dihedral, rotations45."),
-    image_size: int = typer.Option(224, help="Side in pixels the ViT sees (multiple of 14; 448 = 32 x 32 tokens at 4x the ViT time)."),
+    image_size: int = typer.Option(224, help="Side in pixels the ViT sees (multiple of 14; 448 = 32 x 32 tokens, 4 times 224's)."),
     max_references: int = typer.Option(100, help="Other images each image is compared with at most (0 = every pair; cost grows with the batch squared)."),
     cnn: str = typer.Option(
         "efficientnet_lite0,mobilenet_v2",
@@ -152,7 +152,7 @@ def zero_shot(
     cnn_size: int = typer.Option(256, help="Side in pixels the CNN sees (multiple of 16)."),
     cnn_augment: str = typer.Option(
         "rotations",
-        help="Views of the other images a CNN patch may also match: rotations (their 90-degree turns: parts at any angle), none (2.6 times faster), flips, dihedral.",
+        help="Views of the other images a CNN patch may also match: rotations (their 90-degree turns: parts at any angle), none (one view instead of four: faster), flips, dihedral.",
     ),
 ) -> None:
     """Zero-shot (no normal images): MuSc mutual scoring of a batch of unlabeled images on the ViT and a CNN.

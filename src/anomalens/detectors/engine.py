@@ -4,8 +4,8 @@ The graph is :attr:`Detector.model <anomalens.detectors.base.Detector.model>`. T
 module; ONNX Runtime runs the same module exported (:func:`anomalens.export.trace_graph`) into the
 model folder as ``model.onnx``, covered by the folder's manifest. ``engine="auto"`` (the default)
 takes ONNX Runtime when the detector was loaded from or saved to a folder, ``onnxruntime`` is
-installed and the model can be exported; the graph is exported there on first use (about 3 s on 2
-cores) unless a current one is cached. Both engines get the same model input (resized by torch) and
+installed and the model can be exported; the graph is exported there on first use (a few seconds)
+unless a current one is cached. Both engines get the same model input (resized by torch) and
 return the same four outputs, so scores, maps, decisions and evidence are the same to float
 rounding (~1e-6 relative).
 """
@@ -107,7 +107,7 @@ def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> 
 
     On ONNX Runtime, torch's own work here (resizing images and maps) runs on one thread: it is
     small, and torch's OpenMP threads otherwise fight the session's spinning threads for the cores
-    (at 2 threads, 19 instead of 12 ms per image at the defaults).
+    (measured reason: docs/design/decisions.md).
 
     Returns:
         Per image: its score, its ``float32`` ``(H_i, W_i)`` anomaly map, its ``float32`` ``(h, w)``

@@ -47,8 +47,7 @@ class PaDiM(Detector):
 
     name = "padim"
     calibration_source = "cross-fit"
-    #: EfficientNet-Lite0: with Lite2 (PatchCore's default) hazelnut_reduced fell from 100.0 to 87.5
-    #: image AUROC
+    #: EfficientNet-Lite0, not PatchCore's default Lite2 (measured reason: docs/design/decisions.md)
     default_backbone = "efficientnet_lite0"
 
     def __init__(self, *, n_features: int = 100, eps: float = 0.01, cv_folds: int = 5, seed: int = 0, **kwargs):
@@ -122,8 +121,8 @@ class PaDiM(Detector):
         """Whitened residuals ``L^T (x - mean)`` with ``precision = L L^T`` per position, ``(B, d, h, w)``.
 
         Their norm is the Mahalanobis distance PaDiM scores with, just as PatchCore's residual's norm
-        is its score. (On defect-type discovery this beat the plain ``x - mean``: NMI 0.55 vs 0.40 on
-        transistor, 0.72 vs 0.58 on hazelnut_reduced.)
+        is its score. Defect types are grouped on these whitened residuals, not on the plain
+        ``x - mean``.
         """
         assert self.mean is not None and self.precision is not None
         if self._chol is None:

@@ -13,10 +13,10 @@ it explains itself: "too fast here".
 
 Flow is DIS (Kroeger et al., "Fast Optical Flow using Dense Inverse Search", ECCV 2016) from OpenCV,
 estimated down to the working resolution (its MEDIUM preset stops at half of it: small far objects
-lose their speed there; :class:`FlowComputer`), about 13 ms per 360 x 240 frame on this CPU (4 ms at
-half resolution). The far part of the scene (the top rows, where people are a few pixels tall) can be
-enlarged before the flow is estimated (``upscale``, ``upscale_rows``), so that a far person's speed
-is measured below the frame's pixel.
+lose their speed there; :class:`FlowComputer`), on four times the pixels of half resolution and
+correspondingly slower. The far part of the scene (the top rows, where people are a few pixels
+tall) can be enlarged before the flow is estimated (``upscale``, ``upscale_rows``), so that a far
+person's speed is measured below the frame's pixel.
 
 The memory of a cell is a greedy k-center coreset (as PatchCore's, Roth et al. CVPR 2022) of the
 training descriptors of that cell and its 8 neighbours (a little spatial slack); a test cell scores
@@ -41,9 +41,9 @@ class FlowComputer:
     Args:
         finest_scale: the finest level of DIS's image pyramid the flow is estimated at: 0 = the
             frame's own resolution, 1 = half of it (the MEDIUM preset's own value, upsampled after).
-            At half resolution a small fast object is mostly lost: a synthetic person 20 px tall
-            moving 3.4 px per frame measured 1.1 px per frame at 1 and 2.0 at 0, at 4.4 against 13 ms
-            per 360 x 240 frame (objects of 40 px or more are measured to within 0.05 px either way).
+            At half resolution the speed of a small fast object is mostly lost (measured well below
+            its true speed, and closer to it at 0); large objects are measured alike at either level.
+            0 costs several times 1 (measured reason: docs/design/decisions.md, "Video").
         patch_size, patch_stride: DIS's patch side and stride in pixels (None: the preset's 8, and
             3/8 of the side, the preset's 3 for 8).
         upscale: the frames are enlarged this many times (bilinear) before the flow is estimated,
@@ -181,8 +181,8 @@ def per_cell_memory(desc: torch.Tensor, k: int, chunk: int = 128) -> torch.Tenso
 def cell_distances(desc: torch.Tensor, memory: torch.Tensor, memory_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Distance of each cell's descriptor to the nearest normal descriptor of that cell.
 
-    Computed as ``|m|^2 - 2 m.q + |q|^2`` with one batched product (5x faster than the differences
-    for 64 descriptors of 16 values per cell; they agree to 1e-6 px per frame).
+    Computed as ``|m|^2 - 2 m.q + |q|^2`` with one batched product, faster than forming the
+    differences ``m - q``; the two agree to ~1e-6 px per frame.
 
     Args:
         desc: ``float32`` ``(gh, gw, d)`` (one frame).

@@ -92,9 +92,10 @@ def fold_groups(n_units: int, folds: int, seed: int, holdout_units: int | None =
 class Rows:
     """Per-frame tensors of one shape, copied into blocks of ``block`` frames.
 
-    Keeping thousands of small tensors, each allocated among large freed temporaries (the flow
-    histograms, 2.7 MB a frame), fragments the C heap: measured, 2.6 MB resident per 43 KB motion
-    descriptor kept, 6 GB for a 12-video fit. Copied into blocks, they cost what they weigh.
+    Keeping thousands of small tensors (a frame's motion descriptor: tens of KB), each allocated
+    among large freed temporaries (the flow histograms, megabytes a frame), fragments the C heap:
+    resident memory grows to many times what the tensors weigh. Copied into blocks, they cost what
+    they weigh (measured reason: docs/design/decisions.md, "Video").
     """
 
     def __init__(self, block: int = 256):
