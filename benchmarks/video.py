@@ -41,7 +41,6 @@ from tables import append_jsonl, print_markdown  # noqa: E402
 
 VARIANTS = {
     "appearance + motion (default)": {},
-    "hold-out calibration (previous default)": {"calibration": "holdout"},
     "motion only": {"appearance": False},
     "appearance only": {"motion": False},
 }

@@ -153,6 +153,9 @@ def test_an_older_graph_in_a_signed_folder_is_replaced_privately(hazelnut, tmp_p
     import onnx
 
     import anomalens.export as ex
+    import anomalens.runtime
+    from anomalens.errors import ModelFileError
+    from anomalens.runtime import OnnxDetector
     from anomalens import PatchCore
     from anomalens.detectors.persistence import save_detector
 
@@ -162,10 +165,14 @@ def test_an_older_graph_in_a_signed_folder_is_replaced_privately(hazelnut, tmp_p
     det = PatchCore(image_size=128).fit(sorted((hazelnut / "train" / "good").glob("*.png"))[:6])
     save_detector(det, tmp_path / "m", key=key)
     with monkeypatch.context() as m:
-        m.setattr(ex, "ONNX_FORMAT_VERSION", ex.ONNX_FORMAT_VERSION - 1)
+        older = ex.ONNX_FORMAT_VERSION - 1
+        m.setattr(ex, "ONNX_FORMAT_VERSION", older)
+        m.setattr(anomalens.runtime, "ONNX_FORMAT_VERSION", older)  # as an older anomalens wrote and read it
         load_detector(tmp_path / "m", key=key).predict(images[:1])  # caches an older-format graph, signed
     meta = json.loads(onnx.load(str(tmp_path / "m" / "model.onnx")).metadata_props[0].value)
     assert meta["format_version"] == ex.ONNX_FORMAT_VERSION - 1
+    with pytest.raises(ModelFileError, match="export it again"):  # the bare older file is refused
+        OnnxDetector(tmp_path / "m" / "model.onnx")
     again = load_detector(tmp_path / "m")  # no key: the folder can be read, not re-signed
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

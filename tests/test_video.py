@@ -126,6 +126,48 @@ def test_prediction_streams(ped2_slice, ped2_model, monkeypatch):
     assert sum(1 for _ in stream) == 59
 
 
+def test_outputs_are_written_atomically(tmp_path):
+    """predict's files are whole or absent: the MP4 streams into a hidden temporary file renamed at
+    close (a kill mid-video leaves the old file, or none); a CSV that fails half way keeps the old one."""
+    from anomalens.video.output import AnnotatedVideoWriter, plot_scores, write_frame_csv
+    from anomalens.video.results import FramePrediction, VideoPrediction
+
+    rng = np.random.default_rng(0)
+    n, h, w = 6, 48, 64
+    frames = [FramePrediction(i, 0.5 + i / 4, 0.5, int(i > 3), rng.random((h, w), np.float32), np.zeros((h, w), bool), 0.1, float("nan"),
+                              "motion" if i > 3 else "", image=rng.integers(0, 255, (h, w, 3), np.uint8)) for i in range(n)]
+    mp4 = tmp_path / "annotated.mp4"
+    mp4.write_bytes(b"an older video")
+    with AnnotatedVideoWriter(mp4, 10, threshold=1.0, pixel_threshold=0.5) as writer:
+        for fp in frames:
+            writer.write(fp)
+        assert mp4.read_bytes() == b"an older video"  # a kill now keeps the old file whole
+    assert sorted(os.listdir(tmp_path)) == ["annotated.mp4"]  # the temporary file was renamed onto it
+    cap = cv2.VideoCapture(str(mp4))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == n
+    ok, frame = cap.read()
+    assert ok and frame.shape == (h + 60, w, 3)
+    cap.release()
+    killed = AnnotatedVideoWriter(tmp_path / "killed.mp4", 10, 1.0, 0.5)
+    killed.write(frames[0])  # never closed: as after a kill
+    assert not (tmp_path / "killed.mp4").exists()
+    killed.close()
+
+    def pred(causes):
+        s = np.array([fp.pred_score for fp in frames])
+        return VideoPrediction("clip", s, s, (s > 1).astype(np.int64), np.full(n, 0.1), np.full(n, np.nan), np.zeros(n), causes, 1.0, 1.0)
+
+    csv_path = write_frame_csv(pred([fp.cause for fp in frames]), tmp_path / "scores.csv", [0, 0, 0, 0, 1, 1])
+    good = csv_path.read_bytes()
+    assert [int(r["gt_label"]) for r in _rows(csv_path)] == [0, 0, 0, 0, 1, 1] and good.count(b"\r\n") == n + 1
+    with pytest.raises(IndexError):
+        write_frame_csv(pred(["motion"] * 3), csv_path)  # fails at the 4th row
+    assert csv_path.read_bytes() == good
+    png = plot_scores(pred([fp.cause for fp in frames]), tmp_path / "scores.png")
+    assert cv2.imread(str(png)) is not None
+    assert sorted(os.listdir(tmp_path)) == ["annotated.mp4", "killed.mp4", "scores.csv", "scores.png"]
+
+
 def test_smoothing_is_the_gaussian_filter():
     from scipy.ndimage import gaussian_filter1d
 
@@ -219,18 +261,15 @@ def test_synthetic_events_have_exact_labels_and_are_detected(tmp_path):
     assert r.exit_code != 0 and "unknown synthetic event kind" in r.output
 
 
-def test_crossfit_calibrates_on_every_frame_and_holdout_on_held_videos(ped2_slice, tmp_path):
-    """Cross-fit (default): every training frame is scored against memories that never saw its video
-    (or, for a single video, its part); hold-out: only the held-out video calibrates."""
-    from anomalens.errors import ConfigError
+def test_crossfit_calibrates_on_every_frame(ped2_slice, tmp_path):
+    """Cross-fit: every training frame is scored against memories that never saw its video (or, for
+    a single video, its part); the refuted hold-out calibration is no option."""
     from anomalens.video import CellVideoDetector, VideoDetector
 
     train = ped2_slice["train"]  # 4 videos x 60 frames
     cf = CellVideoDetector(appearance=False, false_alarm_rate=0.05).fit(train)
     assert cf.fit_info["n_calibration_frames"] == 240 and sorted(v for g in cf.fit_info["folds"] for v in g) == ["01", "02", "03", "04"]
     assert all(len(g) == 1 for g in cf.fit_info["folds"]) and "fitted without it" in cf.calibration.note
-    ho = CellVideoDetector(appearance=False, false_alarm_rate=0.05, calibration="holdout", calibration_videos=1).fit(train)
-    assert ho.fit_info["n_calibration_frames"] == 60 and len(ho.fit_info["train_videos"]) == 3
     one = CellVideoDetector(appearance=False, false_alarm_rate=0.05).fit([train / "frames" / "01"])
     assert one.fit_info["n_calibration_frames"] == 60 and len(one.fit_info["folds"]) == 4
     # a cross-fitted model saved and loaded scores the same
@@ -238,9 +277,9 @@ def test_crossfit_calibrates_on_every_frame_and_holdout_on_held_videos(ped2_slic
     again = VideoDetector.load(tmp_path / "m")
     a, b = cf.predict(ped2_slice["test"] / "frames" / "02"), again.predict(ped2_slice["test"] / "frames" / "02")
     np.testing.assert_allclose(a.pred_scores, b.pred_scores, rtol=1e-5)
-    assert again.threshold == cf.threshold and again.get_params()["calibration"] == "crossfit"
-    with pytest.raises(ConfigError, match="holdout"):
-        CellVideoDetector(calibration_videos=2)
+    assert again.threshold == cf.threshold and again.fit_info["calibration"] == "crossfit"
+    with pytest.raises(TypeError):
+        CellVideoDetector(calibration="holdout")
 
 
 def test_cell_threshold_keeps_episodes_per_hour(ped2_slice, tmp_path):

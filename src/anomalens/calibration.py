@@ -286,7 +286,7 @@ class Calibration:
 
     @classmethod
     def restore(
-        cls, fields: dict, scores: np.ndarray, map_maxima: np.ndarray, *, where: str = "model", false_alarm_rate: float = float("nan"), source: str = ""
+        cls, fields: dict, scores: np.ndarray, map_maxima: np.ndarray, *, where: str = "model"
     ) -> "Calibration":
         """Rebuild a saved calibration from what :meth:`config_fields` wrote and the saved scores,
         and check it against the thresholds stored beside them.
@@ -295,20 +295,18 @@ class Calibration:
             fields: ``{"threshold", "pixel_threshold", "calibration": {...}}`` as :meth:`config_fields` gives.
             scores: ``float64`` ``(N,)`` calibration image scores; map_maxima: ``float64`` ``(N,)``.
             where: names the file in errors.
-            false_alarm_rate, source: used when ``fields`` has none.
 
         Raises:
-            ModelFileError: the scores cannot calibrate the false-alarm rate, or the stored thresholds
-                do not follow from the stored scores (an edited or mixed-up file). ``where`` names it.
+            ModelFileError: no calibration block as :meth:`config_fields` writes it, scores that cannot
+                calibrate the false-alarm rate, or stored thresholds that do not follow from the stored
+                scores (an edited or mixed-up file). ``where`` names it.
         """
-        c = fields.get("calibration") or {}
-        if not isinstance(c, dict):
-            raise ModelFileError(f"{where}: malformed calibration block")
-        mode, note = str(c.get("mode", "conformal")), str(c.get("note", ""))
+        c = fields.get("calibration")
+        if not isinstance(c, dict) or not {"mode", "source", "note", "false_alarm_rate"} <= set(c):
+            raise ModelFileError(f"{where}: no calibration block of this anomalens version: re-fit the model")
+        mode, note, source, added = str(c["mode"]), str(c["note"]), str(c["source"]), c.get("added_sha256") or ()
         threshold, pixel_threshold = fields.get("threshold"), fields.get("pixel_threshold")
-        rate = c.get("false_alarm_rate")
-        false_alarm_rate = float(false_alarm_rate if rate is None else rate)
-        source, added = str(c.get("source") or source), c.get("added_sha256") or ()
+        false_alarm_rate = float("nan") if c["false_alarm_rate"] is None else float(c["false_alarm_rate"])
         if mode == "batch":
             if np.asarray(scores).size:
                 raise ModelFileError(f"{where}: a batch-relative calibration must have no calibration scores")

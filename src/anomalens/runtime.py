@@ -29,12 +29,11 @@ from .geometry import group_by_shape, images_per_call, model_input_hw
 from .io import ImageLike
 from .prediction import Prediction
 
-#: 2: model-input tensor in, aspect-kept geometry in the metadata; 3: also the ``patch_scores`` and
-#: (memory banks) ``nearest`` outputs; 4: ``patch_features`` instead of ``nearest``, ``bank_rows`` in
-#: the metadata. All are read here (only ``pred_score`` and ``anomaly_map`` are used); a detector's
-#: folder graph of an older format is exported again (:func:`anomalens.export.onnx_for_model_dir`).
+#: the exported graph's layout (4: model-input tensors in, ``pred_score``, ``anomaly_map``,
+#: ``patch_scores`` and ``patch_features`` out; geometry, ``bank_rows`` and ``patch_stride`` in the
+#: metadata). Only this format is read: a detector's folder graph of another format is exported
+#: again (:func:`anomalens.export.onnx_for_model_dir`), a bare file of another format is refused.
 ONNX_FORMAT_VERSION = 4
-READABLE_ONNX_FORMATS = (2, 3, 4)
 ONNX_NAME = "model.onnx"
 
 
@@ -103,8 +102,12 @@ class OnnxDetector:
             raise ModelFileError(f"{path} has no anomalens metadata: export it with `anomalens export`")
         try:
             meta = json.loads(raw)
-            if meta["format_version"] not in READABLE_ONNX_FORMATS:
-                raise ModelFileError(f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {READABLE_ONNX_FORMATS}")
+            if meta["format_version"] != ONNX_FORMAT_VERSION:
+                raise ModelFileError(
+                    f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {ONNX_FORMAT_VERSION}: "
+                    "export it again (`anomalens export` on its model folder), or re-fit"
+                )
+            self._rows, self._stride = int(meta["bank_rows"]), int(meta["patch_stride"])
             c = meta["calibration"]
             cal = Calibration.restore(meta, np.asarray(c["scores"], np.float64), np.asarray(c["map_maxima"], np.float64), where=str(path))
         except ModelFileError:
@@ -141,7 +144,7 @@ class OnnxDetector:
         large (few-shot) bank would exceed :data:`~anomalens.geometry.DISTANCE_BUDGET`."""
         scores: list[float] = [0.0] * len(images)
         maps: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
-        rows, stride = int(self.meta.get("bank_rows", 0)), int(self.meta.get("patch_stride", 8))
+        rows, stride = self._rows, self._stride
         for shapes, group in group_by_shape([self.input_shapes(img.shape[:2]) for img in images]).items():
             per_call = images_per_call(shapes, stride, rows)
             for start in range(0, len(group), per_call):

@@ -32,11 +32,7 @@ def fit(
     image_size: Optional[int] = typer.Option(None, help="cells: frames are resized to this square size for the backbone (pixels)."),
     appearance: Optional[bool] = typer.Option(None, "--appearance/--no-appearance", help="cells: score how patches look."),
     motion: Optional[bool] = typer.Option(None, "--motion/--no-motion", help="cells: score how patches move (optical flow)."),
-    flow_upscale: Optional[float] = typer.Option(None, help="cells: enlarge the far rows this many times for the optical flow (1 = off)."),
-    flow_upscale_rows: Optional[float] = typer.Option(None, help="cells: fraction of the frame's height, from the top, that --flow-upscale enlarges."),
     false_alarm_rate: Optional[float] = typer.Option(None, help="cells: a per-frame target (fraction of normal frames flagged) instead of --alarms-per-hour."),
-    calibration: Optional[str] = typer.Option(None, help="cells: crossfit (default) or holdout."),
-    calibration_videos: Optional[int] = typer.Option(None, help="cells, holdout: normal videos held out to calibrate (default 25%, at least 1)."),
 ) -> None:
     """Learn what is normal for one camera view, and set the alarm threshold."""
     from ..video.detector import DEFAULT_METHOD, make_video_detector
@@ -44,8 +40,7 @@ def fit(
     method = method or DEFAULT_METHOD
     given = {"temporal_sigma": temporal_sigma, "attributes": split_names(attributes) if attributes else None, "combine": combine,
              "alarms_per_hour": alarms_per_hour, "fps": fps, "image_size": image_size, "appearance": appearance, "motion": motion,
-             "flow_upscale": flow_upscale, "flow_upscale_rows": flow_upscale_rows, "false_alarm_rate": false_alarm_rate,
-             "calibration": calibration, "calibration_videos": calibration_videos}
+             "false_alarm_rate": false_alarm_rate}
     params = {"backbone": backbone, "folds": folds, **{k: v for k, v in given.items() if v is not None}}
     try:
         det = make_video_detector(method, **params)

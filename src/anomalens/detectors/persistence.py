@@ -52,10 +52,9 @@ def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
             calibration whose thresholds do not follow from its scores.
     """
     try:
-        # knn_backend: retired (one exact search in the scoring module); same scores, so such models load
-        det = cls(**{k: v for k, v in config["params"].items() if k != "knn_backend"})
+        det = cls(**config["params"])
     except (TypeError, KeyError, AttributeError) as exc:
-        raise ModelFileError(f"model config has invalid parameters ({exc})") from None
+        raise ModelFileError(f"model config has invalid parameters ({exc}): a model of another anomalens version must be re-fit") from None
     expected = det._expected_shapes(config)
     if expected:
         for key, shape in expected.items():
@@ -65,7 +64,7 @@ def detector_from_files(cls, config: dict, tensors: dict[str, torch.Tensor]):
     scores = tensors.pop("calibration.scores").numpy()
     maxima = tensors.pop("calibration.map_maxima").numpy()
     det._load_state_tensors(tensors)
-    det.calibration = Calibration.restore(config, scores, maxima, false_alarm_rate=det.false_alarm_rate, source=det.calibration_source)
+    det.calibration = Calibration.restore(config, scores, maxima)
     if not det.calibration.is_batch_relative:
         det.false_alarm_rate = det.calibration.false_alarm_rate
     det.fit_info = config.get("fit_info", {})

@@ -74,10 +74,8 @@ def fit_cells(det: "CellVideoDetector", videos: str | os.PathLike | Sequence[str
     vids = as_videos(videos)
     if not vids:
         raise DatasetError("no training videos given")
-    holdout = det.calibration_mode == "holdout"
-    units = split_units(vids, det.folds, holdout)
-    n_cal = (det.calibration_videos or max(1, round(0.25 * len(units)))) if holdout else None
-    groups = fold_groups(len(units), det.folds, det.seed, n_cal, single_video=len(vids) == 1)
+    units = split_units(vids, det.folds)
+    groups = fold_groups(len(units), det.folds, det.seed)
     first = next(iter_frames(vids[0]))[1]
     det._set_work_size(*first.shape[:2])
     t0 = time.perf_counter()
@@ -102,7 +100,7 @@ def fit_cells(det: "CellVideoDetector", videos: str | os.PathLike | Sequence[str
         return m, [f for u in ids for f in feats[u]]
 
     calibrated = sorted(u for g in groups for u in g)
-    fit_units = [u for u in range(len(units)) if not holdout or u not in calibrated]
+    fit_units = list(range(len(units)))
     motion, app = parts(fit_units)
     det.motion_bank, det.appearance_bank = _memories(det, motion, app, progress)
     det._motion_sq = _squares(det.motion_bank)
@@ -111,11 +109,8 @@ def fit_cells(det: "CellVideoDetector", videos: str | os.PathLike | Sequence[str
     grids: list[list] = []
     gstore = Rows()
     for gi, g in enumerate(groups):
-        if holdout:
-            mem = (det.motion_bank, det._motion_sq, det._nn)
-        else:
-            mb, ab = _memories(det, *parts(u for u in range(len(units)) if u not in g), progress, stage=f"fold {gi + 1}/{len(groups)} coreset")
-            mem = (mb, _squares(mb), NearestNeighbours(ab, "faiss") if ab is not None else None)
+        mb, ab = _memories(det, *parts(u for u in range(len(units)) if u not in g), progress, stage=f"fold {gi + 1}/{len(groups)} coreset")
+        mem = (mb, _squares(mb), NearestNeighbours(ab, "faiss") if ab is not None else None)
         for u in g:
             rows = []
             for j, (i, frame) in enumerate(units[u].frames()):
@@ -131,7 +126,7 @@ def fit_cells(det: "CellVideoDetector", videos: str | os.PathLike | Sequence[str
     _calibrate(det, grids, len(calibrated))
     t3 = time.perf_counter()
     det.fit_info = {
-        "calibration": det.calibration_mode,
+        "calibration": "crossfit",
         "train_videos": [str(units[u]) for u in fit_units], "calibration_videos": [str(units[u]) for u in calibrated],
         "folds": [[video_name(units[u].video) for u in g] for g in groups],
         "n_train_frames": sum(len(mdescs[u]) for u in fit_units), "n_motion_frames": len(motion), "n_appearance_frames": len(app),
@@ -163,7 +158,7 @@ def _calibrate(det: "CellVideoDetector", grids: list[list], n_parts: int) -> Non
         sm = TemporalSmoother(det.temporal_sigma)
         runs.append(np.array([v for s in raw for _, v in sm.push(s)] + [v for _, v in sm.flush()]))
     scores = np.concatenate(runs)
-    how = "each scored against memories fitted without it" if det.calibration_mode == "crossfit" else "held out of the memories"
+    how = "each scored against memories fitted without it"
     if det.target_false_alarm_rate is None:  # the episode promise (alarm.py), as the object method's
         _, det.false_alarm_rate, episodes = episode_threshold(runs, det.fps, det.alarms_per_hour)
         det.calibration = Calibration.from_scores(scores, np.array(maxima), det.false_alarm_rate, "held-out")

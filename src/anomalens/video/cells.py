@@ -41,6 +41,11 @@ from .sources import Progress, Segment
 MAX_WIDTH = 480
 #: each part is divided by this quantile of its frame maxima on the calibration frames
 SCALE_QUANTILE = 0.95
+#: DIS patch side in pixels (stride 3/8 of it)
+FLOW_PATCH = 8
+#: the top FLOW_UPSCALE_ROWS of the frame (the far part of the scene) is enlarged FLOW_UPSCALE times
+#: for the optical flow, so that small far objects keep their speed (:class:`~anomalens.video.motion.FlowComputer`)
+FLOW_UPSCALE, FLOW_UPSCALE_ROWS = 1.5, 0.6
 
 
 class CellVideoDetector(VideoModel):
@@ -53,10 +58,6 @@ class CellVideoDetector(VideoModel):
         cell: motion cell side in pixels at the working resolution (frames wider than 480 px are
             downscaled to 480; sizes are rounded to multiples of ``cell``).
         flow_bins: direction bins of the motion histograms.
-        flow_patch: DIS patch side in pixels (stride 3/8 of it).
-        flow_upscale, flow_upscale_rows: the top ``flow_upscale_rows`` of the frame (the far part of
-            the scene) is enlarged ``flow_upscale`` times for the optical flow, so that small far
-            objects keep their speed (:class:`~anomalens.video.motion.FlowComputer`); 1 = off.
         motion_step: every ``motion_step``-th training frame goes into the motion memory.
         motion_memory: normal motion descriptors kept per cell (greedy k-center).
         appearance_step: every ``appearance_step``-th training frame goes into the appearance bank.
@@ -68,10 +69,8 @@ class CellVideoDetector(VideoModel):
         fps: frame rate of the footage (None: read from the training videos; frame folders: 10).
         false_alarm_rate: a per-frame target instead (fraction of normal frames flagged; None: use
             ``alarms_per_hour``). After fit, :attr:`false_alarm_rate` is the per-frame rate the threshold implies.
-        calibration: ``"crossfit"`` (each group of videos scored against memories fitted without it)
-            or ``"holdout"`` (``calibration_videos`` kept out of the memories).
-        folds: groups of videos for cross-fit (a single video is cut into this many parts).
-        calibration_videos: hold-out only: normal videos held out (None: 25%, at least 1).
+        folds: groups of videos for cross-fit calibration, each scored against memories fitted
+            without it (a single video is cut into this many parts).
         seed: which videos go to which fold.
         pretrained: shipped ImageNet weights (False: random, tests only).
 
@@ -83,11 +82,10 @@ class CellVideoDetector(VideoModel):
 
     def __init__(
         self, backbone: str = "efficientnet_lite0", image_size: int = 256, *, appearance: bool = True, motion: bool = True,
-        cell: int = 8, flow_bins: int = 8, flow_patch: int = 8, flow_upscale: float = 1.5, flow_upscale_rows: float = 0.6,
+        cell: int = 8, flow_bins: int = 8,
         motion_step: int = 2, motion_memory: int = 64, appearance_step: int = 10, coreset_ratio: float = 0.01,
         temporal_sigma: float = 1.0, blur_sigma: float = 4.0, alarms_per_hour: float = ALARMS_PER_HOUR, fps: float | None = None,
-        false_alarm_rate: float | None = None, calibration: str = "crossfit",
-        folds: int = 4, calibration_videos: int | None = None, seed: int = 0, pretrained: bool = True,
+        false_alarm_rate: float | None = None, folds: int = 4, seed: int = 0, pretrained: bool = True,
     ):
         spec = get_spec(backbone)
         if spec.build is None:
@@ -103,22 +101,19 @@ class CellVideoDetector(VideoModel):
             raise ConfigError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         if temporal_sigma < 0 or blur_sigma < 0:
             raise ConfigError("temporal_sigma and blur_sigma must be >= 0")
-        check_calibration_args(false_alarm_rate, calibration, folds, calibration_videos)
+        check_calibration_args(false_alarm_rate, folds)
         if not alarms_per_hour > 0 or (fps is not None and not fps > 0):
             raise ConfigError(f"alarms_per_hour and fps must be > 0, got {alarms_per_hour} and {fps}")
         self.backbone_name, self.image_size = backbone, int(image_size)
         self.appearance, self.motion = bool(appearance), bool(motion)
-        self.cell, self.flow_bins, self.flow_patch = int(cell), int(flow_bins), int(flow_patch)
-        self.flow_upscale, self.flow_upscale_rows = float(flow_upscale), float(flow_upscale_rows)
-        self._flow_computer()  # validates them
+        self.cell, self.flow_bins = int(cell), int(flow_bins)
         self.motion_step, self.motion_memory = int(motion_step), int(motion_memory)
         self.appearance_step, self.coreset_ratio = int(appearance_step), float(coreset_ratio)
         self.temporal_sigma, self.blur_sigma = float(temporal_sigma), float(blur_sigma)
         self.alarms_per_hour, self.fps, self.target_false_alarm_rate = float(alarms_per_hour), fps, false_alarm_rate
         #: the per-frame rate of the threshold: the target given, or (set by fit) the one the episode target implies
         self.false_alarm_rate = float(false_alarm_rate) if false_alarm_rate is not None else float("nan")
-        self.calibration_mode = calibration
-        self.folds, self.calibration_videos, self.seed = int(folds), calibration_videos, int(seed)
+        self.folds, self.seed = int(folds), int(seed)
         self.pretrained = bool(pretrained)
         #: working size ``(h, w)`` in pixels (multiples of ``cell``), set by fit
         self.work_hw: tuple[int, int] | None = None
@@ -135,12 +130,10 @@ class CellVideoDetector(VideoModel):
         """The constructor's arguments (JSON-serialisable)."""
         return {
             "backbone": self.backbone_name, "image_size": self.image_size, "appearance": self.appearance, "motion": self.motion,
-            "cell": self.cell, "flow_bins": self.flow_bins, "flow_patch": self.flow_patch, "flow_upscale": self.flow_upscale,
-            "flow_upscale_rows": self.flow_upscale_rows, "motion_step": self.motion_step, "motion_memory": self.motion_memory,
+            "cell": self.cell, "flow_bins": self.flow_bins, "motion_step": self.motion_step, "motion_memory": self.motion_memory,
             "appearance_step": self.appearance_step, "coreset_ratio": self.coreset_ratio, "temporal_sigma": self.temporal_sigma,
             "blur_sigma": self.blur_sigma, "alarms_per_hour": self.alarms_per_hour, "fps": self.fps,
-            "false_alarm_rate": self.target_false_alarm_rate, "calibration": self.calibration_mode,
-            "folds": self.folds, "calibration_videos": self.calibration_videos, "seed": self.seed, "pretrained": self.pretrained,
+            "false_alarm_rate": self.target_false_alarm_rate, "folds": self.folds, "seed": self.seed, "pretrained": self.pretrained,
         }
 
     # ------------------------------------------------------------------ parts
@@ -168,7 +161,7 @@ class CellVideoDetector(VideoModel):
 
     def _flow_computer(self) -> FlowComputer:
         """A new optical-flow estimator with this model's settings (one per video), at full resolution."""
-        return FlowComputer(0, self.flow_patch, upscale=self.flow_upscale, upscale_rows=self.flow_upscale_rows)
+        return FlowComputer(0, FLOW_PATCH, upscale=FLOW_UPSCALE, upscale_rows=FLOW_UPSCALE_ROWS)
 
     def _raw_parts(self, segment: Segment, with_features: bool = True) -> Iterator[tuple[int, np.ndarray, torch.Tensor | None, torch.Tensor | None]]:
         """``(index, frame, motion descriptors | None, appearance features (D, h, w) | None)`` of each
@@ -277,9 +270,7 @@ class CellVideoDetector(VideoModel):
     def _restore(self, state: dict, tensors: dict, where: str) -> None:
         self.work_hw = tuple(int(v) for v in state["work_hw"])  # type: ignore[assignment]
         self.scales = tuple(float(v) for v in state["scales"])  # type: ignore[assignment]
-        # models fitted before the episode threshold carry their per-frame target in their params
-        self.fps = float(state["fps"]) if state.get("fps") else None
-        self.false_alarm_rate = float(state.get("false_alarm_rate", self.false_alarm_rate))
+        self.fps, self.false_alarm_rate = float(state["fps"]), float(state["false_alarm_rate"])
         gh, gw = self.grid
         if self.motion:
             self.motion_bank = check_tensor(tensors, "motion_bank", (gh * gw, None, 2 * self.flow_bins), where)
@@ -289,15 +280,9 @@ class CellVideoDetector(VideoModel):
             self._nn = NearestNeighbours(self.appearance_bank.float(), "faiss")
 
 
-def check_calibration_args(false_alarm_rate: float | None, calibration: str, folds: int, calibration_videos: int | None) -> None:
+def check_calibration_args(false_alarm_rate: float | None, folds: int) -> None:
     """Raise :class:`ConfigError` for an invalid calibration setting (``false_alarm_rate`` None: an episode target)."""
     if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:
         raise ConfigError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
-    if calibration not in ("crossfit", "holdout"):
-        raise ConfigError(f"calibration must be 'crossfit' or 'holdout', got {calibration!r}")
     if folds < 2:
         raise ConfigError(f"folds must be >= 2, got {folds}")
-    if calibration_videos is not None and calibration != "holdout":
-        raise ConfigError("calibration_videos applies to calibration='holdout' (cross-fit calibrates on every video)")
-    if calibration_videos is not None and calibration_videos < 1:
-        raise ConfigError(f"calibration_videos must be >= 1, got {calibration_videos}")

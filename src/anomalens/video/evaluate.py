@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, ModelFileError
 from ..metrics import image_auroc
 from .base import VideoModel as VideoDetector
 from .results import VideoPrediction
@@ -84,11 +84,14 @@ def _far_from_events(y: np.ndarray, margin: int) -> np.ndarray:
 
 def _calibration_runs(detector: VideoDetector) -> list[np.ndarray]:
     """The calibration frame scores, ``float`` ``(T_i,)`` per calibration video or part, in video order.
-    Models saved before the parts' lengths were recorded give one run of every frame."""
+
+    Raises:
+        ModelFileError: the model's record of its calibration parts does not match its scores.
+    """
     scores = detector.calibration.scores  # type: ignore[union-attr]
     lengths = detector.fit_info.get("calibration_part_frames")
     if not lengths or sum(lengths) != scores.size:
-        return [scores]
+        raise ModelFileError(f"the model's calibration parts ({lengths}) do not match its {scores.size} calibration scores: re-fit it")
     return np.split(scores, np.cumsum(lengths)[:-1])
 
 

@@ -76,7 +76,7 @@ def load_video_model(directory: str | os.PathLike, key: bytes | None = None) -> 
     except (TypeError, KeyError, ValueError, ConfigError) as exc:
         raise ModelFileError(f"{directory}: invalid video model config ({exc})") from None
     det.calibration = Calibration.restore(
-        config, tensors["calibration.scores"].numpy(), tensors["calibration.map_maxima"].numpy(), where=str(directory), false_alarm_rate=det.false_alarm_rate
+        config, tensors["calibration.scores"].numpy(), tensors["calibration.map_maxima"].numpy(), where=str(directory)
     )
     det.fit_info = config.get("fit_info", {})
     return det

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DatasetError
+from ..errors import DatasetError
 from .io import frame_paths, iter_frames, video_name
 
 #: ``progress(stage, done, total)``
@@ -49,9 +49,9 @@ def count_frames(video: Path) -> int:
     return sum(1 for _ in iter_frames(video))
 
 
-def split_units(videos: list[Path], parts: int, holdout: bool = False) -> list[Segment]:
+def split_units(videos: list[Path], parts: int) -> list[Segment]:
     """The pieces of normal footage that fit and calibration are split by: whole videos, or the
-    consecutive parts of a single video (``parts`` parts; with ``holdout`` its first 3/4 and last 1/4).
+    ``parts`` consecutive parts of a single video.
 
     Raises:
         DatasetError: a single video shorter than ``2 * parts`` frames.
@@ -59,32 +59,16 @@ def split_units(videos: list[Path], parts: int, holdout: bool = False) -> list[S
     if len(videos) > 1:
         return [Segment(v) for v in videos]
     n = count_frames(videos[0])
-    parts = 4 if holdout else parts
     if n < 2 * parts:
         raise DatasetError(f"{videos[0]} has {n} frames; a single training video needs at least {2 * parts} (it is cut into {parts} parts)")
     cuts = [round(k * n / parts) for k in range(parts + 1)]
-    if holdout:
-        return [Segment(videos[0], 0, cuts[-2]), Segment(videos[0], cuts[-2], None)]
     return [Segment(videos[0], cuts[k], cuts[k + 1] if k + 1 < parts else None) for k in range(parts)]
 
 
-def fold_groups(n_units: int, folds: int, seed: int, holdout_units: int | None = None, single_video: bool = False) -> list[list[int]]:
-    """Indices of the units scored together, each group against memories of the others.
-
-    Cross-fit (``holdout_units`` None): ``min(folds, n_units)`` groups, units dealt at random (``seed``).
-    Hold-out: one group of ``holdout_units`` units drawn at random (a single video: its last part).
-
-    Raises:
-        ConfigError: a hold-out that leaves no unit to fit on.
-    """
-    rng = np.random.default_rng(seed)
-    if holdout_units is not None:
-        if single_video:
-            return [[n_units - 1]]
-        if holdout_units >= n_units:
-            raise ConfigError(f"calibration_videos={holdout_units} leaves none of the {n_units} videos to fit on")
-        return [sorted(rng.choice(n_units, size=holdout_units, replace=False).tolist())]
-    order = rng.permutation(n_units)
+def fold_groups(n_units: int, folds: int, seed: int) -> list[list[int]]:
+    """Indices of the units scored together, each group against memories of the others (cross-fit):
+    ``min(folds, n_units)`` groups, units dealt at random (``seed``)."""
+    order = np.random.default_rng(seed).permutation(n_units)
     k = min(folds, n_units)
     return [sorted(order[j::k].tolist()) for j in range(k)]
 
