@@ -187,7 +187,9 @@ def evaluate(
                       f"{check['expected']:.1f} episodes expected in {check['n_frames']} normal frames)")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+        from ..atomic import write_text
+
+        write_text(out / "metrics.json", json.dumps(result, indent=2, default=float))
         console.print(f"wrote {out / 'metrics.json'}")
     if result["errors"]:
         for e in result["errors"]:
