@@ -82,7 +82,7 @@ def test_batch_predict_resumes_after_kill(fitted_patchcore, transistor, tmp_path
     assert s.n_skipped >= written and s.n_scored == 100 - 5 * s.n_skipped
     paths = pq.read_table(out).column("path").to_pylist()
     assert len(paths) == 100 and len(set(paths)) == 100  # every image exactly once
-    assert not list(out.glob("_tmp-*"))
+    assert not list(out.glob("_tmp-*")) and not list(out.glob(".part-*.tmp"))  # no half-written part left
 
 
 def test_fit_many_on_ray(hazelnut, tmp_path):

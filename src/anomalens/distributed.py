@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .atomic import write_bytes, write_text
 from .errors import AnomalensError, ConfigError, DatasetError
 
 SCHEMA_FIELDS = ("path", "pred_score", "normalized_score", "pred_label", "p_value", "p_value_at_floor", "anomalous_area_pct", "n_regions", "error")
@@ -81,9 +82,10 @@ class _ChunkScorer:
                     "error": pa.array(rows["error"], pa.string()),
                 }
             )
-            tmp = str(Path(part).with_name(f"_tmp-{os.getpid()}-{Path(part).name}"))  # "_": Parquet readers skip it
-            pq.write_table(table, tmp)
-            os.replace(tmp, part)  # atomic: a part is either complete or absent
+            buf = pa.BufferOutputStream()
+            pq.write_table(table, buf)
+            # atomic: a part is either complete or absent (its temporary ".part-*.tmp": Parquet readers skip ".")
+            write_bytes(part, buf.getvalue().to_pybytes())
             done.append(len(paths))
             errors.append(sum(e is not None for e in rows["error"]))
         return {"part": list(batch["part"]), "n": done, "errors": errors}
@@ -184,9 +186,10 @@ def batch_predict(
                 f"{out} holds results of another run (model, inputs or chunk size differ): use a new output folder"
             )
     else:
-        mpath.write_text(json.dumps(manifest, indent=2))
-    for stale in out.glob("_tmp-*"):  # half-written parts of an interrupted run
-        stale.unlink()
+        write_text(mpath, json.dumps(manifest, indent=2))
+    for pattern in (".part-*.tmp", "_tmp-*"):  # half-written parts of an interrupted run ("_tmp-*": older versions)
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
     chunks = _chunks(paths, chunk_size)
     todo = []
     for k, chunk in enumerate(chunks):

@@ -7,6 +7,7 @@ the bottom), written frame by frame as the stream is scored.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..atomic import write_text
+from ..atomic import _fsync_dir, write_bytes, write_text
 from ..errors import ConfigError
 from ..visualize import overlay
 from .results import FramePrediction, VideoPrediction
@@ -24,17 +25,15 @@ CSV_FIELDS = ("frame", "pred_score", "raw_score", "pred_label", "cause", "motion
 
 def write_frame_csv(pred: VideoPrediction, path: str | os.PathLike, labels: list[int] | None = None) -> Path:
     """One row per frame: ``frame, pred_score, raw_score, pred_label, cause, motion_score,
-    appearance_score, anomalous_area_pct, gt_label`` (empty when unknown)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_FIELDS)
-        for i in range(pred.n_frames):
-            gt = labels[i] if labels is not None and i < len(labels) else ""
-            w.writerow([i, f"{pred.pred_scores[i]:.5f}", f"{pred.raw_scores[i]:.5f}", int(pred.pred_labels[i]), pred.causes[i],
-                        _num(pred.motion_scores[i]), _num(pred.appearance_scores[i]), f"{pred.anomalous_area_pct[i]:.3f}", gt])
-    return path
+    appearance_score, anomalous_area_pct, gt_label`` (empty when unknown). Written atomically."""
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(CSV_FIELDS)
+    for i in range(pred.n_frames):
+        gt = labels[i] if labels is not None and i < len(labels) else ""
+        w.writerow([i, f"{pred.pred_scores[i]:.5f}", f"{pred.raw_scores[i]:.5f}", int(pred.pred_labels[i]), pred.causes[i],
+                    _num(pred.motion_scores[i]), _num(pred.appearance_scores[i]), f"{pred.anomalous_area_pct[i]:.3f}", gt])
+    return write_text(path, f.getvalue())
 
 
 class ObjectRowsWriter:
@@ -88,7 +87,8 @@ def _num(v: float) -> str:
 
 def plot_scores(pred: VideoPrediction, path: str | os.PathLike, labels: list[int] | None = None, fps: float | None = None) -> Path:
     """Score over time: smoothed and raw frame scores, the threshold, frames flagged, and the ground
-    truth's abnormal frames shaded when ``labels`` are given. Time in seconds when ``fps`` is given."""
+    truth's abnormal frames shaded when ``labels`` are given. Time in seconds when ``fps`` is given.
+    Written atomically, in the format of ``path``'s extension (PNG by default)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,13 +112,20 @@ def plot_scores(pred: VideoPrediction, path: str | os.PathLike, labels: list[int
     ax.set_title(title[:120], fontsize=9)
     ax.legend(fontsize=7, loc="upper left", ncol=3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=path.suffix[1:].lower() or None)  # the format savefig(path) would pick
+    finally:
+        plt.close(fig)
+    return write_bytes(path, buf.getvalue())
 
 
 class AnnotatedVideoWriter:
     """Write frames with their heatmap, decision and score curve to an MP4 (``mp4v``), one at a time.
+
+    Frames go to a hidden temporary file beside ``path`` (``.NAME.partial.mp4``: same extension, so
+    the encoder picks the same container), renamed onto ``path`` by :meth:`close`: a killed run never
+    leaves a truncated ``path`` (an old one stays whole). Always close it (or use it as a context manager).
 
     Args:
         path: output ``.mp4``.
@@ -133,6 +140,7 @@ class AnnotatedVideoWriter:
     def __init__(self, path: str | os.PathLike, fps: float, threshold: float, pixel_threshold: float, curve_frames: int = 200):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.partial{self.path.suffix}")
         self.fps = float(fps)
         self.threshold = float(threshold)
         self.pixel_threshold = float(pixel_threshold)
@@ -154,8 +162,10 @@ class AnnotatedVideoWriter:
         frame = np.concatenate([top, self._strip(fp.image.shape[1])], axis=0)
         if self._writer is None:
             h, w = frame.shape[:2]
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
             if not self._writer.isOpened():
+                self._writer = None
+                self._tmp.unlink(missing_ok=True)
                 raise ConfigError(f"OpenCV cannot write the video {self.path}")
         self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         self.n_frames += 1
@@ -175,9 +185,18 @@ class AnnotatedVideoWriter:
         return strip
 
     def close(self) -> Path:
+        """Finish the video and rename it onto ``path`` (nothing is written when no frame was)."""
         if self._writer is not None:
             self._writer.release()
             self._writer = None
+            try:
+                with open(self._tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(self._tmp, self.path)
+            except BaseException:
+                self._tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.path.parent)
         return self.path
 
     def __enter__(self) -> "AnnotatedVideoWriter":

@@ -41,6 +41,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from ..atomic import write_text
 from ..errors import ConfigError, DatasetError
 from .io import as_videos, iter_frames, video_name
 
@@ -306,6 +307,6 @@ def make_synthetic_set(
             cv2.imwrite(str(d / f"{i:03d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         labels[name] = y
         records += [asdict(e) for e in events]
-    (out / "frame_labels.json").write_text(json.dumps(labels))
-    (out / "events.json").write_text(json.dumps(records, indent=1))
+    write_text(out / "frame_labels.json", json.dumps(labels))
+    write_text(out / "events.json", json.dumps(records, indent=1))
     return labels
