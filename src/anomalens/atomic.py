@@ -46,11 +46,26 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return publish(tmp, path)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make the finished file ``tmp`` (written in ``path``'s folder) durable and rename it onto
+    ``path`` in one step: readers see the old file or the whole new one. ``tmp`` is removed on failure.
+
+    Raises:
+        OSError: the file cannot be synced or renamed.
+    """
+    tmp, path = Path(tmp), Path(path)
+    try:
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path

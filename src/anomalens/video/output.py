@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..atomic import _fsync_dir, write_bytes, write_text
+from ..atomic import publish, write_bytes, write_text
 from ..errors import ConfigError
 from ..visualize import overlay
 from .results import FramePrediction, VideoPrediction
@@ -189,14 +189,7 @@ class AnnotatedVideoWriter:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
-            try:
-                with open(self._tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(self._tmp, self.path)
-            except BaseException:
-                self._tmp.unlink(missing_ok=True)
-                raise
-            _fsync_dir(self.path.parent)
+            publish(self._tmp, self.path)
         return self.path
 
     def __enter__(self) -> "AnnotatedVideoWriter":
