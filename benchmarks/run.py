@@ -105,7 +105,7 @@ def run_one(category_dir: str, detector: str, backbone: str, sizes: list[int] | 
         "n_train": len(cat.train_paths()),
         "n_test": len(res.predictions),
         **{k: v for k, v in extra.items()},
-        # the image score the fit used (PatchCore chooses it by the number of images when none is given)
+        # the image score of the method (PatchCore: the maximum; AnomalyDINO: the top-1% mean)
         **({"image_score": det.image_score} if hasattr(det, "image_score") else {}),
         "image_auroc": m["image_auroc"],
         "pixel_auroc": m["pixel_auroc"],
@@ -201,7 +201,7 @@ def main() -> None:
             for bb in args.backbones.split(","):
                 for size_set in args.sizes.split(","):
                     size = None if size_set == "default" else [int(x) for x in size_set.split("+")]
-                    ex = {k: v for k, v in extra.items() if det == "patchcore" or k not in ("coreset_ratio", "image_score")}
+                    ex = {k: v for k, v in extra.items() if det == "patchcore" or k != "coreset_ratio"}
                     job = json.dumps([cdir, det, bb, size, ex])
                     p = subprocess.run([sys.executable, __file__, "--_one", job], capture_output=True, text=True)
                     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]

@@ -24,7 +24,7 @@ def test_one_shot_end_to_end(hazelnut, tmp_path):
     # PatchCore's few-shot default: the shot and its 90, 180 and 270-degree turns in the bank
     assert cfg["fit_info"]["augment"] == "rotations" and cfg["train_views"] == ["id", "rot90", "rot180", "rot270"]
     assert "augment rotations" in r.output
-    assert cfg["params"]["image_score"] == "max" and "image score max" in r.output  # one shot: the maximum
+    assert "image score max" in r.output  # one shot: the maximum
 
     r = CliRunner().invoke(app, ["predict", str(model), str(hazelnut / "test"), "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output

@@ -40,10 +40,6 @@ def fit(
     ),
     squash: bool = typer.Option(False, "--squash", help="Resize every image to a square instead of keeping its aspect ratio."),
     coreset_ratio: float = typer.Option(0.01, help="PatchCore: fraction of training patches kept in the memory bank."),
-    image_score: Optional[str] = typer.Option(
-        None, help="PatchCore's image score: max (largest patch distance, the default), mean_top1 (mean of the highest 1%) "
-        "or reweighted (the paper's Eq. 7, one --image-size)."
-    ),
     border_pad: int = typer.Option(0, help="Reflected border in pixels added before the backbone (multiple of 16; 0 = off)."),
     false_alarm_rate: Optional[float] = typer.Option(
         None, help="Target fraction of normal images flagged NG (strict: fit fails when the images cannot support it). "
@@ -94,10 +90,6 @@ def fit(
             params["layers"] = split_names(layers)
         if model == "patchcore":
             params["coreset_ratio"] = coreset_ratio
-            if image_score is not None:
-                params["image_score"] = image_score
-        elif image_score is not None:
-            raise typer.BadParameter("--image-score applies to --model patchcore")
         if masking:
             if model != "anomalydino":
                 raise typer.BadParameter("--masking applies to --model anomalydino")

@@ -73,7 +73,7 @@ class AnomalyDINO(PatchCore):
         **kwargs: see :class:`~anomalens.detectors.patchcore.PatchCore` and
             :class:`~anomalens.detectors.base.Detector`. Defaults: ``backbone="vit_small_focus"``,
             ``layers=("layer.5",)``, ``image_size=448`` (32 x 32 tokens on a square image),
-            ``patch_size=1``, ``image_score="mean_top1"``.
+            ``patch_size=1``. The image score is the mean of the highest 1% of patch scores (the paper's).
 
     Scores are cosine distances in [0, 2]. Input: any image; its short side becomes 448 px and the
     long side keeps the aspect (multiples of 14). One 448 x 448 image costs about 0.45 s of ViT time
@@ -92,6 +92,7 @@ class AnomalyDINO(PatchCore):
     max_scales = 1
     unit_features = True
     cosine_scores = True
+    image_score = "mean_top1"
 
     def __init__(
         self,
@@ -100,14 +101,13 @@ class AnomalyDINO(PatchCore):
         backbone: str | None = None,
         layers=None,
         patch_size: int = 1,
-        image_score: str = "mean_top1",
         coreset_ratio: float = 0.1,
         **kwargs,
     ):
         backbone = backbone or self.default_backbone
         super().__init__(
             backbone=backbone, layers=layers or (DEFAULT_LAYERS if backbone == "vit_small_focus" else None),
-            patch_size=patch_size, image_score=image_score, coreset_ratio=coreset_ratio, **kwargs,
+            patch_size=patch_size, coreset_ratio=coreset_ratio, **kwargs,
         )
         self.masking = bool(masking)
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ..knn import NearestNeighbours, pairwise_sq_dists
+from ..knn import pairwise_sq_dists
 from ..sampler import greedy_coreset
 
 #: fewest normal images whose leave-one-out image scores standardise a scale; with fewer (few-shot),
@@ -26,15 +26,12 @@ class ScaleBank:
             in row-major order (``offset_i + y * w_i + x``).
         grids: ``int64`` ``(N, 2)`` patch grid ``(h_i, w_i)`` of each training image (view); grids
             differ when the images' aspect ratios do.
-        support: ``int64`` ``(M, b)`` each feature's ``b`` nearest bank features (re-weighted image
-            score; :func:`support_sets`), or None.
     """
 
-    def __init__(self, bank: torch.Tensor, index: torch.Tensor, grids: torch.Tensor, support: torch.Tensor | None = None):
+    def __init__(self, bank: torch.Tensor, index: torch.Tensor, grids: torch.Tensor):
         self.bank = bank.float().contiguous()
         self.index = index
         self.grids = grids
-        self.support = support
 
     def origin(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training image (view) index and position in its grid (``y * w_i + x``) of bank ``rows``."""
@@ -43,11 +40,6 @@ class ScaleBank:
         image = torch.searchsorted(offsets, origin, right=True)
         start = torch.cat([torch.zeros(1, dtype=torch.int64), offsets])[image]
         return image, origin - start
-
-
-def support_sets(bank: torch.Tensor, n: int) -> torch.Tensor:
-    """``int64`` ``(M, min(n, M))``: the ``n`` nearest bank rows of each bank row (itself first)."""
-    return NearestNeighbours(bank, "torch").search(bank, min(n, bank.shape[0]))[1]
 
 
 def build_bank(
@@ -103,11 +95,10 @@ def leave_one_out(
         own = owner == groups[i]
         if not bool(own.all()):  # a single training image has nothing else to compare with
             dd[:, own] = math.inf
-        v, idx = dd.min(1)
-        g = scorer.patch_scores(v.sqrt()[None])
+        g = scorer.patch_scores(dd.amin(1).sqrt()[None])
         if weights is not None:
             g = g * weights(features[i][None]).to(g.dtype)
-        scores.append(scorer.image_scores(q, g, idx))
+        scores.append(scorer.image_scores(g))
         grids.append(g.view(h, w))
         progress(done + 1, len(firsts))
     return torch.cat(scores), grids

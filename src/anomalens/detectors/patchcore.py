@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ConfigError, ModelFileError
 from ..explain import Evidence, Region
-from .bank import MIN_IMAGES_FOR_IMAGE_STATS, ScaleBank, build_bank, leave_one_out, support_sets
+from .bank import MIN_IMAGES_FOR_IMAGE_STATS, ScaleBank, build_bank, leave_one_out
 from .base import Detector, Progress
 from .evidence import bank_evidence
 from .scoring import IMAGE_SCORES, PatchCoreScorer
@@ -43,10 +43,6 @@ class PatchCore(Detector):
     Args:
         coreset_ratio: fraction of all training patches kept in each memory bank, in (0, 1].
         projection_dim: random-projection dimension used only to *select* the coreset (paper: 128).
-        image_score: ``"max"`` (default: the largest patch distance, the paper's), ``"reweighted"``
-            (paper Eq. 7; one scale only) or ``"mean_top1"`` (mean of the highest 1% of the patch
-            scores, as AnomalyDINO).
-        num_neighbours: support-set size ``b`` of the re-weighting (paper: 9).
         **kwargs: see :class:`~anomalens.detectors.base.Detector` (backbone, layers, image_size, ...).
 
     Tensors: per scale ``k``, a :class:`~anomalens.detectors.bank.ScaleBank` (``memory_bank.k``
@@ -55,11 +51,15 @@ class PatchCore(Detector):
     (``(0, 1)`` for a single scale: raw distances). Test images of any shape are scored against the
     same banks by :class:`~anomalens.detectors.scoring.PatchCoreScorer`.
 
+    The image score is the largest patch score (:attr:`image_score`, the paper's).
+
     Raises:
         ConfigError: invalid option values.
     """
 
     name = "patchcore"
+    #: how a grid of patch scores becomes the image score (:data:`~anomalens.detectors.scoring.IMAGE_SCORES`)
+    image_score = "max"
     supports_few_shot = True
     default_image_sizes = (256, 320)
     max_scales = 3
@@ -77,23 +77,13 @@ class PatchCore(Detector):
         *,
         coreset_ratio: float = 0.01,
         projection_dim: int = 128,
-        image_score: str = "max",
-        num_neighbours: int = 9,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if not 0.0 < coreset_ratio <= 1.0:
             raise ConfigError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        if image_score not in IMAGE_SCORES:
-            raise ConfigError(f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}")
-        if image_score == "reweighted" and len(self.image_sizes) > 1:
-            raise ConfigError("image_score='reweighted' takes one image size")
-        if num_neighbours < 1:
-            raise ConfigError(f"num_neighbours must be >= 1, got {num_neighbours}")
         self.coreset_ratio = float(coreset_ratio)
         self.projection_dim = int(projection_dim)
-        self.image_score = image_score
-        self.num_neighbours = int(num_neighbours)
         self.banks: list[ScaleBank] = []
         self.scale_stats = torch.tensor([[0.0, 1.0]] * len(self.image_sizes), dtype=torch.float64)
         self._loo: list[tuple[torch.Tensor, list[torch.Tensor]]] | None = None
@@ -103,8 +93,6 @@ class PatchCore(Detector):
         p.update(
             coreset_ratio=self.coreset_ratio,
             projection_dim=self.projection_dim,
-            image_score=self.image_score,
-            num_neighbours=self.num_neighbours,
         )
         return p
 
@@ -124,10 +112,7 @@ class PatchCore(Detector):
     ) -> None:
         n_sources = len(features[0]) if groups is None else int(groups.unique().numel())
         ratio = 1.0 if keep_all else self.coreset_ratio
-        self.banks = [
-            self._with_support(build_bank(f, ratio, self.projection_dim, self._bank_candidates(f), lambda a, b: progress("coreset", a, b)))
-            for f in features
-        ]
+        self.banks = [build_bank(f, ratio, self.projection_dim, self._bank_candidates(f), lambda a, b: progress("coreset", a, b)) for f in features]
         self.scale_stats = torch.tensor([[0.0, 1.0]] * len(self.banks), dtype=torch.float64)
         self._model = None
         self._loo = None
@@ -144,15 +129,8 @@ class PatchCore(Detector):
         """``int64`` rows (image by image, row-major) of the training patches the bank may hold; None: all."""
         return None
 
-    def _with_support(self, sb: ScaleBank) -> ScaleBank:
-        """``sb`` with its support sets when the re-weighted image score needs them."""
-        if self.image_score == "reweighted" and (sb.support is None or sb.support.shape[0] != sb.bank.shape[0]):
-            sb.support = support_sets(sb.bank, self.num_neighbours)
-        return sb
-
     def _build_scorer(self) -> PatchCoreScorer:
-        support = self.banks[0].support if self.image_score == "reweighted" else None
-        return PatchCoreScorer([sb.bank for sb in self.banks], self.scale_stats, self.image_score, support, self.cosine_scores)
+        return PatchCoreScorer([sb.bank for sb in self.banks], self.scale_stats, self.image_score, self.cosine_scores)
 
     def _leave_one_out(self, k: int, features: list[torch.Tensor], groups: torch.Tensor | None, progress: Progress):
         weights = self._patch_weights() if k == len(self.banks) - 1 else None
@@ -197,8 +175,6 @@ class PatchCore(Detector):
         t: dict[str, torch.Tensor] = {"scale_stats": self.scale_stats}
         for k, sb in enumerate(self.banks):
             t.update({f"memory_bank.{k}": sb.bank, f"bank_index.{k}": sb.index, f"train_grids.{k}": sb.grids})
-            if sb.support is not None:
-                t[f"bank_support.{k}"] = sb.support
         return t
 
     def _expected_shapes(self, config: dict) -> dict[str, list[int]]:
@@ -216,8 +192,7 @@ class PatchCore(Detector):
             grids, index = tensors[f"train_grids.{k}"].long(), tensors[f"bank_index.{k}"].long()
             if grids.numel() == 0 or int(grids.min()) < 1 or int(index.min()) < 0 or int(index.max()) >= int(grids.prod(1).sum()):
                 raise ModelFileError(f"PatchCore bank_index.{k} does not fit train_grids.{k} (a damaged or mixed-up model file)")
-            support = tensors.get(f"bank_support.{k}")
-            banks.append(self._with_support(ScaleBank(tensors[f"memory_bank.{k}"].float(), index, grids, None if support is None else support.long())))
+            banks.append(ScaleBank(tensors[f"memory_bank.{k}"].float(), index, grids))
         stats = tensors["scale_stats"].double()
         if not bool(torch.isfinite(stats).all()) or bool((stats[:, 1] <= 0).any()):
             raise ModelFileError("PatchCore scale_stats are not finite positive scales (a damaged model file)")

@@ -24,7 +24,7 @@ from torch import nn
 from ..common import AnomalyMapHead, PatchFeatureExtractor
 from ..errors import ConfigError
 
-IMAGE_SCORES = ("max", "reweighted", "mean_top1")
+IMAGE_SCORES = ("max", "mean_top1")
 #: percentage of a grid's highest patch scores averaged by ``image_score="mean_top1"`` (AnomalyDINO: 1%)
 TOP_PERCENT = 1
 
@@ -44,25 +44,21 @@ class PatchCoreScorer(nn.Module):
         banks: per scale ``k``, ``float32`` ``(M_k, D)`` memory-bank features.
         scale_stats: ``(K, 2)`` mean and standard deviation standardising each scale's scores before
             they are averaged (``(0, 1)`` rows for one scale: raw distances).
-        image_score: ``"max"``, ``"mean_top1"`` or ``"reweighted"`` (paper Eq. 7; one scale).
-        support: ``int64`` ``(M, b)``, each bank feature's ``b`` nearest bank features (``"reweighted"`` only).
+        image_score: ``"max"`` (PatchCore's largest patch score) or ``"mean_top1"`` (AnomalyDINO's
+            mean of the highest 1%).
         cosine: the features are unit vectors and a patch score is the cosine distance
             ``L2^2 / 2`` (AnomalyDINO) instead of the L2 distance.
 
-    Buffers: ``bank_k``, ``bank_sq_k`` (squared norms, ``(M_k,)``), ``scale_stats`` ``float32``
-    ``(K, 2)``, and ``support`` for the re-weighted score.
+    Buffers: ``bank_k``, ``bank_sq_k`` (squared norms, ``(M_k,)``) and ``scale_stats`` ``float32`` ``(K, 2)``.
 
     Raises:
-        ConfigError: an unknown image score, or ``"reweighted"`` without ``support`` or on several scales.
+        ConfigError: an unknown image score.
     """
 
-    def __init__(self, banks: list[torch.Tensor], scale_stats: torch.Tensor, image_score: str,
-                 support: torch.Tensor | None = None, cosine: bool = False):
+    def __init__(self, banks: list[torch.Tensor], scale_stats: torch.Tensor, image_score: str, cosine: bool = False):
         super().__init__()
         if image_score not in IMAGE_SCORES:
             raise ConfigError(f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}")
-        if image_score == "reweighted" and (support is None or len(banks) != 1):
-            raise ConfigError("image_score='reweighted' takes one scale and the bank's support sets")
         self.n_scales = len(banks)
         self.image_score = image_score
         self.cosine = bool(cosine)
@@ -71,7 +67,6 @@ class PatchCoreScorer(nn.Module):
             self.register_buffer(f"bank_{k}", bank)
             self.register_buffer(f"bank_sq_{k}", (bank * bank).sum(1))
         self.register_buffer("scale_stats", scale_stats.float().clone())
-        self.register_buffer("support", support.long() if support is not None else None)
 
     @property
     def bank_rows(self) -> int:
@@ -114,20 +109,12 @@ class PatchCoreScorer(nn.Module):
         features the cosine distance ``dist^2 / 2``."""
         return dist * dist / 2.0 if self.cosine else dist
 
-    def image_scores(self, q: torch.Tensor, grid_scores: torch.Tensor, nn_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw image scores ``(b,)`` of flat score grids ``(b, P)``; ``q`` ``(b * P, D)`` are the
-        patch features. The re-weighted score needs each top patch's nearest bank row: from
-        ``nn_idx`` ``(b * P,)`` when given (leave-one-out scoring), else found here."""
+    def image_scores(self, grid_scores: torch.Tensor) -> torch.Tensor:
+        """Raw image scores ``(b,)`` of flat score grids ``(b, P)``: the largest patch score, or the
+        mean of the highest 1% (:attr:`image_score`)."""
         if self.image_score == "mean_top1":
             return top_mean(grid_scores)
-        top, arg = grid_scores.max(1)
-        if self.image_score == "max":
-            return top
-        rows = arg + torch.arange(grid_scores.shape[0]) * grid_scores.shape[1]
-        top_rows = self.nearest(0, q[rows])[1] if nn_idx is None else nn_idx[rows]
-        support = self.support[top_rows]  # (b, n), first column is m* itself
-        d = torch.linalg.vector_norm(self.bank(0)[support] - q[rows][:, None, :], dim=2)
-        return (1.0 - torch.softmax(d, dim=1)[:, 0]) * top
+        return grid_scores.amax(1)
 
     def fuse(self, scores: list[torch.Tensor], grids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per scale raw image scores ``(B,)`` and grids ``(B, h_k, w_k)`` -> fused ``(B,)`` and
@@ -167,7 +154,7 @@ class PatchCoreScorer(nn.Module):
             grid = self.patch_scores(self.distances(k, q)).view(b, -1)
             if weights is not None and k == len(features) - 1:
                 grid = grid * weights.to(grid.dtype)
-            scores.append(self.image_scores(q, grid))
+            scores.append(self.image_scores(grid))
             grids.append(grid.view(b, h, w))
         b, d, h, w = features[-1].shape
         score, grid = self.fuse(scores, grids)
