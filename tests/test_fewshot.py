@@ -104,7 +104,6 @@ def test_few_shot_model_round_trip(hazelnut, tmp_path):
     det.save(tmp_path / "m")
     back = load_detector(tmp_path / "m")
     assert back.train_views == ["id", "hflip", "vflip"] and back.calibration.note == det.calibration.note
-    assert det.image_score == back.image_score == "max"  # a few shots keep the maximum patch score
     imgs = sorted((hazelnut / "test").rglob("*.png"))[:3]
     np.testing.assert_allclose(back.decision_function(imgs), det.decision_function(imgs), rtol=1e-6)
 

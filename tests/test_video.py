@@ -126,6 +126,12 @@ def test_prediction_streams(ped2_slice, ped2_model, monkeypatch):
     assert sum(1 for _ in stream) == 59
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_outputs_are_written_atomically(tmp_path):
     """predict's files are whole or absent: the MP4 streams into a hidden temporary file renamed at
     close (a kill mid-video leaves the old file, or none); a CSV that fails half way keeps the old one."""
@@ -152,6 +158,11 @@ def test_outputs_are_written_atomically(tmp_path):
     killed.write(frames[0])  # never closed: as after a kill
     assert not (tmp_path / "killed.mp4").exists()
     killed.close()
+    good_mp4 = mp4.read_bytes()
+    with pytest.raises(KeyboardInterrupt), AnnotatedVideoWriter(mp4, 10, threshold=1.0, pixel_threshold=0.5) as writer:
+        writer.write(frames[0])
+        raise KeyboardInterrupt  # interrupted mid-video: the whole older video stays, no temporary file
+    assert mp4.read_bytes() == good_mp4 and not list(tmp_path.glob(".*"))
 
     def pred(causes):
         s = np.array([fp.pred_score for fp in frames])
@@ -163,6 +174,7 @@ def test_outputs_are_written_atomically(tmp_path):
     with pytest.raises(IndexError):
         write_frame_csv(pred(["motion"] * 3), csv_path)  # fails at the 4th row
     assert csv_path.read_bytes() == good
+    assert (os.stat(csv_path).st_mode & 0o777) == (0o666 & ~_umask())  # not owner-only: as any file the user writes
     png = plot_scores(pred([fp.cause for fp in frames]), tmp_path / "scores.png")
     assert cv2.imread(str(png)) is not None
     assert sorted(os.listdir(tmp_path)) == ["annotated.mp4", "killed.mp4", "scores.csv", "scores.png"]

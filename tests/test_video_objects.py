@@ -136,7 +136,8 @@ def test_object_model_promise_on_unseen_normal_footage_and_files(ped2_slice, obj
     assert isinstance(det, ObjectVideoDetector) and det.is_video and det.fps == 10
     assert det.calibration.scores.size == 240 and 0 < det.false_alarm_rate < 0.01
     config, tensors = load_model(objects_model)
-    old = {k: v for k, v in config.items() if k not in ("video_format", "method", "state")}
+    # as an earlier anomalens saved it: video format 3, with its velocity option
+    old = {**config, "video_format": 3, "params": {**config["params"], "velocity": "hist+strip"}}
     save_model(tmp_path / "old", old, tensors)
     with pytest.raises(ModelFileError, match="re-fit"):
         VideoDetector.load(tmp_path / "old")

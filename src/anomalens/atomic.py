@@ -21,6 +21,16 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: the process's file-creation mask, read once at import (os.umask can only be read by setting it)
+_UMASK = _read_umask()
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -44,6 +54,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes it owner-only)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
     except BaseException:

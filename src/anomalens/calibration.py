@@ -321,9 +321,11 @@ class Calibration:
         if len(added) > cal.scores.size or not all(isinstance(h, str) and len(h) == 64 for h in added):
             raise ModelFileError(f"{where}: malformed list of added calibration images")
         cal = replace(cal, added=added)
+        if threshold is None or pixel_threshold is None:
+            raise ModelFileError(f"{where}: stored thresholds are missing")
         if mode == "f1":
             cal = replace(cal, threshold=float(threshold), mode="f1")
-        if threshold is None or pixel_threshold is None or not (
+        if not (
             math.isclose(cal.threshold, threshold) and math.isclose(cal.pixel_threshold, pixel_threshold)
         ):
             raise ModelFileError(f"{where}: stored thresholds do not match the stored calibration scores")

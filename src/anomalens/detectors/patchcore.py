@@ -5,9 +5,7 @@ Fit: locally aware patch features of the normal images (:class:`~anomalens.commo
 form a memory bank, subsampled by greedy k-center coreset (:mod:`anomalens.sampler`).
 Predict: every test patch's score is the L2 distance to its nearest memory-bank feature; the anomaly
 map is the score grid upsampled to the image and Gaussian-smoothed (sigma 4); the image score is the
-maximum patch score (the paper's), or optionally the paper's re-weighted maximum (Eq. 7), which
-discounts a patch whose nearest bank feature lies in a dense region of the bank, or the mean of the
-highest 1% patch scores (AnomalyDINO's image score, Damm et al., WACV 2025).
+maximum patch score (the paper's; AnomalyDINO's subclass takes the mean of the highest 1%).
 
 Multi-scale (our addition; ``image_size=(256, 320)``, the default): one bank per input size. Distances
 at different sizes are not on one scale, so each scale's scores are standardised by the mean and

@@ -1,6 +1,6 @@
 """Fitting and calibrating the cell-level detector (:class:`~anomalens.video.cells.CellVideoDetector`).
 
-Calibration (cross-fit by default): the normal training videos are split into groups; each group is
+Calibration (cross-fit): the normal training videos are split into groups; each group is
 scored against memories built from the others, so every training frame is a calibration frame and the
 final memories still hold every video. The part scales and the thresholds come from those scores:
 by default the lowest threshold with at most ``alarms_per_hour`` false-alarm episodes per hour of

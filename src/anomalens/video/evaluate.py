@@ -122,6 +122,7 @@ class EpisodePromise:
 
         Raises:
             NotFittedError: the detector is not fitted.
+            ModelFileError: its record of calibration parts does not match its calibration scores.
         """
         detector.threshold  # raises NotFittedError when not fitted
         runs = _calibration_runs(detector)

@@ -124,8 +124,9 @@ class AnnotatedVideoWriter:
     """Write frames with their heatmap, decision and score curve to an MP4 (``mp4v``), one at a time.
 
     Frames go to a hidden temporary file beside ``path`` (``.NAME.partial.mp4``: same extension, so
-    the encoder picks the same container), renamed onto ``path`` by :meth:`close`: a killed run never
-    leaves a truncated ``path`` (an old one stays whole). Always close it (or use it as a context manager).
+    the encoder picks the same container), renamed onto ``path`` by :meth:`close`: a killed or
+    interrupted run never leaves a truncated ``path`` (an old one stays whole; :meth:`abort`). Always
+    close or abort it (as a context manager: closed, or aborted when an exception passes).
 
     Args:
         path: output ``.mp4``.
@@ -192,8 +193,18 @@ class AnnotatedVideoWriter:
             publish(self._tmp, self.path)
         return self.path
 
+    def abort(self) -> None:
+        """Drop the frames written so far: ``path`` is left as it was (absent, or an older video)."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
     def __enter__(self) -> "AnnotatedVideoWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
