@@ -56,11 +56,13 @@ def scale_of(raw: np.ndarray) -> tuple[float, float]:
     return lo, float(max(np.max(raw) - lo, 1e-6))
 
 
-def knn_scores(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Mean L2 distance of each query ``(Q, D)`` to its ``k`` nearest rows of ``bank`` ``(M, D)``: ``(Q,)``."""
+def knn_scores(bank: np.ndarray | NearestNeighbours, queries: np.ndarray, k: int) -> np.ndarray:
+    """Mean L2 distance of each query ``(Q, D)`` to its ``k`` nearest rows of ``bank`` ``(M, D)``
+    (or of a :class:`~anomalens.knn.NearestNeighbours` built on it, kept across calls): ``(Q,)``."""
     if not len(queries):
         return np.zeros(0, np.float32)
-    d, _ = NearestNeighbours(torch.from_numpy(np.ascontiguousarray(bank, np.float32))).search(torch.from_numpy(np.ascontiguousarray(queries, np.float32)), min(k, len(bank)))
+    nn = bank if isinstance(bank, NearestNeighbours) else NearestNeighbours(torch.from_numpy(np.ascontiguousarray(bank, np.float32)))
+    d, _ = nn.search(torch.from_numpy(np.ascontiguousarray(queries, np.float32)), min(k, nn.bank.shape[0]))
     return d.mean(1).numpy()
 
 
@@ -83,6 +85,7 @@ class AttributeDensity:
         self.banks: dict[str, np.ndarray] = {}
         self.scales: dict[str, float] = {}
         self.offsets: dict[str, float] = {}
+        self._search: dict[str, tuple[np.ndarray, NearestNeighbours]] = {}  # per attribute: its bank and the search built on it
 
     def fit(self, vectors: dict[str, np.ndarray], groups: np.ndarray) -> dict[str, np.ndarray]:
         """Banks from every training object, scales from cross-fit scores.
@@ -115,8 +118,16 @@ class AttributeDensity:
         return raw
 
     def raw(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Raw kNN scores of objects against the banks, per attribute ``(N,)``."""
-        return {a: knn_scores(self.banks[a], vectors[a], self.k) for a in self.attributes}
+        """Raw kNN scores of objects against the banks, per attribute ``(N,)`` (each bank's search is
+        built once, at the first call after the bank was set)."""
+        out = {}
+        for a in self.attributes:
+            bank, nn = self._search.get(a, (None, None))
+            if bank is not self.banks[a]:
+                bank, nn = self.banks[a], NearestNeighbours(torch.from_numpy(np.ascontiguousarray(self.banks[a], np.float32)))
+                self._search[a] = (bank, nn)
+            out[a] = knn_scores(nn, vectors[a], self.k)
+        return out
 
     def scaled(self, raw: dict[str, np.ndarray]) -> np.ndarray:
         """``float32`` ``(N, A)``: each attribute's raw score over its scale (columns in :attr:`attributes` order)."""
