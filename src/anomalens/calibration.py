@@ -304,7 +304,7 @@ class Calibration:
         c = fields.get("calibration")
         if not isinstance(c, dict) or not {"mode", "source", "note", "false_alarm_rate"} <= set(c):
             raise ModelFileError(f"{where}: no calibration block of this anomalens version: re-fit the model")
-        mode, note, source, added = str(c["mode"]), str(c["note"]), str(c["source"]), c.get("added_sha256") or ()
+        mode, note, source, added = str(c["mode"]), str(c["note"]), str(c["source"]), tuple(c.get("added_sha256") or ())
         threshold, pixel_threshold = fields.get("threshold"), fields.get("pixel_threshold")
         false_alarm_rate = float("nan") if c["false_alarm_rate"] is None else float(c["false_alarm_rate"])
         if mode == "batch":
@@ -317,7 +317,6 @@ class Calibration:
             raise ModelFileError(f"{where}: calibration is unusable: {exc}") from None
         if note:
             cal = replace(cal, note=note)
-        added = tuple(added)
         if len(added) > cal.scores.size or not all(isinstance(h, str) and len(h) == 64 for h in added):
             raise ModelFileError(f"{where}: malformed list of added calibration images")
         cal = replace(cal, added=added)
