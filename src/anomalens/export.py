@@ -324,10 +324,10 @@ def onnx_for_model_dir(model_dir: Path, config_sha256: str | None = None, thread
     if ONNX_NAME in config["model_files"] and sha == config["config_sha256"]:
         try:
             m = OnnxDetector(path, threads=threads)
-            if m.meta.get("source_config_sha256") == sha and m.meta.get("format_version") == ONNX_FORMAT_VERSION:
+            if m.meta.get("source_config_sha256") == sha:
                 return m
         except ModelFileError:
-            pass  # from another version: export again
+            pass  # another format version (OnnxDetector reads only its own) or a damaged file: export again
     det = detector if detector is not None else load_detector(model_dir, key)
     if os.access(model_dir, os.W_OK):
         try:

@@ -99,9 +99,7 @@ def fit_cells(det: "CellVideoDetector", videos: str | os.PathLike | Sequence[str
         m = [d for u in ids for j, d in enumerate(mdescs[u]) if d is not None and j > 0 and j % det.motion_step == 0]
         return m, [f for u in ids for f in feats[u]]
 
-    calibrated = sorted(u for g in groups for u in g)
-    fit_units = list(range(len(units)))
-    motion, app = parts(fit_units)
+    motion, app = parts(range(len(units)))  # the final memories hold every unit; each fold's leave one group out
     det.motion_bank, det.appearance_bank = _memories(det, motion, app, progress)
     det._motion_sq = _squares(det.motion_bank)
     det._nn = NearestNeighbours(det.appearance_bank, "faiss") if det.appearance_bank is not None else None
@@ -120,16 +118,15 @@ def fit_cells(det: "CellVideoDetector", videos: str | os.PathLike | Sequence[str
                 m, a = det._part_grids(mdescs[u][j], ft, mem)
                 rows.append((gstore.append(m), gstore.append(a), frame.shape[:2]))
             grids.append(rows)
-            progress("calibration", len(grids), len(calibrated))
+            progress("calibration", len(grids), len(units))
     det.calibration = None
     det.fps = det.fps or video_fps(vids[0])
-    _calibrate(det, grids, len(calibrated))
+    _calibrate(det, grids, len(units))
     t3 = time.perf_counter()
     det.fit_info = {
-        "calibration": "crossfit",
-        "train_videos": [str(units[u]) for u in fit_units], "calibration_videos": [str(units[u]) for u in calibrated],
+        "train_videos": [str(u) for u in units],
         "folds": [[video_name(units[u].video) for u in g] for g in groups],
-        "n_train_frames": sum(len(mdescs[u]) for u in fit_units), "n_motion_frames": len(motion), "n_appearance_frames": len(app),
+        "n_train_frames": sum(len(m) for m in mdescs), "n_motion_frames": len(motion), "n_appearance_frames": len(app),
         "n_calibration_frames": sum(len(g) for g in grids),
         "calibration_part_frames": [len(g) for g in grids],  # in the order of calibration.scores (episodes count per part)
         "work_hw": list(det.work_hw), "grid": list(det.grid),
