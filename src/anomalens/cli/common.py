@@ -58,7 +58,9 @@ ENGINE_HELP = DETECTOR_ENGINE_HELP + " Without torch installed: the folder's exp
 def describe_model(det) -> str:
     """What kind of model ``det`` is, for messages: "an exported model (from patchcore)", "a video
     model", "a musc model"."""
-    if getattr(det, "engine", None) == "onnxruntime" and type(det).__name__ == "OnnxDetector":
+    from ..runtime import OnnxDetector
+
+    if isinstance(det, OnnxDetector):
         return f"an exported model (from {det.name})"
     return f"a {det.name} model"
 
