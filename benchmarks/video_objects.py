@@ -7,7 +7,9 @@ Protocol:
   attributes, cross-fit scales over 4 folds of videos (:class:`anomalens.video.ObjectVideoDetector`).
   Objects are extracted once with the library's pipeline and cached (``--cache``, on /tmp), then
   every setting of the grid below is scored from the cache.
-* **free settings** (the grid): attributes, how an object's attribute scores combine (sum / max),
+* **free settings** (the grid): attributes, the frame rule (AI-VAD's sum over attributes of each
+  attribute's most abnormal object, which the library uses; or the most abnormal object's sum or
+  largest attribute score, which it does not),
   the smallest object height scored, the weight of the place, the temporal smoothing.
 * **leave-one-video-out** over test 01-06: for each video, the setting with the best pooled micro
   frame AUC on the *other five* is chosen, and the held-out video's frame scores at that setting are
@@ -49,7 +51,7 @@ TRAIN = [f"{i:02d}" for i in range(1, 17)]
 TEST = [f"{i:02d}" for i in range(1, 7)]
 GRID = {
     "attributes": [("speed", "appearance"), ("speed", "size", "appearance"), ("speed",), ("speed", "size")],
-    "combine": ["sum", "max"],
+    "frame_rule": ["attribute_maxima", "object_sum", "object_max"],
     "min_height": [12, 20],
     "place_weight": [0.5, 1.0],
     "temporal_sigma": [1.0, 3.0, 6.0],
@@ -129,26 +131,32 @@ def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: lis
 def score_setting(data: dict, s: dict, train: list[str], test: list[str]) -> tuple[dict, list[np.ndarray]]:
     """Frame scores (smoothed) of each ``test`` video and the smoothed cross-fit runs of the ``train``
     videos for setting ``s``: the detector's fit path (each attribute min-max scaled on the cross-fit
-    normal objects, combined per object, the frame's most abnormal object, smoothed) on cached objects."""
-    from anomalens.video.density import frame_scores, scale_of
+    normal objects, combined into the frame's score by the setting's frame rule, smoothed) on cached objects."""
+    from anomalens.video.density import frame_terms, scale_of
     from anomalens.video.smoothing import smooth
 
     raws = [_raw(data, a, s["min_height"], s["place_weight"], train, test) for a in s["attributes"]]
     scales = [scale_of(r) for r, _ in raws]
-    comb = (lambda a: a.sum(1)) if s["combine"] == "sum" else (lambda a: a.max(1))  # noqa: E731
     sm = (lambda f: smooth(f, s["temporal_sigma"])) if s["temporal_sigma"] > 0 else (lambda f: f)  # noqa: E731
-    obj = comb(np.stack([(r - c[0]) / c[1] for (r, _), c in zip(raws, scales)], 1))
+
+    def frames(cols: np.ndarray, x: dict) -> np.ndarray:
+        n = int(x["n_frames"])
+        if s["frame_rule"] == "attribute_maxima":
+            return frame_terms(cols, x["frame"], n)[0].sum(1)
+        comb = cols.sum(1) if s["frame_rule"] == "object_sum" else cols.max(1)
+        return frame_terms(comb[:, None], x["frame"], n)[0][:, 0]
+
+    obj = np.stack([(r - c[0]) / c[1] for (r, _), c in zip(raws, scales)], 1)
     runs, start = [], 0
     for v in train:
         x = _keep(data[("train", v)], s["min_height"])
         n = len(x["frame"])
-        runs.append(sm(frame_scores(obj[start:start + n, None], x["frame"], int(x["n_frames"]))[0]))
+        runs.append(sm(frames(obj[start:start + n], x)))
         start += n
     res = {}
     for v in test:
         x = _keep(data[("test", v)], s["min_height"])
-        o = comb(np.stack([(t[v] - c[0]) / c[1] for (_, t), c in zip(raws, scales)], 1))
-        res[v] = sm(frame_scores(o[:, None], x["frame"], int(x["n_frames"]))[0])
+        res[v] = sm(frames(np.stack([(t[v] - c[0]) / c[1] for (_, t), c in zip(raws, scales)], 1), x))
     return res, runs
 
 
@@ -216,7 +224,7 @@ def main() -> None:
     from anomalens.video import ObjectVideoDetector
 
     p = ObjectVideoDetector(pretrained=False).get_params()
-    s_lib = {"attributes": tuple(p["attributes"]), **{k: p.get(k, 0) for k in GRID if k != "attributes"}}
+    s_lib = {"attributes": tuple(p["attributes"]), **{k: p.get(k, 0) for k in GRID if k != "attributes"}, "frame_rule": "attribute_maxima"}
     s_def, res_def, runs_def = next((x for x in scored if x[0] == s_lib), scored[best_all])
     from anomalens.video.alarm import ALARMS_PER_HOUR, episode_threshold
     from anomalens.video.evaluate import EVENT_MARGIN, _far_from_events, false_alarm_episodes

@@ -71,13 +71,20 @@ def test_object_model_evaluate_and_predict_end_to_end(ped2_slice, objects_model,
     for o in objects:
         x0, y0, x1, y1 = (int(o[k]) for k in ("x0", "y0", "x1", "y1"))
         assert 0 <= x0 < x1 <= 360 and 0 <= y0 < y1 <= 240
-        assert float(o["score"]) == pytest.approx(sum(float(o[a]) for a in ("speed", "appearance")), abs=3e-4)  # combine="sum"
-    # the frame's raw score is its most abnormal object's score
-    best = {}
+        assert float(o["score"]) == pytest.approx(sum(float(o[a]) for a in ("speed", "appearance")), abs=3e-4)  # an object's score: the sum
+    # the frame's raw score is AI-VAD's: each attribute's largest object score, summed over attributes;
+    # its motion and appearance scores are those two terms, its cause the larger
+    terms: dict = {}
     for o in objects:
-        best[int(o["frame"])] = max(best.get(int(o["frame"]), 0.0), float(o["score"]))
+        t = terms.setdefault(int(o["frame"]), {"speed": -np.inf, "appearance": -np.inf})
+        for a in t:
+            t[a] = max(t[a], float(o[a]))
     for f in frames:
-        assert float(f["raw_score"]) == pytest.approx(best.get(int(f["frame"]), 0.0), abs=1e-4)
+        t = terms.get(int(f["frame"]))
+        assert float(f["raw_score"]) == pytest.approx(sum(t.values()) if t else 0.0, abs=3e-4)
+        if t:
+            assert float(f["motion_score"]) == pytest.approx(t["speed"], abs=2e-4) and float(f["appearance_score"]) == pytest.approx(t["appearance"], abs=2e-4)
+            assert f["cause"] == max(t, key=t.get) or abs(t["speed"] - t["appearance"]) < 1e-3
     # the cyclist's frames (labelled from slice frame 30) are flagged, and what flags them is named
     labels = json.loads(ped2_slice["labels"].read_text())["02"]
     flagged = [int(f["pred_label"]) for f in frames]

@@ -26,7 +26,6 @@ def fit(
     temporal_sigma: Optional[float] = typer.Option(None, help="Smoothing of the frame scores in frames (the stream's delay is 3x this). Default: the method's."),
     folds: int = typer.Option(4, help="Cross-fit: groups of videos (a single video is cut into this many parts)."),
     attributes: Optional[str] = typer.Option(None, help="objects: attributes that score, comma-separated (speed, size, appearance; default speed,appearance)."),
-    combine: Optional[str] = typer.Option(None, help="objects: an object's score is the sum or the max of its attribute scores."),
     alarms_per_hour: Optional[float] = typer.Option(None, help="False-alarm episodes per hour of normal footage the threshold allows (both methods; default 1)."),
     fps: Optional[float] = typer.Option(None, min=0.1, help="Frame rate of the footage (both methods; default: read from the videos; frame folders: 10)."),
     image_size: Optional[int] = typer.Option(None, help="cells: frames are resized to this square size for the backbone (pixels)."),
@@ -38,7 +37,7 @@ def fit(
     from ..video.detector import DEFAULT_METHOD, make_video_detector
 
     method = method or DEFAULT_METHOD
-    given = {"temporal_sigma": temporal_sigma, "attributes": split_names(attributes) if attributes else None, "combine": combine,
+    given = {"temporal_sigma": temporal_sigma, "attributes": split_names(attributes) if attributes else None,
              "alarms_per_hour": alarms_per_hour, "fps": fps, "image_size": image_size, "appearance": appearance, "motion": motion,
              "false_alarm_rate": false_alarm_rate}
     params = {"backbone": backbone, "folds": folds, **{k: v for k, v in given.items() if v is not None}}

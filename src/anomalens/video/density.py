@@ -7,9 +7,10 @@ attribute is the mean distance to its ``k`` nearest training objects. Raw distan
 attributes, and of objects in different videos, are not comparable; so each attribute's raw score is
 put on the scale of normal objects that were *not* in the bank (cross-fit: each group of training
 videos scored against the others' objects): AI-VAD's min-max, (raw - min) / (max - min) of those
-scores, so that 0 and 1 are the least and the most unusual normal object. An object's score combines its attribute scores (the detector's
-``combine``), and the largest attribute is its cause. A frame is as abnormal as its most abnormal
-object (0 without objects).
+scores, so that 0 and 1 are the least and the most unusual normal object. An object's score is the
+sum of its attribute scores; a frame's score is AI-VAD's: for each attribute, the largest score of
+the frame's objects, summed over attributes (:func:`frame_terms`; 0 without objects). The attribute
+with the largest term is the frame's cause, and the object holding it its box.
 """
 
 from __future__ import annotations
@@ -135,20 +136,25 @@ class AttributeDensity:
         return np.stack([(raw[a] - self.offsets.get(a, 0.0)) / self.scales[a] for a in self.attributes], 1).reshape(n, len(self.attributes)).astype(np.float32)
 
 
-def frame_scores(object_scores: np.ndarray, frames: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """The frame score (its most abnormal object's largest attribute score, 0 without objects) and
-    the row of that object (-1 without objects).
+def frame_terms(object_scores: np.ndarray, frames: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each attribute's largest score over a frame's objects (0 without objects) and the row of that
+    object (-1 without objects). AI-VAD's frame score is the sum of a frame's terms.
 
     Args:
         object_scores: ``(N, A)`` scaled scores; frames: ``int`` ``(N,)`` frame of each object.
+        n_frames: frames of the video (frame numbers are below it).
 
     Returns:
-        ``float64`` ``(n_frames,)`` scores and ``int64`` ``(n_frames,)`` object rows.
+        ``float64`` ``(n_frames, A)`` terms and ``int64`` ``(n_frames, A)`` object rows.
     """
-    s = np.zeros(n_frames)
-    arg = np.full(n_frames, -1, np.int64)
-    best = object_scores.max(1) if object_scores.size else np.zeros(len(frames))
-    for i in np.argsort(best):  # ascending: the largest of a frame is written last
-        s[frames[i]] = best[i]
-        arg[frames[i]] = i
+    a = object_scores.shape[1] if object_scores.ndim == 2 else 1
+    s = np.zeros((n_frames, a))
+    arg = np.full((n_frames, a), -1, np.int64)
+    frames = np.asarray(frames, np.int64)
+    for j in range(a):
+        col = object_scores.reshape(len(frames), a)[:, j]
+        order = np.lexsort((col, frames))  # by frame, then by score: each frame's largest is its last
+        last = order[np.r_[frames[order][1:] != frames[order][:-1], True]] if len(order) else order
+        s[frames[last], j] = col[last]
+        arg[frames[last], j] = last
     return s, arg

@@ -6,8 +6,9 @@ and the optical flow and tracked (:mod:`anomalens.video.objects`); each is descr
 size at its place and its appearance (:mod:`anomalens.video.attributes`); each attribute is scored
 by kNN distance to the objects of normal training video, in units learnt by cross-fit on that video
 (:mod:`anomalens.video.density`), so that scores compare across videos and attributes. An object's
-score is its largest attribute score (``combine="max"``) or their sum (``"sum"``); a frame is as
-abnormal as its most abnormal object, smoothed in time; the cause names the attribute and the box.
+score is the sum of its attribute scores; a frame's is AI-VAD's, each attribute's largest score over
+the frame's objects summed over attributes, smoothed in time; the cause names the attribute with the
+largest term; each object keeps its own attribute scores, sum and cause.
 The threshold keeps false-alarm episodes per hour of normal footage (:mod:`anomalens.video.alarm`).
 """
 
@@ -25,7 +26,7 @@ from ..errors import ConfigError, DatasetError
 from .alarm import ALARMS_PER_HOUR, episode_threshold
 from .attributes import ATTRIBUTES, VELOCITY_DIM, CropEmbedder
 from .base import VideoModel
-from .density import PLACE_WEIGHT, AttributeDensity, attribute_vectors, frame_scores
+from .density import PLACE_WEIGHT, AttributeDensity, attribute_vectors, frame_terms
 from .io import as_videos, video_fps, video_name
 from .objects import ObjectParams
 from .persistence import check_tensor
@@ -45,7 +46,6 @@ class ObjectVideoDetector(VideoModel):
     Args:
         backbone: CNN for the crop embeddings (``efficientnet_lite0``, ``efficientnet_lite2``, ``mobilenet_v2``).
         attributes: which attributes score (of ``speed``, ``size``, ``appearance``).
-        combine: an object's score from its attribute scores: ``"sum"`` or ``"max"``.
         k: neighbours averaged in each attribute's kNN.
         place_weight: weight of an object's place (fractions of the frame) in the speed and size vectors.
         min_height: objects less tall (pixels) are not scored (far noise).
@@ -66,13 +66,11 @@ class ObjectVideoDetector(VideoModel):
     method = "objects"
 
     def __init__(
-        self, backbone: str = "efficientnet_lite0", *, attributes: Sequence[str] = DEFAULT_ATTRIBUTES, combine: str = "sum",
+        self, backbone: str = "efficientnet_lite0", *, attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
         k: int = 1, place_weight: float = PLACE_WEIGHT, min_height: int = 20, diff: float = 25.0,
-        flow_speed: float = 1.0, min_area: int = 60, close: int = 7, temporal_sigma: float = 6.0, alarms_per_hour: float = ALARMS_PER_HOUR,
+        flow_speed: float = 1.0, min_area: int = 60, close: int = 7, temporal_sigma: float = 3.0, alarms_per_hour: float = ALARMS_PER_HOUR,
         fps: float | None = None, folds: int = 4, seed: int = 0, pretrained: bool = True,
     ):
-        if combine not in ("sum", "max"):
-            raise ConfigError(f"combine must be 'sum' or 'max', got {combine!r}")
         if temporal_sigma < 0 or place_weight < 0 or min_height < 1 or folds < 2:
             raise ConfigError("need temporal_sigma >= 0, place_weight >= 0, min_height >= 1 and folds >= 2")
         if not alarms_per_hour > 0 or (fps is not None and not fps > 0):
@@ -80,7 +78,7 @@ class ObjectVideoDetector(VideoModel):
         self.backbone_name = backbone
         self.density = AttributeDensity(k, tuple(attributes))  # validates them
         self.attributes = self.density.attributes
-        self.combine, self.k = combine, int(k)
+        self.k = int(k)
         self.place_weight, self.min_height = float(place_weight), int(min_height)
         self.object_params = ObjectParams(diff=float(diff), speed=float(flow_speed), min_area=int(min_area), close=int(close)).check()
         self.temporal_sigma, self.alarms_per_hour, self.fps = float(temporal_sigma), float(alarms_per_hour), fps
@@ -95,7 +93,7 @@ class ObjectVideoDetector(VideoModel):
         """The constructor's arguments (JSON-serialisable)."""
         p = self.object_params
         return {
-            "backbone": self.backbone_name, "attributes": list(self.attributes), "combine": self.combine, "k": self.k,
+            "backbone": self.backbone_name, "attributes": list(self.attributes), "k": self.k,
             "place_weight": self.place_weight, "min_height": self.min_height, "diff": p.diff,
             "flow_speed": p.speed, "min_area": p.min_area, "close": p.close, "temporal_sigma": self.temporal_sigma,
             "alarms_per_hour": self.alarms_per_hour, "fps": self.fps, "folds": self.folds, "seed": self.seed, "pretrained": self.pretrained,
@@ -110,10 +108,6 @@ class ObjectVideoDetector(VideoModel):
 
     def _vectors(self, speed: np.ndarray, geometry: np.ndarray, appearance: np.ndarray) -> dict[str, np.ndarray]:
         return attribute_vectors(speed, geometry, appearance, self.place_weight)
-
-    def _object_scores(self, scaled: np.ndarray) -> np.ndarray:
-        """``(N, A)`` scaled attribute scores -> ``(N,)`` object scores."""
-        return scaled.sum(1) if self.combine == "sum" else scaled.max(1)
 
     # ------------------------------------------------------------------ fit
     def fit(self, videos: str | os.PathLike | Sequence[str | os.PathLike], progress: Progress | None = None) -> "ObjectVideoDetector":
@@ -167,13 +161,13 @@ class ObjectVideoDetector(VideoModel):
         if np.unique(folds_of_objects).size < 2:
             raise DatasetError("objects were found in only one fold of the training videos; give more normal footage")
         raw = self.density.fit(self._vectors(cat["speed"], cat["geometry"], cat["appearance"]), folds_of_objects)
-        obj = self._object_scores(self.density.scaled(raw))
+        scaled = self.density.scaled(raw)
         frame = cat["frame"].astype(np.int64)
         runs, maxima = [], []
         for u in range(len(units)):
             m = unit == u
-            s, _ = frame_scores(obj[m, None], frame[m], n_frames[u])
-            maxima.append(s)
+            s = frame_terms(scaled[m], frame[m], n_frames[u])[0].sum(1)
+            maxima.append(frame_terms(scaled[m].sum(1)[:, None], frame[m], n_frames[u])[0][:, 0])  # the map's maximum: the top object's score
             sm = TemporalSmoother(self.temporal_sigma)
             runs.append(np.array([v for x in s for _, v in sm.push(float(x))] + [v for _, v in sm.flush()]))
         self.fps = self.fps or video_fps(vids[0])
@@ -193,13 +187,14 @@ class ObjectVideoDetector(VideoModel):
         return self
 
     # ------------------------------------------------------------------ predict
-    def _score_frame(self, fo: FrameObjects) -> tuple[float, list[ObjectScore], np.ndarray]:
-        """A frame's raw score, its objects (most abnormal first) and its anomaly map (each box filled with its object's score)."""
+    def _score_frame(self, fo: FrameObjects) -> tuple[float, list[ObjectScore], np.ndarray, dict[str, float], str]:
+        """A frame's raw score, its objects (most abnormal first), its anomaly map (each box filled with
+        its object's score), its terms (each attribute's largest object score) and its cause."""
         amap = np.zeros(fo.hw, np.float32)
         if not len(fo):
-            return 0.0, [], amap
+            return 0.0, [], amap, {}, ""
         scaled = self.density.scaled(self.density.raw(self._vectors(fo.speed, fo.geometry, fo.appearance)))
-        obj = self._object_scores(scaled)
+        obj = scaled.sum(1)
         objects = []
         for j in np.argsort(-obj):
             x0, y0, x1, y1 = (int(v) for v in fo.boxes[j])
@@ -208,7 +203,8 @@ class ObjectVideoDetector(VideoModel):
         for o in reversed(objects):  # the most abnormal drawn last, on top
             x0, y0, x1, y1 = o.box
             amap[y0:y1, x0:x1] = np.maximum(amap[y0:y1, x0:x1], o.score)
-        return float(obj.max()), objects, amap
+        terms = {a: float(scaled[:, i].max()) for i, a in enumerate(self.attributes)}
+        return float(sum(terms.values())), objects, amap, terms, max(terms, key=terms.get)
 
     def predict_stream(self, video: str | os.PathLike, *, keep_frames: bool = False) -> Iterator[FramePrediction]:
         """Score a video frame by frame, holding only the frames of the smoothing window.
@@ -225,20 +221,18 @@ class ObjectVideoDetector(VideoModel):
         self._check_fitted()
 
         def finish(item, smoothed: float) -> FramePrediction:
-            fo, raw, objects, amap = item
-            best = objects[0] if objects else None
+            fo, raw, objects, amap, terms, cause = item
             mask = amap > self.pixel_threshold
             return FramePrediction(
                 index=fo.index, pred_score=smoothed, raw_score=raw, pred_label=int(smoothed > self.threshold), anomaly_map=amap,
-                pred_mask=mask, motion_score=best.scores.get("speed", float("nan")) if best else float("nan"),
-                appearance_score=best.scores.get("appearance", float("nan")) if best else float("nan"),
-                cause=best.cause if best else "", objects=objects, image=fo.image if keep_frames else None,
+                pred_mask=mask, motion_score=terms.get("speed", float("nan")), appearance_score=terms.get("appearance", float("nan")),
+                cause=cause, objects=objects, image=fo.image if keep_frames else None,
             )
 
         def parts():
             for fo in self._pipeline().frames(video, keep_frames=keep_frames):
-                raw, objects, amap = self._score_frame(fo)
-                yield (fo, raw, objects, amap), raw
+                raw, objects, amap, terms, cause = self._score_frame(fo)
+                yield (fo, raw, objects, amap, terms, cause), raw
 
         for item, s in smoothed_stream(parts(), self.temporal_sigma):
             yield finish(item, s)

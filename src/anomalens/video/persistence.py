@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 #: version of the video models' layout (2: the object detector, one config for both methods; 3: the
 #: objects' velocity histogram and min-max scales, both methods' episode threshold; 4: the objects'
 #: velocity is the box's histogram beside its fastest strip's, without the probes' options)
-VIDEO_FORMAT = 4
+VIDEO_FORMAT = 5
 
 
 def _classes() -> dict:

@@ -20,8 +20,8 @@ class ObjectScore:
         box: ``(x0, y0, x1, y1)`` in the frame's pixels (exclusive ends).
         scores: attribute -> score in units of normal objects (0 and 1: the least and the most unusual
             normal training object for that attribute, scored by cross-fit), e.g. ``{"speed": 2.4, "appearance": 0.8}``.
-        score: the largest of ``scores``.
-        cause: the attribute that gives ``score``.
+        score: the sum of ``scores`` (AI-VAD's object score).
+        cause: the attribute with the largest score.
     """
 
     track: int
@@ -42,7 +42,9 @@ class FramePrediction:
         pred_label: 1 = abnormal (``pred_score > threshold``).
         anomaly_map: ``float32`` ``(H, W)`` at the frame's size.
         pred_mask: ``bool`` ``(H, W)``: ``anomaly_map > pixel_threshold``.
-        motion_score, appearance_score: the frame's largest motion and appearance scores (NaN when off).
+        motion_score, appearance_score: the frame's largest motion and appearance scores (NaN when off;
+            object detector: the largest speed and appearance scores of its objects, whose sum over
+            the scored attributes is ``raw_score``).
         cause: what made the frame's score: ``"motion"`` or ``"appearance"`` (cell detector), an
             attribute (``"speed"``, ``"size"``, ``"appearance"``; object detector), ``""`` without objects.
         regions: connected regions of ``pred_mask``, strongest first.
