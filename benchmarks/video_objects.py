@@ -59,7 +59,7 @@ GRID = {
 #: the smallest min_height of the grid: objects are extracted down to it, taller ones kept per setting
 MIN_EXTRACT = min(GRID["min_height"])
 #: bump when the extraction (objects, velocity columns, embeddings) changes: the cache folder is named by it
-EXTRACT_VERSION = "v4"
+EXTRACT_VERSION = "v5"
 
 
 def extract(ped2: str, cache: str) -> dict:

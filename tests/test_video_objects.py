@@ -197,3 +197,32 @@ def test_velocity_histogram_and_border_boxes_keep_their_track_speed():
     assert t.off_border(a, np.array([1.0]), False)[0] == 1.0
     b = t.update(np.array([[10, 12, 20, 40]]))[0]
     assert b == a and t.off_border(b, np.array([0.3]), True)[0] == 1.0  # cut by the bottom edge: the track's speed
+
+
+def test_a_box_on_the_border_keeps_its_tracks_appearance(ped2_slice):
+    """On test video 02's slice, a box touching the frame's border whose track was seen off it takes
+    the embedding of the track's last off-border frame (half a person is not a new look); every other
+    box is embedded from its own crop."""
+    from anomalens.video.attributes import CropEmbedder
+    from anomalens.video.objects import ObjectParams, on_border
+    from anomalens.video.pipeline import ObjectPipeline
+
+    train = sorted((ped2_slice["train"] / "frames").iterdir())
+    emb = CropEmbedder(pretrained=False)
+    frames = list(ObjectPipeline(ObjectPipeline.background_of(train, every=5), ObjectParams(), emb, min_height=20).frames(
+        ped2_slice["test"] / "frames" / "02", keep_frames=True))
+    last: dict = {}
+    kept = own = 0
+    for f in frames:
+        edge = on_border(f.boxes, f.hw)
+        mine = emb(f.image, f.boxes)
+        for j, t in enumerate(f.tracks.tolist()):
+            if edge[j] and t in last:
+                np.testing.assert_array_equal(f.appearance[j], last[t])
+                kept += 1
+            else:
+                np.testing.assert_allclose(f.appearance[j], mine[j], atol=1e-5)
+                own += 1
+            if not edge[j]:
+                last[t] = f.appearance[j]
+    assert kept >= 5 and own >= 60, (kept, own)

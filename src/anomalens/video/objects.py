@@ -158,15 +158,20 @@ class IoUTracker:
                     del self._tracks[t]
         return ids
 
-    def off_border(self, track: int, value: np.ndarray, on_border: bool) -> np.ndarray:
-        """``value`` for a box off the frame's border (it is remembered for ``track``); for a box
-        touching the border, the value last remembered for its track (``value`` if none): a person cut
-        by the frame's edge shows only part of its motion, its track knows the whole."""
-        t = self._tracks[track]
+    def off_border(self, track: int, value: np.ndarray, on_border: bool, what: str = "speed") -> np.ndarray:
+        """``value`` for a box off the frame's border (it is remembered as ``track``'s ``what``); for a
+        box touching the border, the ``what`` last remembered for its track (``value`` if none): a
+        person cut by the frame's edge shows only part of its motion and of itself, its track knows
+        the whole."""
+        inner = self._tracks[track].setdefault("inner", {})
         if not on_border:
-            t["inner"] = np.asarray(value, np.float32)
-            return t["inner"]
-        return t.get("inner", np.asarray(value, np.float32))
+            inner[what] = np.asarray(value, np.float32)
+            return inner[what]
+        return inner.get(what, np.asarray(value, np.float32))
+
+    def remembers(self, track: int, what: str) -> bool:
+        """Whether ``track`` has a ``what`` from a frame where it was off the border (:meth:`off_border`)."""
+        return what in self._tracks[track].get("inner", {})
 
     def mean_of(self, track: int, value: np.ndarray) -> np.ndarray:
         """Record ``value`` for ``track`` this frame; returns the mean of its last ``history`` values."""

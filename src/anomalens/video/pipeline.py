@@ -57,9 +57,9 @@ class ObjectPipeline:
         track_frames: frames the speed is averaged over along a track.
         min_height: boxes less tall (pixels) are tracked but not described or scored.
 
-    A box touching the frame's border takes its track's speed from the last frame it was off the
-    border (:meth:`~anomalens.video.objects.IoUTracker.off_border`): a walker half out of the frame
-    does not look slow for its place.
+    A box touching the frame's border takes its track's speed and appearance from the last frame it
+    was off the border (:meth:`~anomalens.video.objects.IoUTracker.off_border`): a walker half out of
+    the frame neither looks slow for its place nor like half a person.
     """
 
     def __init__(
@@ -71,6 +71,19 @@ class ObjectPipeline:
         self.track_frames = int(track_frames)
         self.min_height = int(min_height)
         self.flow = FlowComputer(finest_scale=0)
+
+    def _appearance(self, rgb: np.ndarray, boxes: np.ndarray, ids: np.ndarray, edge: np.ndarray, tracker: IoUTracker) -> np.ndarray:
+        """``float32`` ``(N, D)`` crop embeddings; a box on the border whose track was seen off it
+        takes that embedding (and is not embedded); ``(N, 0)`` without an embedder."""
+        if self.embedder is None:
+            return np.zeros((len(boxes), 0), np.float32)
+        app = np.zeros((len(boxes), self.embedder.dim), np.float32)
+        own = np.array([not e or not tracker.remembers(int(t), "appearance") for t, e in zip(ids, edge)], bool)
+        if own.any():
+            app[own] = self.embedder(rgb, boxes[own])
+        for j, (t, e) in enumerate(zip(ids, edge)):
+            app[j] = tracker.off_border(int(t), app[j], bool(e), "appearance")
+        return app
 
     @staticmethod
     def background_of(videos: list[os.PathLike], every: int = 10) -> np.ndarray:
@@ -99,10 +112,11 @@ class ObjectPipeline:
             boxes, mask = fg(gray, flow)
             ids = tracker.update(boxes)
             speed = np.zeros((len(boxes), VELOCITY_DIM), np.float32)
+            edge = on_border(boxes, gray.shape)
             if flow is not None and len(boxes):  # every track's history, so that scoring fewer objects changes no speed
                 speed = np.stack([tracker.mean_of(int(t), v) for t, v in zip(ids, object_velocity(flow, boxes, mask))])
-                speed = np.stack([tracker.off_border(int(t), v, e) for t, v, e in zip(ids, speed, on_border(boxes, gray.shape))])
+                speed = np.stack([tracker.off_border(int(t), v, e) for t, v, e in zip(ids, speed, edge)])
             tall = (boxes[:, 3] - boxes[:, 1]) >= self.min_height
-            boxes, ids, speed = boxes[tall], ids[tall], speed[tall]
-            app = self.embedder(rgb, boxes) if self.embedder is not None else np.zeros((len(boxes), 0), np.float32)
+            boxes, ids, speed, edge = boxes[tall], ids[tall], speed[tall], edge[tall]
+            app = self._appearance(rgb, boxes, ids, edge, tracker)
             yield FrameObjects(i, boxes, ids, speed.astype(np.float32), geometry(boxes, gray.shape), app, gray.shape, rgb if keep_frames else None)
