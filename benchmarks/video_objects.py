@@ -52,19 +52,21 @@ TRAIN = [f"{i:02d}" for i in range(1, 17)]
 TEST = [f"{i:02d}" for i in range(1, 7)]
 GRID = {
     "attributes": [("speed", "appearance"), ("speed", "size", "appearance"), ("speed",), ("speed", "size")],
-    "frame_rule": ["attribute_maxima"],
+    "frame_rule": ["attribute_maxima"],  # the library's; --frame-rules for any of FRAME_RULES
     "min_height": [12, 20],
     "place_weight": [0.5, 1.0],
     "temporal_sigma": [1.0, 3.0, 6.0],
 }
-#: the smallest min_height of the grid: objects are extracted down to it, taller ones kept per setting
-MIN_EXTRACT = min(GRID["min_height"])
 #: bump when the extraction (objects, velocity columns, embeddings) changes: the cache folder is named by it
-EXTRACT_VERSION = "v5"
+EXTRACT_VERSION = "v6"
+#: frame rules the grid can compare: AI-VAD's (the library's), the most abnormal object's sum, its largest attribute
+FRAME_RULES = ("attribute_maxima", "object_sum", "object_max")
 
 
 def extract(ped2: str, cache: str) -> dict:
-    """Per video ``{"frame", "track", "box", "speed", "geometry", "appearance", "n_frames", "seconds"}`` from the library's pipeline (cached as .npz)."""
+    """Per ``(split, video, min_height)`` of the grid, ``{"frame", "track", "box", "speed", "geometry",
+    "appearance", "n_frames", "seconds"}`` from the library's pipeline at that ``min_height`` (cached as
+    .npz; one extraction per height, since a track's remembered appearance comes from its described boxes)."""
     import torch
 
     from anomalens.video import ObjectVideoDetector
@@ -73,17 +75,18 @@ def extract(ped2: str, cache: str) -> dict:
 
     torch.set_num_threads(1)
     os.makedirs(cache, exist_ok=True)
-    det = ObjectVideoDetector(attributes=("speed", "size", "appearance"), min_height=MIN_EXTRACT)
     bg_path = os.path.join(cache, "background.npy")
     train = list_videos(os.path.join(ped2, "training", "frames"))
     if not os.path.exists(bg_path):
         np.save(bg_path, ObjectPipeline.background_of(train, every=10))
-    det.background = np.load(bg_path)
-    pipe = det._pipeline()
     out = {}
-    for split, vids in (("train", train), ("test", list_videos(os.path.join(ped2, "testing", "frames")))):
+    for h, split, vids in ((h, s, vs) for h in GRID["min_height"] for s, vs in (("train", train), ("test", list_videos(os.path.join(ped2, "testing", "frames"))))):
+        det = ObjectVideoDetector(attributes=("speed", "size", "appearance"), min_height=h)
+        det.background = np.load(bg_path)
+        pipe = det._pipeline()
+        os.makedirs(os.path.join(cache, f"h{h}"), exist_ok=True)
         for v in vids:
-            f = os.path.join(cache, f"{split}_{video_name(v)}.npz")
+            f = os.path.join(cache, f"h{h}", f"{split}_{video_name(v)}.npz")
             if not os.path.exists(f):
                 t0, n, rows = time.perf_counter(), 0, {k: [] for k in ("frame", "track", "box", "speed", "geometry", "appearance")}
                 for fo in pipe.frames(v):
@@ -92,16 +95,9 @@ def extract(ped2: str, cache: str) -> dict:
                                  ("geometry", fo.geometry), ("appearance", fo.appearance)):
                         rows[k].append(a)
                 np.savez(f, **{k: np.concatenate(a) for k, a in rows.items()}, n_frames=n, seconds=time.perf_counter() - t0)
-                print(f"extracted {split} {video_name(v)}: {n} frames", flush=True)
-            out[(split, video_name(v))] = dict(np.load(f))
+                print(f"extracted {split} {video_name(v)} at min_height {h}: {n} frames", flush=True)
+            out[(split, video_name(v), h)] = dict(np.load(f))
     return out
-
-
-def _keep(x: dict, min_height: int) -> dict:
-    """The objects of ``x`` at least ``min_height`` pixels tall (the detector's ``min_height``)."""
-    b = x["box"]
-    m = (b[:, 3] - b[:, 1]) >= min_height
-    return {k: (a[m] if np.ndim(a) and len(a) == len(m) else a) for k, a in x.items()}
 
 
 _RAW: dict = {}
@@ -115,7 +111,7 @@ def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: lis
 
     key = (attr, min_height, place_weight if attr != "appearance" else 0.0, tuple(train), tuple(test))
     if key not in _RAW:
-        tr = [_keep(data[("train", v)], min_height) for v in train]
+        tr = [data[("train", v, min_height)] for v in train]
         fold_of = {u: g for g, members in enumerate(fold_groups(len(tr), 4, 0)) for u in members}
         def vec(x: dict) -> np.ndarray:
             return attribute_vectors(x["speed"], x["geometry"], x["appearance"], place_weight)[attr]
@@ -125,7 +121,7 @@ def _raw(data: dict, attr: str, min_height: int, place_weight: float, train: lis
         r = np.zeros(len(x), np.float32)
         for f in np.unique(folds):
             r[folds == f] = knn_scores(x[folds != f], x[folds == f], 1)
-        _RAW[key] = (r, {v: knn_scores(x, vec(_keep(data[("test", v)], min_height)), 1) for v in test})
+        _RAW[key] = (r, {v: knn_scores(x, vec(data[("test", v, min_height)]), 1) for v in test})
     return _RAW[key]
 
 
@@ -143,20 +139,20 @@ def score_setting(data: dict, s: dict, train: list[str], test: list[str]) -> tup
     def frames(cols: np.ndarray, x: dict) -> np.ndarray:
         n = int(x["n_frames"])
         if s["frame_rule"] == "attribute_maxima":
-            return frame_terms(cols, x["frame"], n)[0].sum(1)
+            return frame_terms(cols, x["frame"], n).sum(1)
         comb = cols.sum(1) if s["frame_rule"] == "object_sum" else cols.max(1)
-        return frame_terms(comb[:, None], x["frame"], n)[0][:, 0]
+        return frame_terms(comb[:, None], x["frame"], n)[:, 0]
 
     obj = np.stack([(r - c[0]) / c[1] for (r, _), c in zip(raws, scales)], 1)
     runs, start = [], 0
     for v in train:
-        x = _keep(data[("train", v)], s["min_height"])
+        x = data[("train", v, s["min_height"])]
         n = len(x["frame"])
         runs.append(sm(frames(obj[start:start + n], x)))
         start += n
     res = {}
     for v in test:
-        x = _keep(data[("test", v)], s["min_height"])
+        x = data[("test", v, s["min_height"])]
         res[v] = sm(frames(np.stack([(t[v] - c[0]) / c[1] for (_, t), c in zip(raws, scales)], 1), x))
     return res, runs
 
@@ -180,7 +176,7 @@ def alarm_check(data: dict, s: dict, fps: float, per_hour: float) -> dict:
     for k in range(4):
         held = TRAIN[k::4]
         fit = [v for v in TRAIN if v not in held]
-        data_h = {**data, **{("test", "h" + v): data[("train", v)] for v in held}}
+        data_h = {**data, **{("test", "h" + v, h): data[("train", v, h)] for v in held for h in GRID["min_height"]}}
         res, runs = score_setting(data_h, s, fit, ["h" + v for v in held])
         t, _, cal_eps = episode_threshold(runs, fps, per_hour)
         observed += sum(alarm_episodes(r > t) for r in res.values())
@@ -205,6 +201,8 @@ def main() -> None:
         GRID["temporal_sigma"] = [float(x) for x in args.sigmas.split(",")]
     if args.frame_rules:
         GRID["frame_rule"] = args.frame_rules.split(",")
+        if set(GRID["frame_rule"]) - set(FRAME_RULES):
+            ap.error(f"--frame-rules: each of {FRAME_RULES}")
     ped2 = os.path.join(args.data, "ucsd_ped2")
     labels = {k: np.asarray(v) for k, v in json.load(open(os.path.join(ped2, "testing", "frame_labels.json"))).items()}
     data = extract(ped2, args.cache)
@@ -228,7 +226,7 @@ def main() -> None:
     from anomalens.video import ObjectVideoDetector
 
     p = ObjectVideoDetector(pretrained=False).get_params()
-    s_lib = {"attributes": tuple(p["attributes"]), **{k: p.get(k, 0) for k in GRID if k != "attributes"}, "frame_rule": "attribute_maxima"}
+    s_lib = {"attributes": tuple(p["attributes"]), **{k: p[k] for k in GRID if k not in ("attributes", "frame_rule")}, "frame_rule": "attribute_maxima"}
     s_def, res_def, runs_def = next((x for x in scored if x[0] == s_lib), scored[best_all])
     from anomalens.video.alarm import ALARMS_PER_HOUR, episode_threshold
     from anomalens.video.evaluate import EVENT_MARGIN, _far_from_events, false_alarm_episodes

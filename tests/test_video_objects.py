@@ -143,8 +143,8 @@ def test_object_model_promise_on_unseen_normal_footage_and_files(ped2_slice, obj
     assert isinstance(det, ObjectVideoDetector) and det.is_video and det.fps == 10
     assert det.calibration.scores.size == 240 and 0 < det.false_alarm_rate < 0.01
     config, tensors = load_model(objects_model)
-    # as an earlier anomalens saved it: video format 3, with its velocity option
-    old = {**config, "video_format": 3, "params": {**config["params"], "velocity": "hist+strip"}}
+    # as the previous anomalens saved it: video format 4, with its combine option
+    old = {**config, "video_format": 4, "params": {**config["params"], "combine": "sum"}}
     save_model(tmp_path / "old", old, tensors)
     with pytest.raises(ModelFileError, match="re-fit"):
         VideoDetector.load(tmp_path / "old")
@@ -226,3 +226,25 @@ def test_a_box_on_the_border_keeps_its_tracks_appearance(ped2_slice):
             if not edge[j]:
                 last[t] = f.appearance[j]
     assert kept >= 5 and own >= 60, (kept, own)
+
+
+def test_frame_terms_are_each_attributes_largest_object_score():
+    """AI-VAD's frame terms against a loop over frames: each attribute's largest object score, also
+    when the two maxima sit on different objects or every score is negative; 0 for a frame without
+    objects; frame numbers outside the video are refused."""
+    from anomalens.video.density import frame_terms
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(40, 2))
+    frames = rng.integers(0, 12, 40)
+    frames[frames == 5] = 6  # frame 5 has no object
+    got = frame_terms(scores, frames, 12)
+    for f in range(12):
+        want = scores[frames == f].max(0) if (frames == f).any() else np.zeros(2)
+        np.testing.assert_array_equal(got[f], want)
+    assert (got[5] == 0).all() and (got.min() < 0)
+    two = frame_terms(np.array([[3.0, 0.1], [0.2, 2.0], [-1.0, -2.0]]), np.array([0, 0, 1]), 2)
+    assert two.tolist() == [[3.0, 2.0], [-1.0, -2.0]]  # frame 0: speed from one object, appearance from the other
+    assert frame_terms(np.zeros((0, 2)), np.zeros(0, np.int64), 3).tolist() == [[0.0, 0.0]] * 3
+    with pytest.raises(IndexError):
+        frame_terms(np.ones((1, 2)), np.array([3]), 3)

@@ -10,7 +10,7 @@ videos scored against the others' objects): AI-VAD's min-max, (raw - min) / (max
 scores, so that 0 and 1 are the least and the most unusual normal object. An object's score is the
 sum of its attribute scores; a frame's score is AI-VAD's: for each attribute, the largest score of
 the frame's objects, summed over attributes (:func:`frame_terms`; 0 without objects). The attribute
-with the largest term is the frame's cause, and the object holding it its box.
+with the largest term is the frame's cause.
 """
 
 from __future__ import annotations
@@ -136,25 +136,31 @@ class AttributeDensity:
         return np.stack([(raw[a] - self.offsets.get(a, 0.0)) / self.scales[a] for a in self.attributes], 1).reshape(n, len(self.attributes)).astype(np.float32)
 
 
-def frame_terms(object_scores: np.ndarray, frames: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each attribute's largest score over a frame's objects (0 without objects) and the row of that
-    object (-1 without objects). AI-VAD's frame score is the sum of a frame's terms.
+def frame_terms(object_scores: np.ndarray, frames: np.ndarray, n_frames: int) -> np.ndarray:
+    """Each attribute's largest score over a frame's objects (0 for a frame without objects): AI-VAD's
+    frame score is the sum of a frame's terms.
 
     Args:
-        object_scores: ``(N, A)`` scaled scores; frames: ``int`` ``(N,)`` frame of each object.
-        n_frames: frames of the video (frame numbers are below it).
+        object_scores: ``(N, A)`` (or ``(N,)``: one attribute) scaled scores, any sign.
+        frames: ``int`` ``(N,)`` frame of each object, in ``[0, n_frames)``.
+        n_frames: frames of the video.
 
     Returns:
-        ``float64`` ``(n_frames, A)`` terms and ``int64`` ``(n_frames, A)`` object rows.
+        ``float64`` ``(n_frames, A)``.
+
+    Raises:
+        IndexError: a frame number at or above ``n_frames``.
     """
-    a = object_scores.shape[1] if object_scores.ndim == 2 else 1
-    s = np.zeros((n_frames, a))
-    arg = np.full((n_frames, a), -1, np.int64)
     frames = np.asarray(frames, np.int64)
-    for j in range(a):
-        col = object_scores.reshape(len(frames), a)[:, j]
-        order = np.lexsort((col, frames))  # by frame, then by score: each frame's largest is its last
-        last = order[np.r_[frames[order][1:] != frames[order][:-1], True]] if len(order) else order
-        s[frames[last], j] = col[last]
-        arg[frames[last], j] = last
-    return s, arg
+    x = np.asarray(object_scores)
+    x = x[:, None] if x.ndim == 1 else x
+    s = np.zeros((n_frames, x.shape[1]))
+    if not len(frames):
+        return s
+    if frames.min() < 0 or frames.max() >= n_frames:
+        raise IndexError(f"frame numbers must lie in [0, {n_frames}); got {frames.min()} to {frames.max()}")
+    for j in range(x.shape[1]):
+        order = np.lexsort((x[:, j], frames))  # by frame, then by score: each frame's largest is its last
+        last = order[np.r_[frames[order][1:] != frames[order][:-1], True]]
+        s[frames[last], j] = x[last, j]
+    return s

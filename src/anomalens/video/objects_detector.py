@@ -166,8 +166,8 @@ class ObjectVideoDetector(VideoModel):
         runs, maxima = [], []
         for u in range(len(units)):
             m = unit == u
-            s = frame_terms(scaled[m], frame[m], n_frames[u])[0].sum(1)
-            maxima.append(frame_terms(scaled[m].sum(1)[:, None], frame[m], n_frames[u])[0][:, 0])  # the map's maximum: the top object's score
+            s = frame_terms(scaled[m], frame[m], n_frames[u]).sum(1)
+            maxima.append(frame_terms(scaled[m].sum(1)[:, None], frame[m], n_frames[u])[:, 0])  # the map's maximum: the top object's score
             sm = TemporalSmoother(self.temporal_sigma)
             runs.append(np.array([v for x in s for _, v in sm.push(float(x))] + [v for _, v in sm.flush()]))
         self.fps = self.fps or video_fps(vids[0])
