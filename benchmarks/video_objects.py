@@ -58,7 +58,7 @@ GRID = {
     "temporal_sigma": [1.0, 3.0, 6.0],
 }
 #: bump when the extraction (objects, velocity columns, embeddings) changes: the cache folder is named by it
-EXTRACT_VERSION = "v7"
+EXTRACT_VERSION = "v6"
 #: frame rules the grid can compare: AI-VAD's (the library's), the most abnormal object's sum, its largest attribute
 FRAME_RULES = ("attribute_maxima", "object_sum", "object_max")
 

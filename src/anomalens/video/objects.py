@@ -101,16 +101,6 @@ class ForegroundBoxes:
         return boxes, m.astype(bool)
 
 
-#: a box on the border at least this many times the area of its track's last off-border box has merged
-#: with something: it keeps its own speed and appearance (:meth:`IoUTracker.remembers`)
-MERGED_GROWTH = 2.0
-
-
-def _area(box: np.ndarray) -> float:
-    """Area in pixels of one box ``x0, y0, x1, y1``."""
-    return float(max(box[2] - box[0], 0) * max(box[3] - box[1], 0))
-
-
 def on_border(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """``bool`` ``(N,)``: which boxes ``(N, 4)`` (``x0, y0, x1, y1``, exclusive ends) touch the border of a frame of ``hw = (H, W)``."""
     b = np.asarray(boxes).reshape(-1, 4)
@@ -169,23 +159,19 @@ class IoUTracker:
         return ids
 
     def off_border(self, track: int, value: np.ndarray, on_border: bool, what: str = "speed") -> np.ndarray:
-        """``value`` for a box off the frame's border (it is remembered as ``track``'s ``what``, with
-        the box's area); for a box touching the border, the ``what`` last remembered for its track
-        (:meth:`remembers`; else ``value``): a person cut by the frame's edge shows only part of its
-        motion and of itself, its track knows the whole."""
-        t = self._tracks[track]
-        inner = t.setdefault("inner", {})
+        """``value`` for a box off the frame's border (it is remembered as ``track``'s ``what``); for a
+        box touching the border, the ``what`` last remembered for its track (``value`` if none): a
+        person cut by the frame's edge shows only part of its motion and of itself, its track knows
+        the whole."""
+        inner = self._tracks[track].setdefault("inner", {})
         if not on_border:
-            inner[what] = (np.asarray(value, np.float32), _area(t["box"]))
-            return inner[what][0]
-        return inner[what][0] if self.remembers(track, what) else np.asarray(value, np.float32)
+            inner[what] = np.asarray(value, np.float32)
+            return inner[what]
+        return inner.get(what, np.asarray(value, np.float32))
 
     def remembers(self, track: int, what: str) -> bool:
-        """Whether a box of ``track`` on the border takes its track's ``what``: one was remembered off
-        the border, and the box has not grown to :data:`MERGED_GROWTH` times that box's area (then
-        something merged into it at the border, and its own values count)."""
-        kept = self._tracks[track].get("inner", {}).get(what)
-        return kept is not None and _area(self._tracks[track]["box"]) < MERGED_GROWTH * kept[1]
+        """Whether ``track`` has a ``what`` from a frame where it was off the border (:meth:`off_border`)."""
+        return what in self._tracks[track].get("inner", {})
 
     def mean_of(self, track: int, value: np.ndarray) -> np.ndarray:
         """Record ``value`` for ``track`` this frame; returns the mean of its last ``history`` values."""
