@@ -154,13 +154,9 @@ def frame_terms(object_scores: np.ndarray, frames: np.ndarray, n_frames: int) ->
     frames = np.asarray(frames, np.int64)
     x = np.asarray(object_scores)
     x = x[:, None] if x.ndim == 1 else x
-    s = np.zeros((n_frames, x.shape[1]))
-    if not len(frames):
-        return s
-    if frames.min() < 0 or frames.max() >= n_frames:
+    if len(frames) and (frames.min() < 0 or frames.max() >= n_frames):
         raise IndexError(f"frame numbers must lie in [0, {n_frames}); got {frames.min()} to {frames.max()}")
-    for j in range(x.shape[1]):
-        order = np.lexsort((x[:, j], frames))  # by frame, then by score: each frame's largest is its last
-        last = order[np.r_[frames[order][1:] != frames[order][:-1], True]]
-        s[frames[last], j] = x[last, j]
+    s = np.full((n_frames, x.shape[1]), -np.inf)
+    np.maximum.at(s, frames, x)
+    s[np.bincount(frames, minlength=n_frames) == 0] = 0.0  # frames without objects
     return s
