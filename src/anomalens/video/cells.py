@@ -265,12 +265,12 @@ class CellVideoDetector(VideoModel):
     def _state(self) -> tuple[dict, dict]:
         assert self.work_hw is not None
         tensors = {k: v for k, v in (("motion_bank", self.motion_bank), ("appearance_bank", self.appearance_bank)) if v is not None}
-        return tensors, {"work_hw": list(self.work_hw), "scales": list(self.scales), "fps": self.fps, "false_alarm_rate": self.false_alarm_rate}
+        return tensors, {"work_hw": list(self.work_hw), "scales": list(self.scales), "fps": self.fps}
 
     def _restore(self, state: dict, tensors: dict, where: str) -> None:
         self.work_hw = tuple(int(v) for v in state["work_hw"])  # type: ignore[assignment]
         self.scales = tuple(float(v) for v in state["scales"])  # type: ignore[assignment]
-        self.fps, self.false_alarm_rate = float(state["fps"]), float(state["false_alarm_rate"])
+        self.fps = float(state["fps"])
         gh, gw = self.grid
         if self.motion:
             self.motion_bank = check_tensor(tensors, "motion_bank", (gh * gw, None, 2 * self.flow_bins), where)

@@ -242,7 +242,7 @@ class ObjectVideoDetector(VideoModel):
         assert self.background is not None
         tensors = {"background": torch.from_numpy(self.background)}
         tensors.update({f"bank.{a}": torch.from_numpy(b) for a, b in self.density.banks.items()})
-        return tensors, {"scales": dict(self.density.scales), "offsets": dict(self.density.offsets), "fps": self.fps, "false_alarm_rate": self.false_alarm_rate}
+        return tensors, {"scales": dict(self.density.scales), "offsets": dict(self.density.offsets), "fps": self.fps}
 
     def _restore(self, state: dict, tensors: dict, where: str) -> None:
         self.background = check_tensor(tensors, "background", (None, None), where).numpy()
@@ -251,7 +251,7 @@ class ObjectVideoDetector(VideoModel):
             self.density.banks[a] = check_tensor(tensors, f"bank.{a}", (None, dims[a]), where).numpy()
             self.density.scales[a] = float(state["scales"][a])
             self.density.offsets[a] = float(state["offsets"][a])
-        self.fps, self.false_alarm_rate = float(state["fps"]), float(state["false_alarm_rate"])
+        self.fps = float(state["fps"])
 
 
 __all__ = ["ATTRIBUTES", "ObjectVideoDetector"]

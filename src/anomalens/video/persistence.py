@@ -79,6 +79,7 @@ def load_video_model(directory: str | os.PathLike, key: bytes | None = None) -> 
     det.calibration = Calibration.restore(
         config, tensors["calibration.scores"].numpy(), tensors["calibration.map_maxima"].numpy(), where=str(directory)
     )
+    det.false_alarm_rate = det.calibration.false_alarm_rate  # the per-frame rate the threshold implies, stored once
     det.fit_info = config.get("fit_info", {})
     return det
 
