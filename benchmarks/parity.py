@@ -4,7 +4,8 @@ predicted by an earlier checkout and by this one, on every MVTec-layout category
 The earlier code (``--before``: a checkout's ``src`` folder, e.g. a ``git worktree``) fits each
 detector once and predicts every ``--every``-th test image on each engine; this checkout loads the
 same model files and predicts the same images. One row per category x detector x engine: the
-largest relative score difference, the largest map difference (on every 97th pixel of each map)
+largest relative score difference (and the largest score difference divided by the median
+absolute score, which stays meaningful for a score near 0), the largest map difference (on every 97th pixel of each map)
 relative to the map's largest absolute value,
 whether decisions and evidence (the matched training image and patch) are the same.
 
@@ -63,6 +64,8 @@ def compare(a: dict, b: dict) -> dict:
                   for x, y, m in zip(a["maps"], b["maps"], a["map_absmax"]))
     return {
         "max_rel_score_diff": float(np.max(np.abs(sa - sb) / np.maximum(np.abs(sa), 1e-12))),
+        # a score near 0 makes the relative difference above meaningless: also against the category's median |score|
+        "max_score_diff_vs_median": float(np.max(np.abs(sa - sb)) / max(float(np.median(np.abs(sa))), 1e-12)),
         "max_map_diff_rel": map_rel, "labels_same": a["labels"] == b["labels"],
         "evidence_same": a["evidence"] == b["evidence"], "n_images": len(sa),
     }
@@ -107,8 +110,10 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_markdown(["category", "model", "engine", "max rel score diff", "max map diff / max |map|", "labels same", "evidence same", "images"],
-                   [[r["category"], r["model"], r["engine"], f"{r['max_rel_score_diff']:.1e}", f"{r['max_map_diff_rel']:.1e}",
+    print_markdown(["category", "model", "engine", "max rel score diff", "max score diff / median |score|", "max map diff / max |map|",
+                    "labels same", "evidence same", "images"],
+                   [[r["category"], r["model"], r["engine"], f"{r['max_rel_score_diff']:.1e}", f"{r['max_score_diff_vs_median']:.1e}",
+                     f"{r['max_map_diff_rel']:.1e}",
                      r["labels_same"], r["evidence_same"], r["n_images"]] for r in rows])
     if args.out:
         append_jsonl(args.out, rows)

