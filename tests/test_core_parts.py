@@ -127,3 +127,29 @@ def test_patchcore_scoring_module_against_a_plain_reference(fitted_patchcore, ha
     _, rows = det.model.scorer.nearest(len(feats) - 1, patch_features[0].reshape(-1, patch_features.shape[-1]))
     assert (rows == idx).float().mean() > 0.999  # the largest scale's nearest rows (evidence)
     assert float(score[0]) > det.threshold  # a crack: not a comparison of two all-normal outputs
+
+
+def test_model_input_is_bilinear_antialiased_when_shrinking(hazelnut, transistor):
+    """The model input (the same arrays on torch and the torch-free runtime) against torch's float
+    bilinear resize of the decoded image: equal to float rounding when enlarging a hazelnut image
+    256 -> 320, within one grey level (the ``uint8`` rounding) when shrinking a transistor image
+    512 -> 256 x 320 with antialiasing, where plain bilinear sampling would be several levels off."""
+    import torch.nn.functional as F
+
+    from anomalens.io import read_image
+    from anomalens.resampling import model_inputs
+
+    for img, hw, tol in [
+        (read_image(sorted((hazelnut / "test" / "crack").glob("*.png"))[0]), (320, 320), 1e-5),
+        (read_image(sorted((transistor / "test" / "bent_lead").glob("*.png"))[0]), (256, 320), 1.01 / 255),
+    ]:
+        (x,) = model_inputs([img, img[::-1]], [hw])
+        assert x.dtype == np.float32 and x.shape == (2, 3, *hw) and x.flags.c_contiguous
+        t = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255.0
+        ref = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+        assert np.abs(x[0] - ref).max() <= tol
+        flipped = F.interpolate(t.flip(2), size=hw, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+        assert np.abs(x[1] - flipped).max() <= tol  # each image of a batch its own
+        if img.shape[0] > hw[0]:
+            aliased = F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0].numpy()
+            assert np.abs(aliased - ref).max() > 5 / 255

@@ -34,7 +34,7 @@ ABOUT = {
     "video-rules": "`benchmarks/video.py`: frame rule and part scales on every split.",
     "video-flow": "`benchmarks/video.py`: optical flow resolution and the enlarged far band on every split; alarm episodes on held-out normal video.",
     "video-fade": "`benchmarks/video.py --fade`: synthetic objects that fade in and out against abrupt ones, paired.",
-    "speed": "`benchmarks/vs_anomalib.py`: anomalib 2.7's PatchCore beside ours in one run (fit, ms per image end to end and through `predict`, the backbone alone); `benchmarks/parity.py` rows (`kind: parity`): one model's scores, maps, decisions and evidence before and after a change.",
+    "speed": "`benchmarks/vs_anomalib.py`: anomalib 2.7's PatchCore beside ours in one run (fit, ms per image end to end and through `predict`, the backbone alone); `benchmarks/parity.py` rows (`kind: parity`): one model's scores, maps, decisions and evidence before and after a change; `benchmarks/model_input.py` rows (`kind: model input`): preparing the model input by image size.",
     "video-objects": "`benchmarks/video_objects.py`: the object video method, leave-one-video-out over UCSD Ped2 test 01-06 (settings chosen on the other five), one row per idea; alarm episodes on unseen normal footage; fps.",
 }
 ORDER = ["suite", "speed", "fewshot", "trust", "video-objects", "video", "video-splits", "video-rules", "video-flow", "video-fade",

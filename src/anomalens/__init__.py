@@ -15,7 +15,7 @@ torch (``pip install anomalens[runtime]``), where :func:`load_detector` returns 
 model of an exported folder.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import os as _os  # noqa: E402
 

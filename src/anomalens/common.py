@@ -18,30 +18,19 @@ from torch import nn
 
 from .backbones import Backbone
 from .geometry import MAX_ASPECT, group_by_shape, model_input_hw  # noqa: F401  (re-exported)
+from .resampling import model_inputs
 
 
 def to_model_input(images: Sequence[np.ndarray], hw: tuple[int, int]) -> torch.Tensor:
-    """Resize ``uint8`` RGB images ``(H_i, W_i, 3)`` to ``hw = (h, w)`` pixels and stack them.
-
-    Returns ``float32`` ``(B, 3, h, w)`` in [0, 1]. Resizing is bilinear with antialiasing (the
-    torch-free runtime, :func:`anomalens.runtime.model_input`, applies Pillow's same filter).
-    """
+    """Resize ``uint8`` RGB images ``(H_i, W_i, 3)`` to ``hw = (h, w)`` pixels and stack them:
+    ``float32`` ``(B, 3, h, w)`` in [0, 1] (:func:`anomalens.resampling.model_inputs`)."""
     return to_model_inputs(images, (hw,))[0]
 
 
 def to_model_inputs(images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """:func:`to_model_input` at each of several ``shapes`` (one per scale), each image converted to
-    ``float32`` once for all of them (one full-size copy alive at a time): one ``float32``
-    ``(B, 3, h_k, w_k)`` tensor per shape."""
-    out: list[list[torch.Tensor]] = [[] for _ in shapes]
-    for img in images:
-        arr = img if img.flags.writeable and img.flags.c_contiguous else np.array(img, copy=True)
-        t = torch.from_numpy(arr).permute(2, 0, 1)[None].float().div_(255.0)
-        for k, hw in enumerate(shapes):
-            same = tuple(t.shape[-2:]) == tuple(hw)
-            out[k].append(t if same else F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True))
-        del t
-    return [torch.cat(parts, 0).clamp_(0.0, 1.0) for parts in out]
+    """:func:`to_model_input` at each of several ``shapes`` (one per scale): one ``float32``
+    ``(B, 3, h_k, w_k)`` tensor per shape, the same values as the torch-free runtime's input."""
+    return [torch.from_numpy(x) for x in model_inputs(images, shapes)]
 
 
 def to_tensor_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -159,8 +148,3 @@ class AnomalyMapHead(nn.Module):
         return torch.matmul(torch.matmul(a_h, patch_scores), a_w.transpose(0, 1))
 
 
-def resize_map(anomaly_map: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
-    """Resize one ``(S, S)`` map to the original image size ``(H, W)``; ``float32`` numpy."""
-    if tuple(anomaly_map.shape[-2:]) != tuple(hw):
-        anomaly_map = F.interpolate(anomaly_map[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
-    return anomaly_map.contiguous().numpy().astype(np.float32, copy=False)

@@ -41,8 +41,9 @@ from typing import Iterator
 from .atomic import replace_dir
 from .errors import ConfigError, ModelFileError
 
-#: model format version (config and manifest); 3: manifest.json, optional signature
-FORMAT_VERSION = 3
+#: model format version (config and manifest); 3: manifest.json, optional signature; 4: the model
+#: input resized by :mod:`anomalens.resampling`
+FORMAT_VERSION = 4
 CONFIG_NAME = "config.json"
 TENSORS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"

@@ -4,9 +4,8 @@ An exported graph (:func:`anomalens.export.export_onnx`) takes the model input, 
 ``(B, 3, h, w)`` in [0, 1], and returns ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, h, w)``.
 This module prepares that input and post-processes the outputs with numpy, Pillow and OpenCV only,
 so a machine with ``pip install anomalens[runtime]`` (ONNX Runtime, no torch) scores images with the
-same results as the Python detector: resizing uses Pillow's bilinear filter on ``float32`` channels
-(antialiased when shrinking, as torch's ``interpolate(..., antialias=True)``; the two agree within
-1e-4 of the [0, 1] range) and the map goes back to the image size with OpenCV's bilinear resize.
+same results as the Python detector: both prepare the model input with :mod:`anomalens.resampling`
+(bit-identical inputs, maps resized back alike).
 Thresholds, calibration scores and parameters travel in the ONNX file's metadata, so the file alone
 gives the same decisions, masks, p-values and regions.
 """
@@ -17,54 +16,29 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
-import cv2
 import numpy as np
-from PIL import Image
 
 from .calibration import Calibration
 from .errors import ConfigError, ModelFileError
 from .geometry import group_by_shape, images_per_call, model_input_hw
 from .io import ImageLike
 from .prediction import Prediction
+from .resampling import model_inputs, resize_map
 
 #: the exported graph's layout (4: model-input tensors in, ``pred_score``, ``anomaly_map``,
 #: ``patch_scores`` and ``patch_features`` out; geometry, ``bank_rows`` and ``patch_stride`` in the
-#: metadata). Only this format is read: a detector's folder graph of another format is exported
+#: metadata; 5: the same layout, calibrated on model inputs resized by
+#: :mod:`anomalens.resampling`). Only this format is read: a detector's folder graph of another format is exported
 #: again (:func:`anomalens.export.onnx_for_model_dir`), a bare file of another format is refused.
-ONNX_FORMAT_VERSION = 4
+ONNX_FORMAT_VERSION = 5
 ONNX_NAME = "model.onnx"
 
 
 def has_torch() -> bool:
     """True when torch can be imported here (a full install), False on a runtime-only install."""
     return importlib.util.find_spec("torch") is not None
-
-
-def model_input(images: Sequence[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
-    """Resize ``uint8`` RGB images ``(H_i, W_i, 3)`` to ``hw = (h, w)`` pixels and stack them.
-
-    Returns ``float32`` ``(B, 3, h, w)`` in [0, 1]: bilinear, antialiased when shrinking (Pillow's
-    filter on ``float32`` channels, as :func:`anomalens.common.to_model_input` with torch).
-    """
-    h, w = int(hw[0]), int(hw[1])
-    out = np.empty((len(images), 3, h, w), dtype=np.float32)
-    for i, img in enumerate(images):
-        for c in range(3):
-            ch = np.ascontiguousarray(img[..., c], dtype=np.float32) / np.float32(255.0)
-            if ch.shape != (h, w):
-                ch = np.asarray(Image.fromarray(ch, mode="F").resize((w, h), Image.BILINEAR))
-            out[i, c] = ch
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def resize_map(anomaly_map: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Resize one ``(h, w)`` anomaly map to the image size ``hw = (H, W)``: ``float32``, bilinear."""
-    m = np.asarray(anomaly_map, dtype=np.float32)
-    if m.shape != tuple(hw):
-        m = cv2.resize(m, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_LINEAR)
-    return m
 
 
 class OnnxDetector:
@@ -149,7 +123,8 @@ class OnnxDetector:
             per_call = images_per_call(shapes, stride, rows)
             for start in range(0, len(group), per_call):
                 idx = group[start : start + per_call]
-                feeds = {("image" if k == 0 else f"image_{k}"): model_input([images[i] for i in idx], hw) for k, hw in enumerate(shapes)}
+                inputs = model_inputs([images[i] for i in idx], shapes)
+                feeds = {("image" if k == 0 else f"image_{k}"): x for k, x in enumerate(inputs)}
                 s, m = self.session.run(["pred_score", "anomaly_map"], feeds)
                 for k, i in enumerate(idx):
                     scores[i] = float(s[k])

@@ -5,14 +5,13 @@ module; ONNX Runtime runs the same module exported (:func:`anomalens.export.trac
 model folder as ``model.onnx``, covered by the folder's manifest. ``engine="auto"`` (the default)
 takes ONNX Runtime when the detector was loaded from or saved to a folder, ``onnxruntime`` is
 installed and the model can be exported; the graph is exported there on first use (a few seconds)
-unless a current one is cached. Both engines get the same model input (resized by torch) and
+unless a current one is cached. Both engines get the same model input (:mod:`anomalens.resampling`) and
 return the same four outputs, so scores, maps, decisions and evidence are the same to float
 rounding (~1e-6 relative).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import threading
 import warnings
@@ -21,9 +20,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..common import group_by_shape, resize_map, to_model_inputs
+from ..common import group_by_shape, to_model_inputs
 from ..errors import AnomalensError, ConfigError
 from ..geometry import images_per_call
+from ..resampling import resize_map
 
 _LOCK = threading.Lock()
 
@@ -105,41 +105,12 @@ def score_images(det, images: Sequence[np.ndarray], open_graph: bool = True) -> 
     rewrites the model folder itself): the ONNX Runtime
     session only when it is open already, else torch; the folder is never exported into.
 
-    On ONNX Runtime, torch's own work here (resizing images and maps) runs on one thread: it is
-    small, and torch's OpenMP threads otherwise fight the session's spinning threads for the cores
-    (measured reason: docs/design/decisions.md).
-
     Returns:
         Per image: its score, its ``float32`` ``(H_i, W_i)`` anomaly map, its ``float32`` ``(h, w)``
         patch-score grid and its ``float32`` ``(h, w, D)`` last-scale patch features (None without a bank).
     """
     run = (graph_session(det) if open_graph else det._graph) or det.model
-    if not isinstance(run, GraphSession):
-        return _score(det, run, images)
-    with _torch_on_one_thread():
-        return _score(det, run, images)
-
-
-_ONE_THREAD = {"users": 0, "threads": 1}
-_ONE_THREAD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _torch_on_one_thread():
-    """torch on one thread while any caller is inside (threads of a service may overlap: the first
-    one in saves the thread count, the last one out restores it)."""
-    with _ONE_THREAD_LOCK:
-        if _ONE_THREAD["users"] == 0:
-            _ONE_THREAD["threads"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _ONE_THREAD["users"] += 1
-    try:
-        yield
-    finally:
-        with _ONE_THREAD_LOCK:
-            _ONE_THREAD["users"] -= 1
-            if _ONE_THREAD["users"] == 0:
-                torch.set_num_threads(_ONE_THREAD["threads"])
+    return _score(det, run, images)
 
 
 def _score(det, run, images: Sequence[np.ndarray]):

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 #: version of the video models' layout (2: the object detector, one config for both methods; 3: the
 #: objects' velocity histogram and min-max scales, both methods' episode threshold; 4: the objects'
 #: velocity is the box's histogram beside its fastest strip's, without the probes' options; 5: AI-VAD's
-#: frame score without ``combine``, border boxes keep their track's appearance)
-VIDEO_FORMAT = 5
+#: frame score without ``combine``, border boxes keep their track's appearance; 6: frames resized by
+#: :mod:`anomalens.resampling`)
+VIDEO_FORMAT = 6
 
 
 def _classes() -> dict:

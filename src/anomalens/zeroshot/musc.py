@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 from ..augment import apply_view, check_augment
 from ..calibration import Calibration, robust_threshold
-from ..common import AnomalyMapHead, resize_map, to_tensor_batch
+from ..common import AnomalyMapHead, to_tensor_batch
 from ..data import Sample
 from ..errors import AnomalensError, ConfigError, ModelFileError
 from ..explain import find_regions
 from ..io import ImageLike
 from ..prediction import Prediction
+from ..resampling import resize_map
 from .scoring import mutual_scores, rescore_images, z_sum
 
 #: backbone of the PatchCore bank built from the few-shot ``references`` of :meth:`MuSc.predict`
@@ -298,7 +299,7 @@ class MuSc:
         for s in range(0, len(arrays), det.batch_size):
             sc, mp = det.score_batch(list(arrays[s : s + det.batch_size]))
             scores.extend(sc)
-            maps.extend(torch.from_numpy(resize_map(torch.from_numpy(m), size)) for m in mp)
+            maps.extend(torch.from_numpy(resize_map(m, size)) for m in mp)
         return torch.tensor(scores, dtype=torch.float32), torch.stack(maps)
 
     def predict(
