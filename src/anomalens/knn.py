@@ -19,11 +19,12 @@ from .errors import ConfigError
 BACKENDS = ("torch", "faiss")
 
 
-def pairwise_sq_dists(q: torch.Tensor, m: torch.Tensor, m_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared L2 distances ``(Q, M)`` between rows of ``q`` ``(Q, D)`` and ``m`` ``(M, D)``, clamped at 0."""
+def pairwise_sq_dists(q: torch.Tensor, m: torch.Tensor, m_sq: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 distances ``(Q, M)`` between rows of ``q`` ``(Q, D)`` and ``m`` ``(M, D)``, clamped at 0;
+    written into ``out`` ``float32`` ``(Q, M)`` when given (a buffer reused across calls)."""
     if m_sq is None:
         m_sq = (m * m).sum(1)
-    d = torch.addmm(m_sq[None, :], q, m.T, alpha=-2.0)
+    d = torch.addmm(m_sq[None, :], q, m.T, alpha=-2.0, out=out)
     d.add_((q * q).sum(1, keepdim=True))
     return d.clamp_(min=0.0)
 
