@@ -27,10 +27,9 @@ def resized(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     h, w = int(hw[0]), int(hw[1])
     if img.shape[:2] == (h, w):
         return img / np.float32(255.0)
-    img = np.ascontiguousarray(img)
     if h >= img.shape[0] and w >= img.shape[1]:
         return cv2.resize(img / np.float32(255.0), (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)) / np.float32(255.0)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), Image.BILINEAR)) / np.float32(255.0)
 
 
 def model_inputs(images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -57,4 +56,3 @@ def resize_map(anomaly_map, hw: tuple[int, int]) -> np.ndarray:
     if m.shape != tuple(hw):
         m = cv2.resize(m, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_LINEAR)
     return m
-
